@@ -1,0 +1,103 @@
+"""How a node class is declared: its inputs, outputs and the function that runs it.
+
+Every module in ``engine/nodes`` exports ``NODES: tuple[NodeClass, ...]``; the
+registry (``engine.nodes.registry``) collects them. Node functions are plain
+callables ``fn(ctx: NodeContext, **inputs) -> tuple`` (one element per output).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One declared input of a node class.
+
+    ``type`` is a ComfyUI type name (``MODEL``, ``LATENT``, ``INT``, ``COMBO``...).
+    For ``COMBO`` inputs, ``choices`` lists the allowed values, or ``model_folder``
+    names the store folder whose file names are the choices (``checkpoints``,
+    ``loras``, ``vae``, ``controlnet``...). ``control_after_generate`` marks seed
+    widgets that the ComfyUI editor follows with an extra widget value.
+    """
+
+    name: str
+    type: str
+    default: Any = None
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    choices: tuple[str, ...] | None = None
+    model_folder: str | None = None
+    optional: bool = False
+    control_after_generate: bool = False
+    multiline: bool = False
+
+    @property
+    def is_widget(self) -> bool:
+        """Whether the ComfyUI editor shows this input as a widget (a plain value)."""
+        return self.type in {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One declared output of a node class."""
+
+    name: str
+    type: str
+
+
+class NodeContext(Protocol):
+    """What a running node may ask of its surroundings."""
+
+    node_id: str
+
+    def model_path(self, folder: str, name: str) -> Path:
+        """The file for ``name`` in the store folder ``folder`` (never outside the store)."""
+        ...
+
+    def input_path(self, name: str) -> Path:
+        """The file ``name`` in the inputs folder (for LoadImage and friends)."""
+        ...
+
+    def output_dir(self) -> Path:
+        """Where SaveImage writes; created on demand."""
+        ...
+
+    def progress(self, step: int, total: int) -> None:
+        """Report progress of a long node (samplers call this once per step)."""
+        ...
+
+    def save_image(self, image: Any, filename_prefix: str, *, temporary: bool) -> Path:
+        """Save one PIL image with the workflow in its PNG text chunk; returns the path."""
+        ...
+
+
+@dataclass(frozen=True)
+class NodeClass:
+    """A node class: name, declared inputs and outputs, and its function."""
+
+    name: str
+    inputs: tuple[InputSpec, ...]
+    outputs: tuple[OutputSpec, ...]
+    function: Callable[..., tuple[Any, ...]]
+    category: str = ""
+    output_node: bool = False
+    #: loader nodes build models from files; the tracer and partitioner treat them specially
+    is_loader: bool = False
+    description: str = field(default="", compare=False)
+
+    def input(self, name: str) -> InputSpec | None:
+        """The declared input called ``name``, or None."""
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        return None
+
+    @property
+    def widget_inputs(self) -> tuple[InputSpec, ...]:
+        """Inputs shown as widgets, in declaration order (the order of UI ``widgets_values``)."""
+        return tuple(spec for spec in self.inputs if spec.is_widget)

@@ -1,0 +1,1 @@
+"""diffsplit.engine.sampling package."""

@@ -1,0 +1,1 @@
+"""diffsplit.remote package."""
