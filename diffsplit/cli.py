@@ -1,0 +1,99 @@
+"""The ``diffsplit`` command line: argument parsing and dispatch only.
+
+Each sub-command's work lives in :mod:`diffsplit.commands`; this module
+parses arguments, turns diffsplit errors into one clear line and an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from diffsplit import __version__
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (kept true to the README)."""
+    parser = argparse.ArgumentParser(
+        prog="diffsplit",
+        description="Split diffusion workflows between this machine and remote GPU workers.",
+    )
+    parser.add_argument("--version", action="version", version=f"diffsplit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a ComfyUI workflow (API or UI format)")
+    run.add_argument("workflow", help="workflow JSON file (API format or the editor's UI format)")
+    run.add_argument("--models", required=True, help="ComfyUI-style models folder")
+    run.add_argument("--out", default="out", help="where SaveImage writes (default: ./out)")
+    run.add_argument("--inputs", default="input", help="where LoadImage reads (default: ./input)")
+    run.add_argument(
+        "--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
+        help="override an input, e.g. --set 6.steps=4 (repeatable; VALUE is JSON or a string)",
+    )
+    run.add_argument(
+        "--remote", action="append", default=[], metavar="NODE=ADDR",
+        help="run a node on a worker: NODE is a node id or a class name (repeatable)",
+    )
+    run.add_argument("--stats", metavar="FILE", help="write per-node timings and wire bytes as JSON")
+    run.add_argument("--workers", type=int, default=1, help="local nodes run concurrently (default 1)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    models = sub.add_parser("models", help="model folder tools")
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    tiny = models_sub.add_parser("tiny", help="write the tiny seeded model set into DIR")
+    tiny.add_argument("dir", help="models folder to write (created if missing)")
+    tiny.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    index = models_sub.add_parser("index", help="hash every model file in DIR (cached) and list them")
+    index.add_argument("dir", help="models folder")
+
+    trace = sub.add_parser("trace", help="explain each node's inputs and the loaders behind model inputs")
+    trace.add_argument("workflow", help="workflow JSON file")
+    trace.add_argument("--models", required=True, help="ComfyUI-style models folder")
+    trace.add_argument("--inputs", default="input", help="where LoadImage reads (default: ./input)")
+    trace.add_argument("--json", action="store_true", help="print JSON instead of text")
+    trace.add_argument("--no-run", action="store_true", help="trace the graph without executing it")
+
+    demo = sub.add_parser("demo", help="build tiny models and run a workflow split with a local worker")
+    demo.add_argument("--dir", default="demo-output", help="folder for models and images")
+    demo.add_argument("--local-only", action="store_true", help="run everything in this process")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``diffsplit`` console script."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from diffsplit import commands
+    from diffsplit.transport.errors import DiffsplitError
+
+    handler = {
+        "run": commands.run,
+        "models": commands.models,
+        "trace": commands.trace,
+        "demo": commands.demo,
+    }[args.command]
+    try:
+        return handler(args)
+    except DiffsplitError as exc:
+        print(f"diffsplit {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
