@@ -1,0 +1,287 @@
+"""Running a workflow: which nodes run, in what order, on which threads, with what cache.
+
+ComfyUI semantics: the nodes that run are the *targets* (by default the output
+nodes, e.g. SaveImage) and their ancestors; other nodes are skipped. With an
+:class:`ExecutionCache`, a node whose signature is cached is not run and neither
+are ancestors needed only by it. Output nodes always run (they save files).
+
+Concurrency: nodes whose inputs are ready run on a thread pool of
+``max_workers`` threads (default 2). Results do not depend on timing: each node
+sees exactly its inputs, and results are reported in topological order. Use
+``max_workers=1`` to run one node at a time in topological order (node
+functions that are not thread-safe, or reproducible progress output).
+
+The seam for offloading: ``run(..., node_runner=...)``. A :data:`NodeRunner`
+receives a :class:`NodeCall` (node, class, resolved inputs, context, workflow)
+and returns the node's outputs; :func:`run_node_locally` is the default. A remote
+runner sends labelled nodes to a worker and delegates the rest to the default.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffsplit.engine.errors import NodeFailed, WorkflowError
+from diffsplit.engine.execution_cache import ExecutionCache, node_signatures
+from diffsplit.engine.execution_context import ImageSaver, ProgressCallback, RunContext
+from diffsplit.engine.graph import Link, Node, Workflow, node_sort_key
+from diffsplit.engine.nodes.base import NodeClass, NodeContext
+from diffsplit.engine.nodes.registry import NodeRegistry
+from diffsplit.engine.store import ModelStore
+from diffsplit.engine.validation import required_class, validate_workflow
+
+
+@dataclass(frozen=True)
+class NodeCall:
+    """Everything needed to execute one node."""
+
+    node: Node
+    node_class: NodeClass
+    inputs: Mapping[str, Any]
+    context: NodeContext
+    workflow: Workflow
+
+
+#: Executes one node and returns its outputs (one per declared output).
+NodeRunner = Callable[[NodeCall], Sequence[Any]]
+
+
+def run_node_locally(call: NodeCall) -> Sequence[Any]:
+    """The default runner: call the node class's function in this process."""
+    return call.node_class.function(call.context, **call.inputs)
+
+
+@dataclass(frozen=True)
+class NodeTiming:
+    """Wall time of one node in a run (0.0 for cache hits)."""
+
+    wall_s: float
+    cache_hit: bool
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one run produced.
+
+    ``outputs``: per node id (run or cache hit), its output tuple. ``saved_files``:
+    images written, in topological order of the nodes that wrote them. ``timings``:
+    per node id. ``executed``: ids of the nodes that actually ran, in topological order.
+    """
+
+    outputs: Mapping[str, tuple[Any, ...]]
+    saved_files: tuple[Path, ...]
+    timings: Mapping[str, NodeTiming]
+    executed: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Completed:
+    outputs: tuple[Any, ...]
+    wall_s: float
+    saved: tuple[Path, ...]
+
+
+class Executor:
+    """Runs workflows against a node registry and a model store."""
+
+    def __init__(
+        self,
+        registry: NodeRegistry,
+        store: ModelStore | None,
+        *,
+        inputs_dir: Path | None = None,
+        output_dir: Path,
+        temp_dir: Path | None = None,
+        progress: ProgressCallback | None = None,
+        max_workers: int = 2,
+    ) -> None:
+        if max_workers < 1:
+            raise ValueError("max_workers must be at least 1")
+        self.registry = registry
+        self.store = store
+        self.inputs_dir = inputs_dir
+        self.output_dir = Path(output_dir)
+        self.temp_dir = Path(temp_dir) if temp_dir is not None else self.output_dir / "temp"
+        self.progress = progress
+        self.max_workers = max_workers
+        self._saver = ImageSaver()
+
+    def run(
+        self,
+        workflow: Workflow,
+        *,
+        cache: ExecutionCache | None = None,
+        targets: Iterable[str] | None = None,
+        given: Mapping[str, Sequence[Any]] | None = None,
+        node_runner: NodeRunner = run_node_locally,
+    ) -> RunResult:
+        """Validate and run ``workflow``; raises WorkflowError before running, NodeFailed while.
+
+        ``targets``: node ids to produce (default: the output nodes). ``given``:
+        outputs of nodes supplied by the caller (a worker running a sub-workflow
+        passes the tensors it received); those nodes are not run or validated.
+        """
+        for node in workflow.nodes.values():
+            required_class(self.registry, node)
+        wanted = tuple(targets) if targets is not None else workflow.output_node_ids(self.registry)
+        if not wanted:
+            raise WorkflowError("the workflow has no output nodes (such as SaveImage); nothing to run")
+        supplied = self._supplied_outputs(workflow, given or {})
+        needed = workflow.needed_for(wanted)
+        order = workflow.restricted_to(needed).topological_order()
+        signatures = node_signatures(workflow, order, uncacheable=supplied)
+        to_run, hits = self._plan(workflow, wanted, supplied, signatures, cache)
+        validate_workflow(workflow, self.registry, self.store, only=to_run)
+        completed = self._execute(workflow, to_run, {**supplied, **hits}, signatures, cache, node_runner)
+        outputs: dict[str, tuple[Any, ...]] = {}
+        timings: dict[str, NodeTiming] = {}
+        for node_id in order:
+            if node_id in completed:
+                outputs[node_id] = completed[node_id].outputs
+                timings[node_id] = NodeTiming(wall_s=completed[node_id].wall_s, cache_hit=False)
+            elif node_id in hits:
+                outputs[node_id] = hits[node_id]
+                timings[node_id] = NodeTiming(wall_s=0.0, cache_hit=True)
+        ran = tuple(node_id for node_id in order if node_id in completed)
+        return RunResult(
+            outputs=outputs,
+            saved_files=tuple(path for node_id in ran for path in completed[node_id].saved),
+            timings=timings,
+            executed=ran,
+        )
+
+    def _supplied_outputs(
+        self, workflow: Workflow, given: Mapping[str, Sequence[Any]]
+    ) -> dict[str, tuple[Any, ...]]:
+        supplied: dict[str, tuple[Any, ...]] = {}
+        for node_id, outputs in given.items():
+            node = workflow.node(node_id)
+            expected = len(required_class(self.registry, node).outputs)
+            if len(outputs) != expected:
+                raise WorkflowError(
+                    f"given {len(outputs)} output value(s), the class has {expected}",
+                    node_id=node_id,
+                    class_type=node.class_type,
+                )
+            supplied[node_id] = tuple(outputs)
+        return supplied
+
+    def _plan(
+        self,
+        workflow: Workflow,
+        targets: Sequence[str],
+        supplied: Mapping[str, tuple[Any, ...]],
+        signatures: Mapping[str, str | None],
+        cache: ExecutionCache | None,
+    ) -> tuple[set[str], dict[str, tuple[Any, ...]]]:
+        """The nodes to run and the cache hits, walking back from the targets."""
+        to_run: set[str] = set()
+        hits: dict[str, tuple[Any, ...]] = {}
+        pending = list(targets)
+        while pending:
+            node_id = pending.pop()
+            if node_id in to_run or node_id in hits or node_id in supplied or node_id not in workflow.nodes:
+                continue
+            signature = signatures.get(node_id)
+            cached = None
+            if cache is not None and signature is not None and not self._is_output(workflow, node_id):
+                cached = cache.get(signature)
+            if cached is not None:
+                hits[node_id] = cached
+                continue
+            to_run.add(node_id)
+            pending.extend(workflow.dependencies(node_id))
+        return to_run, hits
+
+    def _execute(
+        self,
+        workflow: Workflow,
+        to_run: set[str],
+        available: dict[str, tuple[Any, ...]],
+        signatures: Mapping[str, str | None],
+        cache: ExecutionCache | None,
+        node_runner: NodeRunner,
+    ) -> dict[str, _Completed]:
+        """Run ``to_run`` as inputs become ready; the first failure stops new submissions."""
+        consumers = workflow.dependents()
+        waiting = {node_id: len(workflow.dependencies(node_id) & to_run) for node_id in to_run}
+        ready = [(node_sort_key(node_id), node_id) for node_id, count in waiting.items() if count == 0]
+        heapq.heapify(ready)
+        values = dict(available)
+        completed: dict[str, _Completed] = {}
+        failure: NodeFailed | None = None
+        with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="diffsplit-node") as pool:
+            running: dict[Future[_Completed], str] = {}
+            while running or (ready and failure is None):
+                while ready and failure is None and len(running) < self.max_workers:
+                    _, node_id = heapq.heappop(ready)
+                    call, context = self._call(workflow, workflow.nodes[node_id], values)
+                    running[pool.submit(self._run_one, call, context, node_runner)] = node_id
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in sorted(done, key=lambda f: node_sort_key(running[f])):
+                    node_id = running.pop(future)
+                    try:
+                        result = future.result()
+                    except NodeFailed as exc:
+                        failure = failure or exc
+                        continue
+                    completed[node_id] = result
+                    values[node_id] = result.outputs
+                    signature = signatures.get(node_id)
+                    if cache is not None and signature is not None and not self._is_output(workflow, node_id):
+                        cache.put(signature, result.outputs)
+                    for consumer in consumers[node_id] & to_run:
+                        waiting[consumer] -= 1
+                        if waiting[consumer] == 0:
+                            heapq.heappush(ready, (node_sort_key(consumer), consumer))
+        if failure is not None:
+            raise failure
+        return completed
+
+    def _is_output(self, workflow: Workflow, node_id: str) -> bool:
+        return self.registry[workflow.nodes[node_id].class_type].output_node
+
+    def _call(
+        self, workflow: Workflow, node: Node, values: Mapping[str, tuple[Any, ...]]
+    ) -> tuple[NodeCall, RunContext]:
+        inputs = {
+            name: values[value.node_id][value.output_index] if isinstance(value, Link) else value
+            for name, value in node.inputs.items()
+        }
+        context = RunContext(
+            node.id,
+            store=self.store,
+            inputs_dir=self.inputs_dir,
+            output_dir=self.output_dir,
+            temp_dir=self.temp_dir,
+            progress=self.progress,
+            saver=self._saver,
+            workflow=workflow,
+        )
+        return NodeCall(node, self.registry[node.class_type], inputs, context, workflow), context
+
+    @staticmethod
+    def _run_one(call: NodeCall, context: RunContext, node_runner: NodeRunner) -> _Completed:
+        node, node_class = call.node, call.node_class
+        started = time.perf_counter()
+        try:
+            outputs = node_runner(call)
+        except NodeFailed:
+            raise
+        except Exception as exc:
+            raise NodeFailed(node.id, node_class.name, f"{type(exc).__name__}: {exc}") from exc
+        wall_s = time.perf_counter() - started
+        if outputs is None and not node_class.outputs:
+            outputs = ()
+        if not isinstance(outputs, tuple | list) or len(outputs) != len(node_class.outputs):
+            got = f"{len(outputs)} value(s)" if isinstance(outputs, tuple | list) else type(outputs).__name__
+            raise NodeFailed(
+                node.id, node_class.name, f"returned {got}; expected a tuple of {len(node_class.outputs)}"
+            )
+        return _Completed(tuple(outputs), wall_s, tuple(context.saved))

@@ -1,0 +1,278 @@
+"""A ComfyUI-style models folder, with names that never escape it and an on-disk sha256 index.
+
+Layout: ``<root>/checkpoints``, ``loras``, ``vae``, ``clip``, ``controlnet``,
+``diffusers``, ``embeddings``, ``upscale_models`` (other folders work too).
+A model is either a weight file (``.safetensors .ckpt .pt .pth .bin .sft``) or a
+*model directory*: a directory holding ``model_index.json`` (a diffusers
+pipeline) or ``config.json`` (one diffusers/transformers model), listed as one
+name and not descended into. Names use ``/`` between sub-folders.
+
+The sha256 of a model directory is a digest over its files' relative paths and
+sha256s (one ``"<path>\\0<sha256>\\n"`` line per file, sorted by path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffsplit.engine.errors import ModelFileError
+from diffsplit.engine.store_index import HashIndex, IndexEntry, file_sha256, file_stamp
+
+MODEL_FOLDERS: tuple[str, ...] = (
+    "checkpoints",
+    "loras",
+    "vae",
+    "clip",
+    "controlnet",
+    "diffusers",
+    "embeddings",
+    "upscale_models",
+)
+MODEL_EXTENSIONS: frozenset[str] = frozenset({".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft"})
+MODEL_DIRECTORY_MARKERS: tuple[str, ...] = ("model_index.json", "config.json")
+INDEX_FILENAME = ".diffsplit-index.json"
+_MAX_LISTED = 30
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    """One model in the store: its folder, its name in that folder, sha256 and size in bytes."""
+
+    folder: str
+    name: str
+    sha256: str
+    bytes: int
+
+
+def unsafe_name_reason(name: str) -> str | None:
+    """Why ``name`` is not a plain relative name (``a/b.safetensors``), or None if it is."""
+    if not isinstance(name, str) or not name:
+        return "empty name"
+    if "\x00" in name:
+        return "contains a NUL character"
+    if "\\" in name:
+        return "contains a backslash"
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        return "is an absolute path"
+    if any(part in {"", ".", ".."} for part in name.split("/")):
+        return "has an empty, '.' or '..' path component"
+    return None
+
+
+def path_inside(root: Path, name: str, *, boundary: Path | None = None) -> Path:
+    """``root / name`` after checking that ``name`` is plain and that no symlink leads out.
+
+    "Out" means outside ``boundary`` (default: ``root``). Raises ValueError with
+    the reason otherwise. The path need not exist.
+    """
+    reason = unsafe_name_reason(name)
+    if reason is not None:
+        raise ValueError(f"{name!r} {reason}")
+    candidate = root / name
+    limit = boundary if boundary is not None else root
+    if not candidate.resolve().is_relative_to(limit.resolve()):
+        raise ValueError(f"{name!r} leads outside {limit} through a symbolic link")
+    return candidate
+
+
+def is_model_directory(path: Path) -> bool:
+    """Whether ``path`` is a directory holding a diffusers/transformers model."""
+    return path.is_dir() and any((path / marker).is_file() for marker in MODEL_DIRECTORY_MARKERS)
+
+
+class ModelStore:
+    """A models folder: listing, safe resolution, sha256 index and lookup by hash."""
+
+    def __init__(self, root: Path | str, *, index_path: Path | None = None) -> None:
+        self.root = Path(root).absolute()
+        if not self.root.is_dir():
+            raise ModelFileError(f"model store {self.root} is not a directory")
+        self._index = HashIndex(index_path or self._default_index_path())
+
+    @property
+    def index_path(self) -> Path:
+        """Where the sha256 index is cached."""
+        return self._index.index_path
+
+    def _default_index_path(self) -> Path:
+        if os.access(self.root, os.W_OK):
+            return self.root / INDEX_FILENAME
+        cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        root_digest = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
+        return cache_home / "diffsplit" / f"index-{root_digest}.json"
+
+    def folders(self) -> list[str]:
+        """The model folders present in the store, sorted."""
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def names(self, folder: str) -> list[str]:
+        """The model names in ``folder`` (sorted; files and model directories, '/'-separated)."""
+        base = self._folder_path(folder)
+        if not base.is_dir():
+            return []
+        root_real = self.root.resolve()
+        found: list[str] = []
+        visited: set[Path] = set()
+        for directory, subdirs, files in os.walk(base, followlinks=True):
+            here = Path(directory)
+            real = here.resolve()
+            if real in visited or not real.is_relative_to(root_real):
+                subdirs[:] = []
+                continue
+            visited.add(real)
+            relative = here.relative_to(base).as_posix()
+            if here != base and is_model_directory(here):
+                found.append(relative)
+                subdirs[:] = []
+                continue
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+            for file_name in files:
+                path = here / file_name
+                if (
+                    not file_name.startswith(".")
+                    and path.suffix.lower() in MODEL_EXTENSIONS
+                    and path.resolve().is_relative_to(root_real)
+                ):
+                    found.append(file_name if here == base else f"{relative}/{file_name}")
+        return sorted(found)
+
+    def resolve(self, folder: str, name: str) -> Path:
+        """The path of model ``name`` in ``folder``; a ModelFileError listing what exists otherwise."""
+        base = self._folder_path(folder)
+        try:
+            path = path_inside(base, name, boundary=self.root)
+        except ValueError as exc:
+            raise ModelFileError(
+                f'"{name}" is not a valid name in {folder}/: {exc}; available: {self._listing(folder)}'
+            ) from None
+        is_model_file = path.is_file() and path.suffix.lower() in MODEL_EXTENSIONS
+        if not (is_model_file or is_model_directory(path)) or any(p.startswith(".") for p in name.split("/")):
+            raise ModelFileError(f'"{name}" not found in {folder}/; available: {self._listing(folder)}')
+        return path
+
+    def sha256(self, path: Path | str) -> str:
+        """The sha256 of a model file or directory in the store (from the index when fresh)."""
+        return self._indexed(self._relative(Path(path))).sha256
+
+    def entry(self, path: Path | str) -> StoreEntry:
+        """Folder, name, sha256 and size of a model file or directory in the store."""
+        relative = self._relative(Path(path))
+        folder, _, name = relative.partition("/")
+        if not name:
+            raise ModelFileError(f"{path} is a store folder, not a model in one")
+        indexed = self._indexed(relative)
+        return StoreEntry(folder=folder, name=name, sha256=indexed.sha256, bytes=indexed.bytes)
+
+    def find(
+        self,
+        *,
+        sha256: str | None = None,
+        name: str | None = None,
+        folder: str | None = None,
+        size: int | None = None,
+    ) -> Path:
+        """A model by sha256 first (index, then ``name``, then every candidate), else by name.
+
+        With ``sha256`` the file's content must match; ``name`` alone returns the
+        named model from ``folder`` (or the only folder holding it). ``size``
+        narrows the candidates that need hashing. Raises ModelFileError.
+        """
+        if sha256 is None and name is None:
+            raise ValueError("find() needs sha256= or name=")
+        folders = [folder] if folder is not None else self.folders()
+        if sha256 is None:
+            return self._find_by_name(str(name), folders)
+        wanted = sha256.lower()
+        listed = {f"{f}/{n}" for f in folders for n in self.names(f)}
+        indexed_hits = [
+            relative
+            for relative, entry in sorted(self._index.fresh_entries().items())
+            if entry.sha256 == wanted and relative in listed and self._indexed(relative).sha256 == wanted
+        ]
+        if indexed_hits:
+            named = [relative for relative in indexed_hits if relative.partition("/")[2] == name]
+            return self.root / (named or indexed_hits)[0]
+        named_first = sorted(listed, key=lambda relative: (relative.partition("/")[2] != name, relative))
+        for relative in named_first:
+            if size is not None and self._size(self.root / relative) != size:
+                continue
+            if self._indexed(relative).sha256 == wanted:
+                return self.root / relative
+        raise ModelFileError(
+            f"no model with sha256 {wanted} in {', '.join(f + '/' for f in folders) or 'the store'}"
+            + (f" (a model named {name!r} was looked for too)" if name else "")
+        )
+
+    def _find_by_name(self, name: str, folders: list[str]) -> Path:
+        holders = [f for f in folders if name in self.names(f)]
+        if len(holders) == 1:
+            return self.resolve(holders[0], name)
+        if not holders:
+            if len(folders) == 1:
+                return self.resolve(folders[0], name)
+            raise ModelFileError(f'"{name}" not found in any of {", ".join(f + "/" for f in folders)}')
+        raise ModelFileError(f'"{name}" is in several folders ({", ".join(holders)}); name the folder')
+
+    def _folder_path(self, folder: str) -> Path:
+        if unsafe_name_reason(folder) is not None or "/" in folder:
+            raise ModelFileError(f"{folder!r} is not a model folder name")
+        return self.root / folder
+
+    def _listing(self, folder: str) -> str:
+        names = self.names(folder)
+        shown = ", ".join(names[:_MAX_LISTED])
+        more = f", … ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
+        return (shown + more) or "(none)"
+
+    def _relative(self, path: Path) -> str:
+        absolute = Path(os.path.abspath(path if path.is_absolute() else self.root / path))
+        if not absolute.is_relative_to(self.root):
+            raise ModelFileError(f"{path} is not inside the model store {self.root}")
+        relative = absolute.relative_to(self.root).as_posix()
+        try:
+            path_inside(self.root, relative)
+        except ValueError as exc:
+            raise ModelFileError(f"{path} is not a model in the store: {exc}") from None
+        if not absolute.exists():
+            raise ModelFileError(f"{path} does not exist in the model store {self.root}")
+        return relative
+
+    def _indexed(self, relative: str) -> IndexEntry:
+        path = self.root / relative
+        if path.is_dir():
+            return self._directory_entry(path)
+        stamp, size = file_stamp(path)
+        return self._index.get_or_compute(relative, stamp, size, lambda: file_sha256(path))
+
+    def _directory_entry(self, directory: Path) -> IndexEntry:
+        files = _directory_files(directory)
+        lines = []
+        total = 0
+        for file_path in files:
+            file_relative = file_path.relative_to(self.root).as_posix()
+            inner = file_path.relative_to(directory).as_posix()
+            stamp, size = file_stamp(file_path)
+            entry = self._index.get_or_compute(file_relative, stamp, size, lambda p=file_path: file_sha256(p))
+            lines.append(f"{inner}\0{entry.sha256}\n")
+            total += size
+        digest = hashlib.sha256("".join(lines).encode()).hexdigest()
+        return IndexEntry(sha256=digest, bytes=total, stamp="directory")
+
+    @staticmethod
+    def _size(path: Path) -> int:
+        if path.is_dir():
+            return sum(p.stat().st_size for p in _directory_files(path))
+        return path.stat().st_size
+
+
+def _directory_files(directory: Path) -> list[Path]:
+    """The files of a model directory, recursively, hidden ones left out, sorted."""
+    return sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
