@@ -1,0 +1,289 @@
+"""The client side of offloading: a node runner that sends labelled nodes to workers.
+
+``RemoteRunner`` plugs into ``Executor.run(node_runner=...)``. Nodes not
+assigned to a worker run locally; when a local loader node runs, the runner
+remembers, for each model it returned, the recipe that rebuilds it (the
+loader sub-graph behind it, files named by sha256). A remote node is sent as
+a node-specific workflow: its class, normal inputs inline, intermediate inputs
+as tensors, model inputs as recipes. Conditioning the worker already holds is
+sent as its digest. Progress streams back into the local progress output.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from diffsplit.engine.errors import EngineError, NodeFailed
+from diffsplit.engine.executor import NodeCall, run_node_locally
+from diffsplit.engine.store import ModelStore
+from diffsplit.engine.wire_values import HELD, MODEL, WireValueError, from_wire, is_model_value, to_wire
+from diffsplit.transport.digest import content_digest
+from diffsplit.transport.envelope import describe
+from diffsplit.transport.errors import TransportError
+from diffsplit.transport.protocol import Settings
+from diffsplit.transport.sockets import Client
+
+#: (node id, output index) of a local loader node → the recipe dict of that output, or None.
+RecipeForOutput = Callable[[str, int], Mapping[str, Any] | None]
+
+UPLOAD_CHUNK_BYTES = 32 << 20
+
+
+class RemoteNodeError(EngineError):
+    """A worker answered a node with a structured error."""
+
+    def __init__(self, node_id: str, class_type: str, address: str, error: Mapping[str, Any]) -> None:
+        self.error = dict(error)
+        self.kind = str(error.get("kind", "error"))
+        super().__init__(
+            f"node {node_id} ({class_type}) on {address}: {self.kind}: {error.get('message', '')}"
+        )
+
+
+@dataclass(frozen=True)
+class RemoteNodeStats:
+    """What one offloaded node cost: bytes each way and where the time went."""
+
+    node_id: str
+    class_type: str
+    address: str
+    request_bytes: int
+    reply_bytes: int
+    request_tensor_bytes: int
+    reply_tensor_bytes: int
+    recipe_bytes: int
+    queue_s: float
+    rebuild_s: float
+    run_s: float
+    total_s: float
+    cache_hits: int
+    cache_misses: int
+    held_inputs: int
+    uploads: int
+
+
+class RemoteRunner:
+    """Runs assigned nodes on workers and the rest locally. Thread-safe (one per run or longer)."""
+
+    def __init__(
+        self,
+        assigned: Mapping[str, str],
+        recipe_for_output: RecipeForOutput,
+        *,
+        local_store: ModelStore | None = None,
+        upload_missing: bool = False,
+        settings: Settings | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        self.assigned = dict(assigned)
+        self.recipe_for_output = recipe_for_output
+        self.local_store = local_store
+        self.upload_missing = upload_missing
+        self.settings = settings or Settings()
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._clients: dict[str, Client] = {}
+        self._recipes: dict[int, tuple[Any, Mapping[str, Any]]] = {}
+        self._held: dict[str, set[str]] = {}
+        self._stats: dict[str, RemoteNodeStats] = {}
+
+    # The NodeRunner protocol.
+    def __call__(self, call: NodeCall) -> Sequence[Any]:
+        address = self.assigned.get(call.node.id)
+        if address is None:
+            outputs = run_node_locally(call)
+            if call.node_class.is_loader:
+                self._remember_recipes(call.node.id, outputs)
+            return outputs
+        return self._run_remote(call, address)
+
+    @property
+    def stats(self) -> dict[str, RemoteNodeStats]:
+        """Per remote node id, what its last run cost."""
+        with self._lock:
+            return dict(self._stats)
+
+    def stats_json(self) -> dict[str, Any]:
+        """Stats as plain data for ``--stats``."""
+        return {node_id: asdict(stats) for node_id, stats in sorted(self.stats.items())}
+
+    def recipe_of(self, value: Any) -> Mapping[str, Any] | None:
+        """The recipe of a model object a local loader produced in this run, or None."""
+        with self._lock:
+            known = self._recipes.get(id(value))
+        return known[1] if known is not None and known[0] is value else None
+
+    def close(self) -> None:
+        """Close the connections to workers."""
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
+
+    def __enter__(self) -> RemoteRunner:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _remember_recipes(self, node_id: str, outputs: Sequence[Any]) -> None:
+        for index, value in enumerate(outputs):
+            if not is_model_value(value):
+                continue
+            recipe = self.recipe_for_output(node_id, index)
+            if recipe is not None:
+                with self._lock:
+                    self._recipes[id(value)] = (value, recipe)
+
+    def _client(self, address: str) -> Client:
+        with self._lock:
+            client = self._clients.get(address)
+            if client is None:
+                client = self._clients[address] = Client(address, settings=self.settings)
+            return client
+
+    def _run_remote(self, call: NodeCall, address: str) -> Sequence[Any]:
+        node = call.node
+        started = time.monotonic()
+        uploads = 0
+        for attempt in range(4):
+            header, held_count = self._request_header(call, address, use_held=attempt == 0)
+            try:
+                reply = self._client(address).request(
+                    header, timeout=self.timeout_s,
+                    on_progress=lambda message: _forward_progress(call, message),
+                )
+            except TransportError as exc:
+                raise NodeFailed(node.id, node.class_type, f"worker {address}: {exc}") from exc
+            if reply.get("op") != "error":
+                break
+            error = reply.get("error") or {}
+            if error.get("kind") == "NotHeld":
+                with self._lock:
+                    self._held.pop(address, None)
+                continue
+            if error.get("kind") == "MissingModel" and self.upload_missing and uploads < 2:
+                self._upload(address, error, node.id, node.class_type)
+                uploads += 1
+                continue
+            raise RemoteNodeError(node.id, node.class_type, address, error)
+        else:
+            raise NodeFailed(node.id, node.class_type, f"worker {address} kept refusing the request")
+        outputs = self._decode_outputs(reply, call)
+        self._record(call, address, header, reply, started, held_count, uploads)
+        return outputs
+
+    def _request_header(self, call: NodeCall, address: str, *, use_held: bool) -> tuple[dict[str, Any], int]:
+        inputs: dict[str, Any] = {}
+        hold: dict[str, str] = {}
+        uses_held: list[str] = []
+        with self._lock:
+            known = set(self._held.get(address, ())) if use_held else set()
+        for name, value in call.inputs.items():
+            where = f"node {call.node.id} ({call.node.class_type}) input '{name}'"
+            try:
+                wire = to_wire(value, self.recipe_of, where=where)
+            except WireValueError as exc:
+                raise NodeFailed(call.node.id, call.node.class_type, str(exc)) from exc
+            spec = call.node_class.input(name)
+            if spec is not None and spec.type == "CONDITIONING":
+                digest = content_digest(wire)
+                if digest in known:
+                    wire = {HELD: digest}
+                    uses_held.append(digest)
+                else:
+                    hold[name] = digest
+            inputs[name] = wire
+        header = {
+            "op": "run_node",
+            "node": {"id": call.node.id, "class_type": call.node.class_type},
+            "inputs": inputs,
+            "hold": hold,
+            "uses_held": uses_held,
+        }
+        if self.timeout_s is not None:
+            header["deadline_s"] = self.timeout_s
+        return header, len(uses_held)
+
+    def _decode_outputs(self, reply: Mapping[str, Any], call: NodeCall) -> tuple[Any, ...]:
+        outputs = reply.get("outputs")
+        if not isinstance(outputs, list) or len(outputs) != len(call.node_class.outputs):
+            raise NodeFailed(call.node.id, call.node.class_type, "the worker's reply has the wrong outputs")
+
+        def no_models(recipe: Mapping[str, Any]) -> Any:
+            reason = "the worker returned a model; run this node locally"
+            raise NodeFailed(call.node.id, call.node.class_type, reason)
+
+        return tuple(from_wire(value, no_models) for value in outputs)
+
+    def _record(
+        self, call: NodeCall, address: str, header: Mapping[str, Any], reply: Mapping[str, Any],
+        started: float, held_count: int, uploads: int,
+    ) -> None:
+        sent = describe(header, self.settings.limits)
+        received = describe(reply, self.settings.limits)
+        recipes = [v[MODEL] for v in _walk(header["inputs"]) if isinstance(v, dict) and MODEL in v]
+        timings = reply.get("timings") or {}
+        stats = RemoteNodeStats(
+            node_id=call.node.id, class_type=call.node.class_type, address=address,
+            request_bytes=sent.wire_bytes, reply_bytes=received.wire_bytes,
+            request_tensor_bytes=sent.tensor_bytes, reply_tensor_bytes=received.tensor_bytes,
+            recipe_bytes=sum(len(json.dumps(r, sort_keys=True, separators=(",", ":"))) for r in recipes),
+            queue_s=float(timings.get("queue_s", 0.0)), rebuild_s=float(timings.get("rebuild_s", 0.0)),
+            run_s=float(timings.get("run_s", 0.0)), total_s=time.monotonic() - started,
+            cache_hits=int(timings.get("cache_hits", 0)), cache_misses=int(timings.get("cache_misses", 0)),
+            held_inputs=held_count, uploads=uploads,
+        )
+        with self._lock:
+            self._stats[call.node.id] = stats
+            self._held.setdefault(address, set()).update(header["hold"].values())
+            self._held[address].update(header["uses_held"])
+
+    def _upload(self, address: str, error: Mapping[str, Any], node_id: str, class_type: str) -> None:
+        sha256, name = str(error.get("sha256", "")), str(error.get("name", ""))
+        if self.local_store is None:
+            raise RemoteNodeError(node_id, class_type, address, error)
+        try:
+            path = self.local_store.find(sha256=sha256, name=name.rpartition("/")[2] or None)
+        except EngineError as exc:
+            raise RemoteNodeError(node_id, class_type, address, error) from exc
+        entry = self.local_store.entry(path)
+        if path.is_dir():
+            why = f"{error.get('message')} (model folders cannot be uploaded)"
+            raise RemoteNodeError(node_id, class_type, address, {**error, "message": why})
+        client = self._client(address)
+        with path.open("rb") as stream:
+            offset = 0
+            while True:
+                data = stream.read(UPLOAD_CHUNK_BYTES)
+                final = offset + len(data) >= entry.bytes
+                reply = client.request({
+                    "op": "upload", "folder": entry.folder, "name": entry.name, "sha256": entry.sha256,
+                    "total_bytes": entry.bytes, "offset": offset, "data": data, "final": final,
+                }, timeout=self.timeout_s)
+                if reply.get("op") == "error":
+                    raise RemoteNodeError(node_id, class_type, address, reply.get("error") or {})
+                offset += len(data)
+                if final:
+                    return
+
+
+def _forward_progress(call: NodeCall, message: Mapping[str, Any]) -> None:
+    step, total = message.get("step"), message.get("total")
+    if isinstance(step, int) and isinstance(total, int):
+        call.context.progress(step, total)
+
+
+def _walk(value: Any):
+    yield value
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _walk(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _walk(item)

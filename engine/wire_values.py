@@ -1,0 +1,137 @@
+"""Node input and output values <-> data the envelope can carry.
+
+The envelope carries plain data and tensors. Node values also hold models
+(MODEL, CLIP, VAE, CONTROL_NET) and, inside CONDITIONING, ControlNet hints
+that hold a model. Models never travel: each becomes its recipe (a dict), and
+the receiving side builds or finds the model from it. Two more forms save
+bytes: an all-zero tensor travels as its shape and dtype (an empty latent),
+and a value the peer already holds travels as its content digest.
+
+Markers are one-key dicts whose key starts with ``"$ds:"``; plain node values
+never use such keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from diffsplit.engine.types import ControlHint, ControlNet, DiffusionModel, TextEncoders, Vae
+from diffsplit.transport.errors import DiffsplitError
+
+MODEL = "$ds:model"
+CONTROL = "$ds:control"
+ZEROS = "$ds:zeros"
+HELD = "$ds:held"
+MARKERS = frozenset({MODEL, CONTROL, ZEROS, HELD})
+
+#: The recipe (as a plain dict) that rebuilds a model object, or None when it cannot be explained.
+RecipeOf = Callable[[Any], Mapping[str, Any] | None]
+#: Builds (or finds in a cache) the model a recipe describes.
+BuildModel = Callable[[Mapping[str, Any]], Any]
+
+
+class WireValueError(DiffsplitError):
+    """A value cannot be sent, or a received value is not well formed."""
+
+
+def is_model_value(value: Any) -> bool:
+    """Whether a value is a model (recipe on the wire) rather than data."""
+    if isinstance(value, torch.nn.Module | DiffusionModel | TextEncoders | Vae | ControlNet):
+        return True
+    return isinstance(getattr(value, "components", None), dict)  # a diffusers pipeline
+
+
+def to_wire(value: Any, recipe_of: RecipeOf, *, where: str) -> Any:
+    """``value`` as envelope data; ``where`` names the input for error messages."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() > 0 and not value.is_floating_point() and value.dtype != torch.bool:
+            return value
+        if value.numel() > 0 and not bool(value.any()):
+            return {ZEROS: {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}}
+        return value
+    if isinstance(value, ControlHint):
+        return {CONTROL: _hint_to_wire(value, recipe_of, where)}
+    if is_model_value(value):
+        return {MODEL: _recipe_or_fail(value, recipe_of, where)}
+    if isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str):
+                raise WireValueError(f"{where}: dict keys must be strings, got {type(key).__name__}")
+            if key in MARKERS:
+                raise WireValueError(f"{where}: key {key!r} is reserved")
+        return {key: to_wire(item, recipe_of, where=f"{where}.{key}") for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        items = [to_wire(item, recipe_of, where=f"{where}[{i}]") for i, item in enumerate(value)]
+        return tuple(items) if isinstance(value, tuple) else items
+    if value is None or isinstance(value, bool | int | float | str | bytes):
+        return value
+    raise WireValueError(
+        f"{where}: a {type(value).__module__}.{type(value).__name__} cannot be sent to a worker "
+        "(not a number, string, tensor, tensor container or traced model)"
+    )
+
+
+def from_wire(data: Any, build_model: BuildModel, held: Mapping[str, Any] | None = None) -> Any:
+    """Rebuild a node value from envelope data (the inverse of :func:`to_wire`)."""
+    if isinstance(data, dict):
+        if len(data) == 1:
+            (key, payload), = data.items()
+            if key == MODEL:
+                return build_model(payload)
+            if key == CONTROL:
+                return _hint_from_wire(payload, build_model, held)
+            if key == ZEROS:
+                return _zeros(payload)
+            if key == HELD:
+                if held is None or payload not in held:
+                    raise WireValueError(f"value {str(payload)[:12]}… is not held here")
+                return held[payload]
+        return {key: from_wire(item, build_model, held) for key, item in data.items()}
+    if isinstance(data, list):
+        return [from_wire(item, build_model, held) for item in data]
+    if isinstance(data, tuple):
+        return tuple(from_wire(item, build_model, held) for item in data)
+    return data
+
+
+def _recipe_or_fail(value: Any, recipe_of: RecipeOf, where: str) -> Mapping[str, Any]:
+    recipe = recipe_of(value)
+    if recipe is None:
+        raise WireValueError(
+            f"{where}: not offloadable: no recipe explains this {type(value).__name__} "
+            "(it was not produced by a traced loader, or was changed after loading)"
+        )
+    return recipe
+
+
+def _hint_to_wire(hint: ControlHint, recipe_of: RecipeOf, where: str) -> dict[str, Any]:
+    fields = {f.name: getattr(hint, f.name) for f in dataclasses.fields(hint)}
+    fields["controlnet"] = _recipe_or_fail(hint.controlnet, recipe_of, f"{where}.control")
+    fields["previous"] = None if hint.previous is None else _hint_to_wire(hint.previous, recipe_of, where)
+    return fields
+
+
+def _hint_from_wire(payload: Mapping[str, Any], build_model: BuildModel, held: Any) -> ControlHint:
+    controlnet = build_model(payload["controlnet"])
+    if not isinstance(controlnet, ControlNet):
+        raise WireValueError("a control hint's recipe did not build a ControlNet")
+    previous = payload.get("previous")
+    return ControlHint(
+        controlnet=controlnet,
+        image=from_wire(payload["image"], build_model, held),
+        strength=float(payload["strength"]),
+        start_percent=float(payload["start_percent"]),
+        end_percent=float(payload["end_percent"]),
+        previous=None if previous is None else _hint_from_wire(previous, build_model, held),
+    )
+
+
+def _zeros(payload: Mapping[str, Any]) -> torch.Tensor:
+    dtype = getattr(torch, str(payload.get("dtype", "")), None)
+    shape = payload.get("shape")
+    if not isinstance(dtype, torch.dtype) or not isinstance(shape, list):
+        raise WireValueError(f"bad zeros descriptor {payload!r}")
+    return torch.zeros([int(n) for n in shape], dtype=dtype)

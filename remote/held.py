@@ -1,0 +1,45 @@
+"""Values a worker holds for its clients by content digest (conditioning sent once)."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from diffsplit.remote.cache import module_bytes
+
+
+class HeldValues:
+    """A small LRU of decoded input values keyed by their content digest, under a byte budget."""
+
+    def __init__(self, budget_bytes: int = 256 << 20) -> None:
+        self.budget_bytes = budget_bytes
+        self._values: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, digest: str, value: Any) -> None:
+        """Hold ``value`` under ``digest`` (evicting the least recently used beyond the budget)."""
+        size = module_bytes(value)
+        if size > self.budget_bytes:
+            return
+        with self._lock:
+            self._values[digest] = (value, size)
+            self._values.move_to_end(digest)
+            used = sum(s for _, s in self._values.values())
+            while used > self.budget_bytes and self._values:
+                _, (_, evicted) = self._values.popitem(last=False)
+                used -= evicted
+
+    def snapshot(self, digests: list[str]) -> dict[str, Any]:
+        """The held values among ``digests`` (missing ones are left out), marked as recently used."""
+        with self._lock:
+            found = {}
+            for digest in digests:
+                if digest in self._values:
+                    self._values.move_to_end(digest)
+                    found[digest] = self._values[digest][0]
+            return found
+
+    def __contains__(self, digest: object) -> bool:
+        with self._lock:
+            return digest in self._values

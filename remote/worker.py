@@ -1,0 +1,295 @@
+"""The worker daemon: receives node-specific workflows, rebuilds models, runs, replies.
+
+A request (op ``run_node``) carries one node: its class, its normal inputs
+inline, its intermediate inputs as tensors, and a recipe for every model
+input (see ``engine.wire_values``). The worker builds each model from its own
+store through the cache (keyed by recipe digest), runs the node's function
+with a context that streams progress back, and replies with the outputs or a
+structured error: ``MissingModel``, ``BadRequest``, ``NodeFailed``,
+``Overloaded``, ``NotHeld``.
+
+Other ops: ``hello`` (what this worker is), ``stats`` (cache counters),
+``upload`` (a model file in chunks, only with ``allow_upload``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffsplit.engine.errors import ModelFileError
+from diffsplit.engine.nodes.registry import NodeRegistry, default_registry
+from diffsplit.engine.store import ModelStore
+from diffsplit.engine.wire_values import WireValueError, from_wire, to_wire
+from diffsplit.remote.builder import ModelBuilder
+from diffsplit.remote.cache import ModelCache
+from diffsplit.remote.errors import BadRequest, NodeFailed, Overloaded, RemoteError
+from diffsplit.remote.held import HeldValues
+from diffsplit.remote.uploads import UploadReceiver
+from diffsplit.transport.auth import ServerCurve
+from diffsplit.transport.errors import TransportError
+from diffsplit.transport.protocol import Settings
+from diffsplit.transport.server import Request, Server
+
+from diffsplit import __version__
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything ``diffsplit worker`` can be told."""
+
+    models: Path
+    listen: str = "tcp://127.0.0.1:5555"
+    cache_bytes: int = 8 << 30
+    held_bytes: int = 256 << 20
+    slots: int = 1
+    max_queue: int = 16
+    allow_upload: bool = False
+    max_upload_bytes: int = 16 << 30
+    grace_s: float = 30.0
+    settings: Settings = field(default_factory=Settings)
+    curve: ServerCurve | None = None
+
+
+class Cancelled(RemoteError):
+    """The client cancelled the request, fell silent, or its deadline passed."""
+
+    kind = "Cancelled"
+
+
+class NotHeld(RemoteError):
+    """The request refers to values by digest that this worker no longer holds."""
+
+    kind = "NotHeld"
+
+    def __init__(self, digests: list[str]) -> None:
+        self.digests = digests
+        super().__init__(f"{len(digests)} value(s) sent by digest are not held here; send them again")
+
+    def to_reply(self) -> dict[str, object]:
+        return {"kind": self.kind, "message": str(self), "digests": self.digests}
+
+
+@dataclass
+class _Job:
+    request: Request
+    received: float
+
+
+class _WorkerContext:
+    """The NodeContext of a node running on the worker: progress streams back; no files."""
+
+    def __init__(self, node_id: str, report: Callable[[int, int], None]) -> None:
+        self.node_id = node_id
+        self._report = report
+
+    def model_path(self, folder: str, name: str) -> Path:
+        raise BadRequest(f"node {self.node_id} asked for file {folder}/{name}: remote nodes get recipes only")
+
+    def input_path(self, name: str) -> Path:
+        raise BadRequest(f"node {self.node_id} asked for input file {name}: run it locally")
+
+    def output_dir(self) -> Path:
+        raise BadRequest(f"node {self.node_id} wants to write files: run output nodes locally")
+
+    def progress(self, step: int, total: int) -> None:
+        self._report(step, total)
+
+    def save_image(self, image: Any, filename_prefix: str, *, temporary: bool) -> Path:
+        raise BadRequest(f"node {self.node_id} wants to save images: run output nodes locally")
+
+
+class Worker:
+    """One worker daemon bound to ``config.listen``; ``serve()`` runs until ``stop()``."""
+
+    def __init__(self, config: WorkerConfig, *, registry: NodeRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry if registry is not None else default_registry()
+        self.store = ModelStore(config.models)
+        self.cache = ModelCache(config.cache_bytes)
+        self.builder = ModelBuilder(self.store, self.registry, self.cache)
+        self.held = HeldValues(config.held_bytes)
+        self.uploads = UploadReceiver(Path(config.models), config.max_upload_bytes)
+        self._stopping = threading.Event()
+        self._running: dict[str, Request] = {}
+        self._running_lock = threading.Lock()
+        self._in_flight = threading.Semaphore(config.slots + config.max_queue)
+        self._pool = ThreadPoolExecutor(max_workers=config.slots, thread_name_prefix="diffsplit-slot")
+        self.server = Server(config.listen, settings=config.settings, curve=config.curve)
+        self.endpoint = self.server.endpoint
+
+    def serve(self) -> None:
+        """Receive and dispatch requests until :meth:`stop`; then drain and close."""
+        try:
+            while not self._stopping.is_set():
+                try:
+                    request = self.server.recv(timeout=0.2)
+                except TransportError:
+                    break
+                if request is not None:
+                    self._dispatch(request)
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        """Stop accepting work; in-flight requests get ``grace_s`` to finish. Thread-safe."""
+        self._stopping.set()
+
+    def _dispatch(self, request: Request) -> None:
+        if request.op == "run_node":
+            if self._stopping.is_set() or not self._in_flight.acquire(blocking=False):
+                why = "the worker is shutting down" if self._stopping.is_set() else "the queue is full"
+                self._reply_error(request, Overloaded(why))
+                return
+            job = _Job(request, time.monotonic())
+            self._pool.submit(self._run_job, job)
+        elif request.op == "hello":
+            self.server.reply(request, {"op": "result", "worker": self._describe()})
+        elif request.op == "stats":
+            self.server.reply(request, {"op": "result", "cache": vars(self.cache.stats())})
+        elif request.op == "upload":
+            self._handle_upload(request)
+        else:
+            self._reply_error(request, BadRequest(f"unknown op {request.op!r}"))
+
+    def _describe(self) -> dict[str, Any]:
+        return {"version": __version__, "slots": self.config.slots, "allow_upload": self.config.allow_upload,
+                "cache_budget_bytes": self.config.cache_bytes}
+
+    def _handle_upload(self, request: Request) -> None:
+        if not self.config.allow_upload:
+            refusal = BadRequest("uploads are off on this worker (start it with --allow-upload)")
+            self._reply_error(request, refusal)
+            return
+        try:
+            path = self.uploads.receive(request.header)
+        except RemoteError as exc:
+            self._reply_error(request, exc)
+            return
+        self.server.reply(request, {"op": "result", "installed": None if path is None else path.name})
+
+    def _run_job(self, job: _Job) -> None:
+        request = job.request
+        with self._running_lock:
+            self._running[request.request_id] = request
+        try:
+            if self._stopping.is_set():
+                raise Overloaded("the worker is shutting down")
+            reply = self._run_node(request, job.received)
+        except RemoteError as exc:
+            self._reply_error(request, exc)
+        except ModelFileError as exc:
+            self._reply_error(request, BadRequest(str(exc)))
+        except Exception as exc:  # the node's own failure: reported, never fatal to the worker
+            log.exception("node failed for request %s", request.request_id)
+            self._reply_error(request, NodeFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        else:
+            self._send(request, reply)
+        finally:
+            with self._running_lock:
+                self._running.pop(request.request_id, None)
+            self._in_flight.release()
+
+    def _run_node(self, request: Request, received: float) -> dict[str, Any]:
+        started = time.monotonic()
+        header = request.header
+        deadline = header.get("deadline_s")
+        if isinstance(deadline, int | float) and started - received > deadline:
+            raise Cancelled(f"deadline of {deadline} s passed while queued")
+        node = header.get("node")
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+            raise BadRequest("run_node needs 'node': {'id': ..., 'class_type': ...}")
+        node_class = self.registry.get(node["class_type"]) if node["class_type"] in self.registry else None
+        if node_class is None:
+            raise BadRequest(f"unknown node class {node['class_type']!r}")
+        if node_class.output_node:
+            raise BadRequest(f"{node_class.name} is an output node; output nodes run locally")
+        inputs_wire = header.get("inputs")
+        if not isinstance(inputs_wire, dict):
+            raise BadRequest("run_node needs 'inputs' as a mapping")
+        held = self._held_values(header)
+        builds_before = self.cache.stats()
+        try:
+            inputs = {
+                name: from_wire(value, self.builder.build, held) for name, value in inputs_wire.items()
+            }
+        except WireValueError as exc:
+            raise BadRequest(str(exc)) from exc
+        for name, digest in (header.get("hold") or {}).items():
+            if name in inputs:
+                self.held.put(str(digest), inputs[name])
+        rebuilt = time.monotonic()
+        node_id = str(node.get("id", "?"))
+
+        def report(step: int, total: int) -> None:
+            if request.cancelled.is_set():
+                raise Cancelled(f"request {request.request_id} was cancelled")
+            if isinstance(deadline, int | float) and time.monotonic() - received > deadline:
+                raise Cancelled(f"deadline of {deadline} s passed while running")
+            self.server.progress(request, {"node": node_id, "step": step, "total": total})
+
+        outputs = node_class.function(_WorkerContext(node_id, report), **inputs)
+        finished = time.monotonic()
+        builds_after = self.cache.stats()
+        try:
+            outputs_wire = [to_wire(value, self.builder.recipe_of, where=f"output {i}")
+                            for i, value in enumerate(outputs)]
+        except WireValueError as exc:
+            raise BadRequest(f"{node_class.name} outputs cannot be sent back: {exc}") from exc
+        return {
+            "op": "result",
+            "outputs": outputs_wire,
+            "timings": {
+                "queue_s": started - received,
+                "rebuild_s": rebuilt - started,
+                "run_s": finished - rebuilt,
+                "cache_hits": builds_after.hits - builds_before.hits,
+                "cache_misses": builds_after.misses - builds_before.misses,
+            },
+        }
+
+    def _held_values(self, header: Mapping[str, Any]) -> dict[str, Any]:
+        wanted = [str(d) for d in header.get("uses_held") or []]
+        found = self.held.snapshot(wanted)
+        missing = [d for d in wanted if d not in found]
+        if missing:
+            raise NotHeld(missing)
+        return found
+
+    def _reply_error(self, request: Request, error: RemoteError) -> None:
+        self._send(request, {"op": "error", "error": error.to_reply()})
+
+    def _send(self, request: Request, reply: Mapping[str, Any]) -> None:
+        if request.cancelled.is_set() and reply.get("op") != "error":
+            return
+        try:
+            self.server.reply(request, reply)
+        except TransportError as exc:
+            log.warning("could not reply to request %s: %s", request.request_id, exc)
+
+    def _shutdown(self) -> None:
+        """Queued jobs are refused, running ones get ``grace_s``, then fail clearly."""
+        self._stopping.set()
+        self._pool.shutdown(wait=False)
+        deadline = time.monotonic() + self.config.grace_s
+        acquired = 0
+        total = self.config.slots + self.config.max_queue
+        while acquired < total and time.monotonic() < deadline:
+            if self._in_flight.acquire(timeout=0.1):
+                acquired += 1
+        with self._running_lock:
+            unfinished = list(self._running.values())
+        for request in unfinished:
+            self._reply_error(request, Cancelled("the worker stopped before the node finished"))
+            request.cancelled.set()
+        time.sleep(0.1 if unfinished else 0)  # let the I/O thread flush the last replies
+        self.server.close()
