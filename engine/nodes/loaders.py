@@ -1,0 +1,143 @@
+"""Loader nodes: checkpoints, LoRAs, VAEs, and CLIPSetLastLayer.
+
+File names are resolved through ``ctx.model_path`` (which keeps them inside
+the store); nothing is memoized here, the executor caches node outputs.
+LoRA nodes return new MODEL/CLIP objects and never modify their inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from diffsplit.engine.models.checkpoint import load_checkpoint, load_vae
+from diffsplit.engine.models.lora import apply_lora, load_lora
+from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec
+from diffsplit.engine.types import DiffusionModel, TextEncoders, Vae
+
+#: Range of LoRA strengths, as in ComfyUI.
+LORA_STRENGTH_LIMIT = 100.0
+
+
+def checkpoint_loader_simple(ctx: NodeContext, *, ckpt_name: str) -> tuple[DiffusionModel, TextEncoders, Vae]:
+    """ComfyUI CheckpointLoaderSimple: MODEL, CLIP and VAE from one single-file checkpoint."""
+    parts = load_checkpoint(ctx.model_path("checkpoints", ckpt_name))
+    return (parts.model, parts.clip, parts.vae)
+
+
+def lora_loader(
+    ctx: NodeContext,
+    *,
+    model: DiffusionModel,
+    clip: TextEncoders,
+    lora_name: str,
+    strength_model: float,
+    strength_clip: float,
+) -> tuple[DiffusionModel, TextEncoders]:
+    """ComfyUI LoraLoader: the LoRA merged into new copies of MODEL and CLIP.
+
+    With both strengths 0 the inputs come back unchanged and the file is not read.
+    """
+    if strength_model == 0 and strength_clip == 0:
+        return (model, clip)
+    lora = load_lora(ctx.model_path("loras", lora_name))
+    new_model, new_clip = apply_lora(model, clip, lora, strength_model, strength_clip)
+    return (new_model, new_clip)
+
+
+def lora_loader_model_only(
+    ctx: NodeContext, *, model: DiffusionModel, lora_name: str, strength_model: float
+) -> tuple[DiffusionModel]:
+    """ComfyUI LoraLoaderModelOnly: the LoRA's UNet part merged into a new MODEL."""
+    if strength_model == 0:
+        return (model,)
+    lora = load_lora(ctx.model_path("loras", lora_name))
+    new_model, _ = apply_lora(model, None, lora, strength_model, 0.0)
+    return (new_model,)
+
+
+def vae_loader(ctx: NodeContext, *, vae_name: str) -> tuple[Vae]:
+    """ComfyUI VAELoader: a standalone VAE file."""
+    return (load_vae(ctx.model_path("vae", vae_name)),)
+
+
+def clip_set_last_layer(
+    ctx: NodeContext, *, clip: TextEncoders, stop_at_clip_layer: int
+) -> tuple[TextEncoders]:
+    """ComfyUI CLIPSetLastLayer: a new CLIP that stops at ``stop_at_clip_layer`` (-1 = last)."""
+    return (dataclasses.replace(clip, layer_idx=stop_at_clip_layer),)
+
+
+def _strength(name: str) -> InputSpec:
+    return InputSpec(name, "FLOAT", default=1.0, min=-LORA_STRENGTH_LIMIT, max=LORA_STRENGTH_LIMIT, step=0.01)
+
+
+CHECKPOINT_LOADER_SIMPLE = NodeClass(
+    name="CheckpointLoaderSimple",
+    inputs=(InputSpec("ckpt_name", "COMBO", model_folder="checkpoints"),),
+    outputs=(OutputSpec("MODEL", "MODEL"), OutputSpec("CLIP", "CLIP"), OutputSpec("VAE", "VAE")),
+    function=checkpoint_loader_simple,
+    category="loaders",
+    is_loader=True,
+    description="Load a single-file SD 1.x / SDXL checkpoint.",
+)
+
+LORA_LOADER = NodeClass(
+    name="LoraLoader",
+    inputs=(
+        InputSpec("model", "MODEL"),
+        InputSpec("clip", "CLIP"),
+        InputSpec("lora_name", "COMBO", model_folder="loras"),
+        _strength("strength_model"),
+        _strength("strength_clip"),
+    ),
+    outputs=(OutputSpec("MODEL", "MODEL"), OutputSpec("CLIP", "CLIP")),
+    function=lora_loader,
+    category="loaders",
+    is_loader=True,
+    description="Apply a LoRA to a model and its text encoders.",
+)
+
+LORA_LOADER_MODEL_ONLY = NodeClass(
+    name="LoraLoaderModelOnly",
+    inputs=(
+        InputSpec("model", "MODEL"),
+        InputSpec("lora_name", "COMBO", model_folder="loras"),
+        _strength("strength_model"),
+    ),
+    outputs=(OutputSpec("MODEL", "MODEL"),),
+    function=lora_loader_model_only,
+    category="loaders",
+    is_loader=True,
+    description="Apply a LoRA to a model only.",
+)
+
+VAE_LOADER = NodeClass(
+    name="VAELoader",
+    inputs=(InputSpec("vae_name", "COMBO", model_folder="vae"),),
+    outputs=(OutputSpec("VAE", "VAE"),),
+    function=vae_loader,
+    category="loaders",
+    is_loader=True,
+    description="Load a standalone VAE.",
+)
+
+CLIP_SET_LAST_LAYER = NodeClass(
+    name="CLIPSetLastLayer",
+    inputs=(
+        InputSpec("clip", "CLIP"),
+        InputSpec("stop_at_clip_layer", "INT", default=-1, min=-24, max=-1, step=1),
+    ),
+    outputs=(OutputSpec("CLIP", "CLIP"),),
+    function=clip_set_last_layer,
+    category="conditioning",
+    is_loader=True,
+    description="Choose which CLIP layer's output the text encoders return.",
+)
+
+NODES: tuple[NodeClass, ...] = (
+    CHECKPOINT_LOADER_SIMPLE,
+    LORA_LOADER,
+    LORA_LOADER_MODEL_ONLY,
+    VAE_LOADER,
+    CLIP_SET_LAST_LAYER,
+)
