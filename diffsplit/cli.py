@@ -60,6 +60,28 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--json", action="store_true", help="print JSON instead of text")
     trace.add_argument("--no-run", action="store_true", help="trace the graph without executing it")
 
+    worker = sub.add_parser(
+        "worker", help="serve nodes to clients: rebuild models from recipes, run, reply",
+        description="A worker daemon. Clients send one node at a time with recipes for its models; "
+        "the worker finds the files by sha256 in --models, builds the models once (cached by recipe "
+        "digest under --cache-gb), runs the node and sends the outputs back. SIGTERM or Ctrl-C stops "
+        "it: queued requests are refused, running ones get --grace seconds, then fail clearly.",
+    )
+    worker.add_argument("--models", required=True, help="ComfyUI-style models folder (the store)")
+    worker.add_argument("--listen", default="tcp://127.0.0.1:5555",
+                        help="ZeroMQ endpoint to bind (default tcp://127.0.0.1:5555)")
+    worker.add_argument("--cache-gb", type=float, default=8.0, help="model cache budget in GiB (default 8)")
+    worker.add_argument("--slots", type=int, default=1, help="nodes run at once (default 1)")
+    worker.add_argument("--max-queue", type=int, default=16,
+                        help="requests waiting beyond the slots before Overloaded (default 16)")
+    worker.add_argument("--allow-upload", action="store_true",
+                        help="accept model files from clients after MissingModel (checked by sha256)")
+    worker.add_argument("--grace", type=float, default=30.0,
+                        help="seconds in-flight nodes may finish after SIGTERM (default 30)")
+    worker.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in s (default 1)")
+    worker.add_argument("--heartbeat-timeout", type=float, default=10.0,
+                        help="a silent client's requests are cancelled after this many s (default 10)")
+
     demo = sub.add_parser("demo", help="build tiny models and run a workflow split with a local worker")
     demo.add_argument("--dir", default="demo-output", help="folder for models and images")
     demo.add_argument("--local-only", action="store_true", help="run everything in this process")
@@ -70,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``diffsplit`` console script."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -84,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "models": commands.models,
         "trace": commands.trace,
         "demo": commands.demo,
+        "worker": commands.worker,
     }[args.command]
     try:
         return handler(args)
