@@ -25,3 +25,15 @@ class MalformedMessage(TransportError):
 
 class PeerGone(TransportError):
     """The peer stopped answering within its heartbeat or deadline."""
+
+
+class UnsupportedType(TransportError, TypeError):
+    """A value the envelope cannot carry (the message names where it sits)."""
+
+
+class RequestTimeout(TransportError, TimeoutError):
+    """A request got no final reply before its deadline (the peer was alive)."""
+
+
+class Rejected(TransportError):
+    """The peer could not read a message we sent (limits or version differ)."""

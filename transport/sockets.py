@@ -1,0 +1,225 @@
+"""Client: a DEALER that sends requests to one server and matches replies by id.
+
+See ``protocol`` for the ops and the heartbeat rules. The Client owns one
+socket, touched only by its I/O thread (``iothread.IOThread``), and by default
+its own ZeroMQ context. All public methods are thread-safe; wait for each
+request id from one thread. Encoding runs in the calling thread, decoding in
+the I/O thread. Large tensors are sent zero-copy: do not modify a tensor you
+passed to ``submit`` until its reply has arrived (or send a clone).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+from diffsplit.transport.auth import ClientCurve, configure_client
+from diffsplit.transport.envelope import decode, encode
+from diffsplit.transport.errors import PeerGone, Rejected, RequestTimeout, TransportError
+from diffsplit.transport.iothread import IOThread
+from diffsplit.transport.protocol import (
+    DEFAULT_SETTINGS,
+    OP_CANCEL,
+    OP_ERROR,
+    OP_HEARTBEAT,
+    OP_PROGRESS,
+    Settings,
+    heartbeat,
+    open_socket,
+)
+from diffsplit.transport.server import Request, Server
+
+__all__ = ["Client", "Request", "Server", "Settings"]
+
+
+@dataclass
+class _Waiting:
+    inbox: queue.SimpleQueue[tuple[str, Any]]
+    sent_at: float
+    done: bool = False  # a final reply or an error is in the inbox
+
+
+class Client:
+    """A DEALER connected to one server; several requests may be outstanding at once."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        settings: Settings = DEFAULT_SETTINGS,
+        curve: ClientCurve | None = None,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.settings = settings
+        self._own_context = context is None
+        self._context = context if context is not None else zmq.Context()
+        self._lock = threading.Lock()
+        self._waiting: dict[str, _Waiting] = {}
+        self._last_heard = 0.0
+        sock = open_socket(self._context, zmq.DEALER, settings.limits)
+        try:
+            self.public_key = configure_client(sock, curve).public if curve else None
+            sock.connect(endpoint)
+        except (zmq.ZMQError, TransportError) as exc:
+            sock.close(linger=0)
+            if self._own_context:
+                self._context.term()
+            if isinstance(exc, TransportError):
+                raise
+            raise TransportError(f"cannot connect to {endpoint}: {exc}") from exc
+        self._io = IOThread(
+            sock,
+            name=f"diffsplit-client {endpoint}",
+            tick=settings.heartbeat_interval,
+            on_message=self._on_message,
+            on_tick=self._on_tick,
+            on_failure=lambda exc: self._fail_all(lambda: TransportError(f"client I/O failed: {exc!r}")),
+        )
+        self._io.start()
+
+    def submit(self, header: Mapping[str, Any]) -> str:
+        """Send a request (``header["op"]`` required) and return its request id."""
+        op = header.get("op")
+        if not isinstance(op, str) or op in (OP_HEARTBEAT, OP_CANCEL):
+            raise ValueError(f"a request needs a str op other than heartbeat/cancel, got {op!r}")
+        request_id = header.get("request_id") or uuid.uuid4().hex
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id must be a str, got {type(request_id).__name__}")
+        parts = encode(
+            {**header, "request_id": request_id},
+            self.settings.limits,
+            inline_threshold=self.settings.inline_threshold,
+        )
+        with self._lock:
+            if request_id in self._waiting:
+                raise ValueError(f"request id {request_id!r} is already outstanding")
+            self._waiting[request_id] = _Waiting(queue.SimpleQueue(), time.monotonic())
+        try:
+            self._io.post(parts)
+        except TransportError:
+            with self._lock:
+                self._waiting.pop(request_id, None)
+            raise
+        return request_id
+
+    def result(
+        self,
+        request_id: str,
+        timeout: float | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Wait for the final reply of ``request_id``; progress messages go to ``on_progress``.
+
+        Raises PeerGone when the server falls silent for ``heartbeat_timeout``,
+        RequestTimeout after ``timeout`` seconds (the request is then cancelled),
+        Rejected when the server could not read our messages. Wait for each
+        request id from one thread only.
+        """
+        with self._lock:
+            waiting = self._waiting.get(request_id)
+        if waiting is None:
+            raise KeyError(f"no outstanding request {request_id!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                self.cancel(request_id)
+                raise RequestTimeout(f"no reply to {request_id} from {self.endpoint} within {timeout} s")
+            try:
+                kind, value = waiting.inbox.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if kind == OP_PROGRESS:
+                if on_progress is not None:
+                    on_progress(value)
+                continue
+            with self._lock:
+                self._waiting.pop(request_id, None)
+            if kind == "final":
+                return value
+            raise value
+
+    def request(
+        self, header: Mapping[str, Any], timeout: float | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        """``submit`` then ``result``."""
+        return self.result(self.submit(header), timeout, **kwargs)
+
+    def cancel(self, request_id: str) -> None:
+        """Forget a request and tell the server (a late reply is dropped)."""
+        with self._lock:
+            known = self._waiting.pop(request_id, None) is not None
+        if known and self._io.alive:
+            self._io.post(encode({"op": OP_CANCEL, "request_id": request_id}))
+
+    def close(self) -> None:
+        """Stop the I/O thread, close the socket (linger 0); waiting requests fail. Idempotent."""
+        stopped = self._io.stop()
+        self._fail_all(lambda: TransportError(f"client of {self.endpoint} closed"))
+        if self._own_context and stopped:
+            self._context.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # I/O thread below.
+
+    def _fail_all(self, make_error: Callable[[], Exception]) -> None:
+        with self._lock:
+            for waiting in self._waiting.values():
+                if not waiting.done:
+                    waiting.done = True
+                    waiting.inbox.put(("error", make_error()))
+
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
+        self._last_heard = time.monotonic()
+        try:
+            header = decode(frames, self.settings.limits)
+        except TransportError as exc:
+            kind, message = type(exc), f"unreadable message from {self.endpoint}: {exc}"
+            self._fail_all(lambda: kind(message))
+            return
+        op, request_id = header.get("op"), header.get("request_id")
+        if op == OP_HEARTBEAT:
+            return
+        if op == OP_ERROR and request_id is None:
+            detail = header.get("error")
+            self._fail_all(lambda: Rejected(f"{self.endpoint} could not read our message: {detail}"))
+            return
+        with self._lock:
+            waiting = self._waiting.get(request_id) if isinstance(request_id, str) else None
+            if waiting is None or waiting.done:
+                return  # a late reply to a cancelled or timed-out request
+            if op != OP_PROGRESS:
+                waiting.done = True
+            waiting.inbox.put((OP_PROGRESS if op == OP_PROGRESS else "final", header))
+
+    def _on_tick(self, now: float) -> None:
+        timeout = self.settings.heartbeat_timeout
+        with self._lock:
+            waiting = [w for w in self._waiting.values() if not w.done]
+            for w in waiting:
+                silent = now - max(self._last_heard, w.sent_at)
+                if silent > timeout:
+                    w.done = True
+                    w.inbox.put(("error", self._peer_gone(silent)))
+        if waiting:
+            self._io.post(heartbeat())
+
+    def _peer_gone(self, silent: float) -> PeerGone:
+        return PeerGone(
+            f"no message from {self.endpoint} for {silent:.1f} s"
+            f" (heartbeat_timeout={self.settings.heartbeat_timeout} s): the server died, froze or is"
+            " unreachable, or the CURVE handshake failed (wrong server key, or this client's key"
+            " is not on the server's allow-list)"
+        )
