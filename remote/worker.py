@@ -9,6 +9,7 @@ structured error: ``MissingModel``, ``BadRequest``, ``NodeFailed``,
 ``Overloaded``, ``NotHeld``.
 
 Other ops: ``hello`` (what this worker is), ``stats`` (cache counters),
+``echo`` (a link probe: any payload in, ``reply_bytes`` zero bytes back),
 ``upload`` (a model file in chunks, only with ``allow_upload``).
 """
 
@@ -154,12 +155,22 @@ class Worker:
             self._pool.submit(self._run_job, job)
         elif request.op == "hello":
             self.server.reply(request, {"op": "result", "worker": self._describe()})
+        elif request.op == "echo":
+            self._echo(request)
         elif request.op == "stats":
             self.server.reply(request, {"op": "result", "cache": vars(self.cache.stats())})
         elif request.op == "upload":
             self._handle_upload(request)
         else:
             self._reply_error(request, BadRequest(f"unknown op {request.op!r}"))
+
+    def _echo(self, request: Request) -> None:
+        """Link probe: returns ``reply_bytes`` zero bytes (at most 64 MiB); the request may carry any data."""
+        size = request.header.get("reply_bytes", 0)
+        if not isinstance(size, int) or not 0 <= size <= 64 << 20:
+            self._reply_error(request, BadRequest("echo: reply_bytes must be an int in [0, 64 MiB]"))
+            return
+        self.server.reply(request, {"op": "result", "data": bytes(size)})
 
     def _describe(self) -> dict[str, Any]:
         return {"version": __version__, "slots": self.config.slots, "allow_upload": self.config.allow_upload,
