@@ -1,0 +1,351 @@
+"""Single-file checkpoints (LDM/ComfyUI key layout) to and from diffusers/transformers modules.
+
+Supported: SD 1.x, SDXL base and SDXL refiner checkpoints; standalone VAE and
+ControlNet files (LDM keys, or diffusers keys on load). Configs come from the
+weight shapes (:mod:`infer_config`), key names from the per-architecture rule
+tables (``ldm_unet``, ``ldm_vae``, ``ldm_text``, ``ldm_controlnet``) used in both
+directions. Modules are built on the meta device and given the file's tensors
+without copies (``load_state_dict(assign=True)``), converted to ``dtype``,
+frozen in eval mode.
+
+Checkpoint key prefixes:
+
+- SD 1.x: ``model.diffusion_model.``, ``first_stage_model.``, ``cond_stage_model.transformer.`` (CLIP-L)
+- SDXL: the same UNet/VAE prefixes, ``conditioner.embedders.0.transformer.`` (CLIP-L) and
+  ``conditioner.embedders.1.model.`` (OpenCLIP bigG)
+- SDXL refiner: ``conditioner.embedders.0.model.`` (OpenCLIP bigG) only
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffsplit.engine.errors import ModelFileError
+from diffsplit.engine.models import infer_config as infer
+from diffsplit.engine.models import ldm_controlnet, ldm_vae
+from diffsplit.engine.models.ldm_controlnet import LDM_CONTROLNET_PREFIX, controlnet_key_rules
+from diffsplit.engine.models.ldm_keys import (
+    KeyRule,
+    TensorFile,
+    assemble_module,
+    build_on_meta,
+    ldm_shapes_of,
+    open_tensor_file,
+    read_module_state,
+    same_rules,
+    to_ldm_tensors,
+)
+from diffsplit.engine.models.ldm_text import clip_l_key_rules, open_clip_key_rules
+from diffsplit.engine.models.ldm_unet import unet_key_rules
+from diffsplit.engine.models.ldm_vae import LDM_VAE_PREFIX, vae_key_rules
+from diffsplit.engine.types import ControlNet, DiffusionModel, ModelFamily, ModelSampling, TextEncoders, Vae
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+UNET_PREFIX = "model.diffusion_model."
+#: ComfyUI's marker key for v-prediction checkpoints.
+V_PRED_KEY = "v_pred"
+SAMPLING_COMPONENT = "sampling"
+RuleBuilder = Callable[[Iterable[str]], tuple[KeyRule, ...]]
+
+
+@dataclass(frozen=True, eq=False)
+class CheckpointParts:
+    """What a checkpoint loader yields: ComfyUI's MODEL, CLIP and VAE."""
+
+    model: DiffusionModel
+    clip: TextEncoders
+    vae: Vae
+
+
+@dataclass(frozen=True)
+class TextSlot:
+    """Where one text encoder lives in a checkpoint; ``kind`` also names its tokenizer."""
+
+    kind: Literal["clip_l", "clip_g"]
+    prefix: str
+
+
+def text_slots(family: ModelFamily) -> tuple[TextSlot, ...]:
+    """The text encoders of ``family``, in TextEncoders order."""
+    if family == "sd15":
+        return (TextSlot("clip_l", "cond_stage_model.transformer."),)
+    if family == "sdxl":
+        return (
+            TextSlot("clip_l", "conditioner.embedders.0.transformer."),
+            TextSlot("clip_g", "conditioner.embedders.1.model."),
+        )
+    return (TextSlot("clip_g", "conditioner.embedders.0.model."),)
+
+
+def detect_family(state_dict_keys_and_shapes: Mapping[str, Sequence[int]]) -> ModelFamily:
+    """sd15, sdxl or sdxl_refiner from a checkpoint's keys; ModelFileError for anything else."""
+    keys = state_dict_keys_and_shapes
+
+    def has(prefix: str) -> bool:
+        return any(key.startswith(prefix) for key in keys)
+
+    if not has(UNET_PREFIX):
+        raise ModelFileError(f"unknown architecture: no UNet weights ('{UNET_PREFIX}*')")
+    if has("conditioner.embedders.0.transformer.") and has("conditioner.embedders.1.model."):
+        return "sdxl"
+    if has("conditioner.embedders.0.model."):
+        return "sdxl_refiner"
+    if has("cond_stage_model.transformer."):
+        return "sd15"
+    raise ModelFileError("unknown architecture: no SD 1.x / SDXL / SDXL refiner text encoder keys")
+
+
+def _strip(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:
+    return {key[len(prefix) :]: shape for key, shape in shapes.items() if key.startswith(prefix)}
+
+
+@contextlib.contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """Prefix inference errors with the file and the component being read."""
+    try:
+        yield
+    except ModelFileError as error:
+        raise ModelFileError(f"{path}: {what}: {error}") from error
+
+
+def _text_parts(kind: str) -> tuple[type, RuleBuilder]:
+    if kind == "clip_l":
+        return CLIPTextModel, clip_l_key_rules
+    return CLIPTextModelWithProjection, open_clip_key_rules
+
+
+def _clip_fields(kind: str) -> tuple[str, ...]:
+    # CLIPTextModel has no projection, so its projection_dim changes nothing.
+    return tuple(f for f in infer.CLIP_CONFIG_FIELDS if kind == "clip_g" or f != "projection_dim")
+
+
+def infer_checkpoint_configs(
+    shapes: Mapping[str, tuple[int, ...]], family: ModelFamily, path: Path
+) -> dict[str, dict[str, Any]]:
+    """Configs of every component of a checkpoint, keyed unet / vae / clip_l / clip_g."""
+    configs: dict[str, dict[str, Any]] = {}
+    pooled_dim = None
+    for slot in text_slots(family):
+        with _reading(path, f"text encoder '{slot.prefix}*'"):
+            sub = _strip(shapes, slot.prefix)
+            if slot.kind == "clip_l":
+                configs["clip_l"] = infer.infer_clip_l_config(sub)
+            else:
+                configs["clip_g"] = infer.infer_open_clip_config(sub)
+                pooled_dim = configs["clip_g"]["projection_dim"]
+    with _reading(path, f"UNet '{UNET_PREFIX}*'"):
+        configs["unet"] = infer.infer_unet_config(_strip(shapes, UNET_PREFIX), family, pooled_dim=pooled_dim)
+    with _reading(path, f"VAE '{LDM_VAE_PREFIX}*'"):
+        configs["vae"] = infer.infer_vae_config(_strip(shapes, LDM_VAE_PREFIX), family)
+    return configs
+
+
+def _load_module(
+    source: TensorFile,
+    prefix: str,
+    factory: Callable[[], torch.nn.Module],
+    rules_for: RuleBuilder,
+    dtype: torch.dtype,
+) -> torch.nn.Module:
+    try:
+        module = build_on_meta(factory)
+    except (TypeError, ValueError) as error:
+        raise ModelFileError(f"{source.path}: cannot build a module for '{prefix}*': {error}") from error
+    rules = rules_for(module.state_dict().keys())
+    return assemble_module(module, read_module_state(source, rules, prefix, dtype), source.path)
+
+
+def _read_sampling(source: TensorFile) -> ModelSampling:
+    text = source.metadata.get(infer.METADATA_PREFIX + SAMPLING_COMPONENT)
+    if text is not None:
+        try:
+            return ModelSampling(**json.loads(text))
+        except (json.JSONDecodeError, TypeError) as error:
+            raise ModelFileError(f"{source.path}: bad sampling metadata: {error}") from error
+    if V_PRED_KEY in source.shapes:
+        return ModelSampling(prediction_type="v_prediction")
+    return ModelSampling()
+
+
+def load_checkpoint(path: Path, *, dtype: torch.dtype = torch.float32) -> CheckpointParts:
+    """Load an SD 1.x / SDXL / SDXL refiner single-file checkpoint (LDM keys).
+
+    Raises ModelFileError for a missing or unreadable file, an unknown
+    architecture, or missing required weights (naming the first missing keys).
+    """
+    from diffsplit.engine.models.tokenizers import clip_tokenizer
+
+    path = Path(path)
+    with open_tensor_file(path) as source:
+        with _reading(path, "checkpoint"):
+            family = detect_family(source.shapes)
+        configs = infer_checkpoint_configs(source.shapes, family, path)
+        encoders = []
+        for slot in text_slots(family):
+            cls, rules_for = _text_parts(slot.kind)
+            config = CLIPTextConfig(
+                **{**configs[slot.kind], **infer.read_overrides(source.metadata, slot.kind)}
+            )
+            encoders.append(_load_module(source, slot.prefix, partial(cls, config), rules_for, dtype))
+        unet_config = {**configs["unet"], **infer.read_overrides(source.metadata, "unet")}
+        unet = _load_module(
+            source, UNET_PREFIX, partial(UNet2DConditionModel, **unet_config), unet_key_rules, dtype
+        )
+        vae_config = {**configs["vae"], **infer.read_overrides(source.metadata, "vae")}
+        vae = _load_module(source, LDM_VAE_PREFIX, partial(AutoencoderKL, **vae_config), vae_key_rules, dtype)
+        sampling = _read_sampling(source)
+    tokenizers = tuple(clip_tokenizer(slot.kind) for slot in text_slots(family))
+    return CheckpointParts(
+        model=DiffusionModel(unet=unet, family=family, sampling=sampling),
+        clip=TextEncoders(encoders=tuple(encoders), tokenizers=tokenizers, family=family),
+        vae=Vae(model=vae, scaling_factor=float(vae.config.scaling_factor)),
+    )
+
+
+def _ldm_tensors(module: torch.nn.Module, rules_for: RuleBuilder, prefix: str) -> dict[str, torch.Tensor]:
+    state = {key: tensor.detach().cpu() for key, tensor in module.state_dict().items()}
+    tensors = to_ldm_tensors(rules_for(state.keys()), state, prefix)
+    return {key: tensor.contiguous() for key, tensor in tensors.items()}
+
+
+def _shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+
+
+def _vae_config(vae: Vae) -> dict[str, Any]:
+    """The VAE module's config with the wrapper's scaling factor (the one callers use)."""
+    return {**vae.model.config, "scaling_factor": vae.scaling_factor}
+
+
+def save_checkpoint(path: Path, parts: CheckpointParts, *, metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``parts`` as one safetensors checkpoint in the LDM layout of its family.
+
+    Config values the loader could not infer from shapes are stored as
+    ``diffsplit.*`` metadata, so ``load_checkpoint`` rebuilds identical modules.
+    """
+    family = parts.model.family
+    slots = text_slots(family)
+    if parts.clip.family != family or len(parts.clip.encoders) != len(slots):
+        raise ValueError(
+            f"text encoders ({parts.clip.family}, {len(parts.clip.encoders)}) do not fit {family}"
+        )
+    tensors = _ldm_tensors(parts.model.unet, unet_key_rules, UNET_PREFIX)
+    tensors.update(_ldm_tensors(parts.vae.model, vae_key_rules, LDM_VAE_PREFIX))
+    for slot, encoder in zip(slots, parts.clip.encoders, strict=True):
+        tensors.update(_ldm_tensors(encoder, _text_parts(slot.kind)[1], slot.prefix))
+    if parts.model.sampling.prediction_type == "v_prediction":
+        tensors[V_PRED_KEY] = torch.zeros(0)
+    inferred = infer_checkpoint_configs(_shapes(tensors), family, Path(path))
+    entries = dict(metadata or {})
+    unet_overrides = infer.diffusers_overrides(
+        UNet2DConditionModel, parts.model.unet.config, inferred["unet"]
+    )
+    entries.update(infer.write_overrides("unet", unet_overrides))
+    vae_overrides = infer.diffusers_overrides(AutoencoderKL, _vae_config(parts.vae), inferred["vae"])
+    entries.update(infer.write_overrides("vae", vae_overrides))
+    for slot, encoder in zip(slots, parts.clip.encoders, strict=True):
+        clip = infer.clip_overrides(encoder.config.to_dict(), inferred[slot.kind], _clip_fields(slot.kind))
+        entries.update(infer.write_overrides(slot.kind, clip))
+    if parts.model.sampling != ModelSampling():
+        entries.update(infer.write_overrides(SAMPLING_COMPONENT, dataclasses.asdict(parts.model.sampling)))
+    save_file(tensors, str(path), metadata=entries)
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """How a standalone VAE/ControlNet file names its keys."""
+
+    prefix: str
+    diffusers: bool
+
+
+def find_layout(source: TensorFile, kind: Literal["vae", "controlnet"]) -> FileLayout:
+    """LDM (bare or prefixed) or diffusers keys; ModelFileError when the file is neither."""
+    if kind == "vae":
+        ldm_key, diffusers_key = ldm_vae.LDM_MARKER_KEY, ldm_vae.DIFFUSERS_MARKER_KEY
+        prefixes = ("", LDM_VAE_PREFIX)
+    else:
+        ldm_key, diffusers_key = ldm_controlnet.LDM_MARKER_KEY, ldm_controlnet.DIFFUSERS_MARKER_KEY
+        prefixes = ("", LDM_CONTROLNET_PREFIX)
+    for prefix in prefixes:
+        if prefix + ldm_key in source.shapes:
+            return FileLayout(prefix, diffusers=False)
+    if diffusers_key in source.shapes:
+        return FileLayout("", diffusers=True)
+    raise ModelFileError(f"{source.path}: not a {kind} file (neither '{ldm_key}' nor '{diffusers_key}')")
+
+
+def _standalone_shapes(source: TensorFile, prefix: str, diffusers: bool, rules_for: RuleBuilder) -> dict:
+    """LDM shapes of a standalone file, converting from diffusers keys when needed."""
+    if not diffusers:
+        return _strip(source.shapes, prefix)
+    try:
+        return ldm_shapes_of(rules_for(source.shapes.keys()), source.shapes)
+    except ValueError as error:
+        raise ModelFileError(f"{source.path}: {error}") from error
+
+
+def load_vae(path: Path, *, dtype: torch.dtype = torch.float32, scaling_factor: float | None = None) -> Vae:
+    """Load a standalone VAE file (LDM keys, optionally ``first_stage_model.``-prefixed, or diffusers keys).
+
+    The scaling factor comes from ``diffsplit.vae`` metadata, else
+    ``scaling_factor``, else SD 1.x's 0.18215 (shapes cannot tell SD from SDXL VAEs).
+    """
+    path = Path(path)
+    with open_tensor_file(path) as source:
+        layout = find_layout(source, "vae")
+        with _reading(path, "VAE"):
+            shapes = _standalone_shapes(source, layout.prefix, layout.diffusers, vae_key_rules)
+            config = infer.infer_vae_config(shapes, "sd15")
+        if scaling_factor is not None:
+            config["scaling_factor"] = scaling_factor
+        config.update(infer.read_overrides(source.metadata, "vae"))
+        rules_for = same_rules if layout.diffusers else vae_key_rules
+        module = _load_module(source, layout.prefix, partial(AutoencoderKL, **config), rules_for, dtype)
+    return Vae(model=module, scaling_factor=float(module.config.scaling_factor))
+
+
+def save_vae(path: Path, vae: Vae) -> None:
+    """Write a standalone VAE file with LDM keys (ComfyUI ``vae/`` layout)."""
+    tensors = _ldm_tensors(vae.model, vae_key_rules, "")
+    inferred = infer.infer_vae_config(_shapes(tensors), "sd15")
+    overrides = infer.diffusers_overrides(AutoencoderKL, _vae_config(vae), inferred)
+    save_file(tensors, str(path), metadata=infer.write_overrides("vae", overrides))
+
+
+def load_controlnet(path: Path, *, dtype: torch.dtype = torch.float32) -> ControlNet:
+    """Load a ControlNet file (LDM keys, optionally ``control_model.``-prefixed, or diffusers keys)."""
+    path = Path(path)
+    with open_tensor_file(path) as source:
+        layout = find_layout(source, "controlnet")
+        with _reading(path, "ControlNet"):
+            shapes = _standalone_shapes(source, layout.prefix, layout.diffusers, controlnet_key_rules)
+            config = infer.infer_controlnet_config(shapes)
+        config.update(infer.read_overrides(source.metadata, "controlnet"))
+        if config.get("addition_embed_type") and config.get("addition_time_embed_dim") is None:
+            raise ModelFileError(
+                f"{path}: cannot infer addition_time_embed_dim of this SDXL ControlNet "
+                "(its adm_in_channels do not fit SDXL's pooled width 1280); "
+                "store it as 'diffsplit.controlnet' metadata"
+            )
+        rules_for = same_rules if layout.diffusers else controlnet_key_rules
+        module = _load_module(source, layout.prefix, partial(ControlNetModel, **config), rules_for, dtype)
+    return ControlNet(model=module)
+
+
+def save_controlnet(path: Path, controlnet: ControlNet) -> None:
+    """Write a ControlNet file with LDM keys (no ``control_model.`` prefix)."""
+    tensors = _ldm_tensors(controlnet.model, controlnet_key_rules, "")
+    inferred = infer.infer_controlnet_config(_shapes(tensors))
+    overrides = infer.diffusers_overrides(ControlNetModel, controlnet.model.config, inferred)
+    save_file(tensors, str(path), metadata=infer.write_overrides("controlnet", overrides))
