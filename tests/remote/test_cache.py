@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import torch
-
 from diffsplit.remote.cache import ModelCache, module_bytes
 
 
