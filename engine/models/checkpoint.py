@@ -46,9 +46,9 @@ from diffsplit.engine.models.ldm_keys import (
 from diffsplit.engine.models.ldm_text import clip_l_key_rules, open_clip_key_rules
 from diffsplit.engine.models.ldm_unet import unet_key_rules
 from diffsplit.engine.models.ldm_vae import LDM_VAE_PREFIX, vae_key_rules
+from diffsplit.engine.models.safetensors_io import save_file_sorted
 from diffsplit.engine.types import ControlNet, DiffusionModel, ModelFamily, ModelSampling, TextEncoders, Vae
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 UNET_PREFIX = "model.diffusion_model."
@@ -258,7 +258,7 @@ def save_checkpoint(path: Path, parts: CheckpointParts, *, metadata: Mapping[str
         entries.update(infer.write_overrides(slot.kind, clip))
     if parts.model.sampling != ModelSampling():
         entries.update(infer.write_overrides(SAMPLING_COMPONENT, dataclasses.asdict(parts.model.sampling)))
-    save_file(tensors, str(path), metadata=entries)
+    save_file_sorted(tensors, str(path), metadata=entries)
 
 
 @dataclass(frozen=True)
@@ -320,7 +320,7 @@ def save_vae(path: Path, vae: Vae) -> None:
     tensors = _ldm_tensors(vae.model, vae_key_rules, "")
     inferred = infer.infer_vae_config(_shapes(tensors), "sd15")
     overrides = infer.diffusers_overrides(AutoencoderKL, _vae_config(vae), inferred)
-    save_file(tensors, str(path), metadata=infer.write_overrides("vae", overrides))
+    save_file_sorted(tensors, str(path), metadata=infer.write_overrides("vae", overrides))
 
 
 def load_controlnet(path: Path, *, dtype: torch.dtype = torch.float32) -> ControlNet:
@@ -348,4 +348,4 @@ def save_controlnet(path: Path, controlnet: ControlNet) -> None:
     tensors = _ldm_tensors(controlnet.model, controlnet_key_rules, "")
     inferred = infer.infer_controlnet_config(_shapes(tensors))
     overrides = infer.diffusers_overrides(ControlNetModel, controlnet.model.config, inferred)
-    save_file(tensors, str(path), metadata=infer.write_overrides("controlnet", overrides))
+    save_file_sorted(tensors, str(path), metadata=infer.write_overrides("controlnet", overrides))

@@ -32,9 +32,9 @@ from typing import Literal
 
 import torch
 from diffsplit.engine.errors import ModelFileError
+from diffsplit.engine.models.safetensors_io import save_file_sorted
 from diffsplit.engine.types import DiffusionModel, TextEncoders
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
 
@@ -389,4 +389,4 @@ def save_lora(path: Path, lora: LoraWeights, *, metadata: Mapping[str, str] | No
     """Write ``lora`` as a kohya-layout ``.safetensors`` file (sorted keys, deterministic bytes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(lora_state_dict(lora), str(path), metadata=dict(metadata) if metadata else None)
+    save_file_sorted(lora_state_dict(lora), str(path), metadata=dict(metadata) if metadata else None)
