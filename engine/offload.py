@@ -22,6 +22,7 @@ from diffsplit.engine.errors import EngineError, NodeFailed
 from diffsplit.engine.executor import NodeCall, run_node_locally
 from diffsplit.engine.store import ModelStore
 from diffsplit.engine.wire_values import HELD, MODEL, WireValueError, from_wire, is_model_value, to_wire
+from diffsplit.tracer.fingerprint import fingerprint
 from diffsplit.transport.digest import content_digest
 from diffsplit.transport.envelope import describe
 from diffsplit.transport.errors import TransportError
@@ -136,9 +137,13 @@ class RemoteRunner:
             if not is_model_value(value):
                 continue
             recipe = self.recipe_for_output(node_id, index)
-            if recipe is not None:
-                with self._lock:
-                    self._recipes[id(value)] = (value, recipe)
+            if recipe is None:
+                continue
+            if not recipe.get("fingerprint"):
+                # The worker checks its rebuild against the weights this process really loaded.
+                recipe = {**recipe, "fingerprint": fingerprint(value)}
+            with self._lock:
+                self._recipes[id(value)] = (value, recipe)
 
     def _client(self, address: str) -> Client:
         with self._lock:

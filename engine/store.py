@@ -21,6 +21,7 @@ from pathlib import Path
 
 from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.store_index import HashIndex, IndexEntry, file_sha256, file_stamp
+from diffsplit.tracer.files import directory_files
 
 MODEL_FOLDERS: tuple[str, ...] = (
     "checkpoints",
@@ -249,7 +250,7 @@ class ModelStore:
         return self._index.get_or_compute(relative, stamp, size, lambda: file_sha256(path))
 
     def _directory_entry(self, directory: Path) -> IndexEntry:
-        files = _directory_files(directory)
+        files = directory_files(directory)
         lines = []
         total = 0
         for file_path in files:
@@ -265,14 +266,5 @@ class ModelStore:
     @staticmethod
     def _size(path: Path) -> int:
         if path.is_dir():
-            return sum(p.stat().st_size for p in _directory_files(path))
+            return sum(p.stat().st_size for p in directory_files(path))
         return path.stat().st_size
-
-
-def _directory_files(directory: Path) -> list[Path]:
-    """The files of a model directory, recursively, hidden ones left out, sorted."""
-    return sorted(
-        p
-        for p in directory.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
-    )

@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from diffsplit.engine.types import ControlHint, ControlNet, DiffusionModel, TextEncoders, Vae
 from diffsplit.transport.errors import DiffsplitError
@@ -25,7 +26,11 @@ MODEL = "$ds:model"
 CONTROL = "$ds:control"
 ZEROS = "$ds:zeros"
 HELD = "$ds:held"
-MARKERS = frozenset({MODEL, CONTROL, ZEROS, HELD})
+GENERATOR = "$ds:generator"
+OUTPUT = "$ds:output"
+MARKERS = frozenset({MODEL, CONTROL, ZEROS, HELD, GENERATOR, OUTPUT})
+#: Libraries whose ``BaseOutput`` result classes may be named on the wire (looked up, never imported by path).
+_OUTPUT_LIBRARIES = ("diffusers.",)
 
 #: The recipe (as a plain dict) that rebuilds a model object, or None when it cannot be explained.
 RecipeOf = Callable[[Any], Mapping[str, Any] | None]
@@ -54,6 +59,14 @@ def to_wire(value: Any, recipe_of: RecipeOf, *, where: str) -> Any:
         return value
     if isinstance(value, ControlHint):
         return {CONTROL: _hint_to_wire(value, recipe_of, where)}
+    if isinstance(value, torch.Generator):
+        return {GENERATOR: {"device": str(value.device), "state": value.get_state()}}
+    if _is_library_output(value):
+        fields = {  # every field: a BaseOutput's dict view leaves out the ones that are None
+            f.name: to_wire(getattr(value, f.name), recipe_of, where=f"{where}.{f.name}")
+            for f in dataclasses.fields(value)
+        }
+        return {OUTPUT: {"type": f"{type(value).__module__}:{type(value).__qualname__}", "fields": fields}}
     if is_model_value(value):
         return {MODEL: _recipe_or_fail(value, recipe_of, where)}
     if isinstance(value, dict):
@@ -66,7 +79,7 @@ def to_wire(value: Any, recipe_of: RecipeOf, *, where: str) -> Any:
     if isinstance(value, list | tuple):
         items = [to_wire(item, recipe_of, where=f"{where}[{i}]") for i, item in enumerate(value)]
         return tuple(items) if isinstance(value, tuple) else items
-    if value is None or isinstance(value, bool | int | float | str | bytes):
+    if value is None or isinstance(value, bool | int | float | str | bytes | np.ndarray):
         return value
     raise WireValueError(
         f"{where}: a {type(value).__module__}.{type(value).__name__} cannot be sent to a worker "
@@ -85,6 +98,10 @@ def from_wire(data: Any, build_model: BuildModel, held: Mapping[str, Any] | None
                 return _hint_from_wire(payload, build_model, held)
             if key == ZEROS:
                 return _zeros(payload)
+            if key == GENERATOR:
+                return _generator(payload)
+            if key == OUTPUT:
+                return _library_output(payload, build_model, held)
             if key == HELD:
                 if held is None or payload not in held:
                     raise WireValueError(f"value {str(payload)[:12]}… is not held here")
@@ -135,3 +152,32 @@ def _zeros(payload: Mapping[str, Any]) -> torch.Tensor:
     if not isinstance(dtype, torch.dtype) or not isinstance(shape, list):
         raise WireValueError(f"bad zeros descriptor {payload!r}")
     return torch.zeros([int(n) for n in shape], dtype=dtype)
+
+
+def _is_library_output(value: Any) -> bool:
+    from_library = type(value).__module__.startswith(_OUTPUT_LIBRARIES)
+    return isinstance(value, dict) and from_library and dataclasses.is_dataclass(value)
+
+
+def _generator(payload: Mapping[str, Any]) -> torch.Generator:
+    device, state = payload.get("device"), payload.get("state")
+    if device != "cpu" or not isinstance(state, torch.Tensor) or state.dtype != torch.uint8:
+        raise WireValueError("only CPU generators travel (device 'cpu', a uint8 state)")
+    generator = torch.Generator(device="cpu")
+    generator.set_state(state.clone())
+    return generator
+
+
+def _library_output(payload: Mapping[str, Any], build_model: BuildModel, held: Any) -> Any:
+    """A diffusers ``BaseOutput`` result, its class found by name among already-imported modules."""
+    import sys
+
+    from diffusers.utils import BaseOutput
+
+    module_name, _, qualname = str(payload.get("type", "")).partition(":")
+    module = sys.modules.get(module_name) if module_name.startswith(_OUTPUT_LIBRARIES) else None
+    cls = getattr(module, qualname, None) if module is not None and "." not in qualname else None
+    fields = from_wire(payload.get("fields", {}), build_model, held)
+    if not (isinstance(cls, type) and issubclass(cls, BaseOutput)) or not isinstance(fields, dict):
+        raise WireValueError(f"unknown result type {payload.get('type')!r}")
+    return cls(**fields)

@@ -1,56 +1,63 @@
-"""Models from recipes on the worker: files found in the store by sha256, built through the cache."""
+"""Models from recipes on the worker: files found in the store by sha256, built through the cache.
+
+The engine's :class:`~diffsplit.engine.rebuild.Builder` runs recipe steps; this
+subclass puts every build (nested recipes too: the base model under a LoRA)
+into the worker's LRU :class:`ModelCache`, keyed by the recipe's build digest,
+so a base shared by two LoRA recipes is built once, and evicted like any other
+entry when the budget is tight. LoRA application never mutates its input
+(``engine.models.lora.apply_lora`` returns new modules), so a cached base stays
+intact. Each (build, select, fingerprint) is verified once.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.nodes.registry import NodeRegistry
+from diffsplit.engine.rebuild import Builder
 from diffsplit.engine.store import ModelStore
 from diffsplit.remote.cache import ModelCache
 from diffsplit.remote.errors import BadRequest, MissingModel
 from diffsplit.tracer.errors import FingerprintMismatch, RecipeError
+from diffsplit.tracer.fingerprint import fingerprint
+from diffsplit.tracer.objects import get_path
 from diffsplit.tracer.recipe import FileRef, Recipe
 
 
-class ModelBuilder:
-    """Builds the model a recipe describes, once per recipe digest (nested recipes too)."""
+class CachedBuilder(Builder):
+    """A recipe builder whose built objects live in a shared, bounded :class:`ModelCache`."""
 
     def __init__(self, store: ModelStore, registry: NodeRegistry, cache: ModelCache) -> None:
+        super().__init__(self.resolve_file, registry=registry)
         self.store = store
-        self.registry = registry
         self.cache = cache
         self._lock = threading.Lock()
-        self._recipes: dict[int, tuple[Any, Mapping[str, Any]]] = {}
+        self._verified: set[tuple[str, str, str]] = set()
 
-    def build(self, recipe_data: Mapping[str, Any]) -> Any:
-        """The object for ``recipe_data`` (a recipe as plain data), from the cache or built now."""
+    def build(self, recipe: Recipe) -> Any:
+        """The object ``recipe`` selects, from the cache or built now, fingerprint checked once."""
+        whole, _ = self.cache.get_or_build(recipe.build_digest(), lambda: self._run(recipe))
         try:
-            recipe = Recipe.from_dict(recipe_data)
-        except RecipeError as exc:
-            raise BadRequest(f"malformed recipe: {exc}") from exc
-        value = self.build_recipe(recipe)
-        with self._lock:
-            self._recipes[id(value)] = (value, recipe_data)
-        return value
-
-    def build_recipe(self, recipe: Recipe) -> Any:
-        """Build (or find) a parsed recipe; nested recipes come through here as well."""
-        from diffsplit.engine.rebuild import build
-
-        def make() -> Any:
-            try:
-                return build(
-                    recipe, self.resolve_file, registry=self.registry, build_nested=self.build_recipe
-                )
-            except FingerprintMismatch as exc:
-                raise BadRequest(f"rebuilt model does not match the client's: {exc}") from exc
-
-        value, _ = self.cache.get_or_build(recipe.digest, make)
-        return value
+            selected = get_path(whole, recipe.select)
+        except LookupError as exc:
+            raise RecipeError(f"{recipe.name()}: cannot select {recipe.select!r}: {exc}") from None
+        if recipe.fingerprint is not None:
+            key = (recipe.build_digest(), recipe.select, recipe.fingerprint)
+            with self._lock:
+                known = key in self._verified
+            if not known:
+                actual = fingerprint(selected)
+                if actual != recipe.fingerprint:
+                    raise FingerprintMismatch(recipe.name(), recipe.fingerprint, actual)
+                with self._lock:
+                    self._verified.add(key)
+        return selected
 
     def resolve_file(self, ref: FileRef) -> Path:
         """The store's file for ``ref``: by sha256 first, then by name with a matching hash."""
@@ -60,8 +67,34 @@ class ModelBuilder:
         except ModelFileError:
             raise MissingModel(ref.store_name, ref.sha256, ref.bytes) from None
 
+
+class ModelBuilder:
+    """What the worker asks for: a model from a recipe given as plain data, and the reverse."""
+
+    def __init__(self, store: ModelStore, registry: NodeRegistry, cache: ModelCache) -> None:
+        self.builder = CachedBuilder(store, registry, cache)
+        self._lock = threading.Lock()
+        self._recipes: weakref.WeakKeyDictionary[Any, Mapping[str, Any]] = weakref.WeakKeyDictionary()
+
+    def build(self, recipe_data: Mapping[str, Any]) -> Any:
+        """The object for ``recipe_data`` (a recipe as plain data); BadRequest when it cannot be built."""
+        try:
+            recipe = Recipe.from_dict(recipe_data)
+            value = self.builder.build(recipe)
+        except FingerprintMismatch as exc:
+            raise BadRequest(f"the rebuilt model differs from the client's (weights differ): {exc}") from exc
+        except RecipeError as exc:
+            if isinstance(exc.__cause__, MissingModel):
+                raise exc.__cause__ from None
+            raise BadRequest(f"cannot build the recipe: {exc}") from exc
+        with self._lock, contextlib.suppress(TypeError):  # not every value can be weakly referenced
+            self._recipes[value] = recipe_data
+        return value
+
     def recipe_of(self, value: Any) -> Mapping[str, Any] | None:
         """The recipe a model built here came from (to send a model-holding output back), or None."""
         with self._lock:
-            known = self._recipes.get(id(value))
-        return known[1] if known is not None and known[0] is value else None
+            try:
+                return self._recipes.get(value)
+            except TypeError:
+                return None

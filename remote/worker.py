@@ -8,6 +8,9 @@ with a context that streams progress back, and replies with the outputs or a
 structured error: ``MissingModel``, ``BadRequest``, ``NodeFailed``,
 ``Overloaded``, ``NotHeld``.
 
+Op ``call`` serves ``diffsplit.offload``: a traced object's recipe, a method
+(``forward`` of a module or ``__call__`` of a pipeline) and its arguments.
+
 Other ops: ``hello`` (what this worker is), ``stats`` (cache counters),
 ``echo`` (a link probe: any payload in, ``reply_bytes`` zero bytes back),
 ``upload`` (a model file in chunks, only with ``allow_upload``).
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.nodes.registry import NodeRegistry, default_registry
 from diffsplit.engine.store import ModelStore
@@ -42,6 +46,9 @@ from diffsplit.transport.server import Request, Server
 from diffsplit import __version__
 
 log = logging.getLogger(__name__)
+
+#: What op ``call`` may invoke on a rebuilt object: a module's forward, or a pipeline's __call__.
+CALLABLE_METHODS = frozenset({"forward", "__call__"})
 
 
 @dataclass(frozen=True)
@@ -146,7 +153,7 @@ class Worker:
         self._stopping.set()
 
     def _dispatch(self, request: Request) -> None:
-        if request.op == "run_node":
+        if request.op in ("run_node", "call"):
             if self._stopping.is_set() or not self._in_flight.acquire(blocking=False):
                 why = "the worker is shutting down" if self._stopping.is_set() else "the queue is full"
                 self._reply_error(request, Overloaded(why))
@@ -195,7 +202,8 @@ class Worker:
         try:
             if self._stopping.is_set():
                 raise Overloaded("the worker is shutting down")
-            reply = self._run_node(request, job.received)
+            run = self._run_node if request.op == "run_node" else self._run_call
+            reply = run(request, job.received)
         except RemoteError as exc:
             self._reply_error(request, exc)
         except ModelFileError as exc:
@@ -265,6 +273,41 @@ class Worker:
                 "run_s": finished - rebuilt,
                 "cache_hits": builds_after.hits - builds_before.hits,
                 "cache_misses": builds_after.misses - builds_before.misses,
+            },
+        }
+
+    def _run_call(self, request: Request, received: float) -> dict[str, Any]:
+        """Op ``call``: build a traced object from its recipe and call it (``forward`` or the pipeline)."""
+        started = time.monotonic()
+        header = request.header
+        method = header.get("method")
+        target = header.get("target")
+        if method not in CALLABLE_METHODS or not isinstance(target, dict):
+            raise BadRequest(f"call needs a 'target' recipe and a 'method' in {sorted(CALLABLE_METHODS)}")
+        try:
+            obj = self.builder.build(target)
+            args = from_wire(header.get("args") or [], self.builder.build)
+            kwargs = from_wire(header.get("kwargs") or {}, self.builder.build)
+        except WireValueError as exc:
+            raise BadRequest(str(exc)) from exc
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise BadRequest("call needs 'args' as a list and 'kwargs' as a mapping")
+        if method == "forward" and not isinstance(obj, torch.nn.Module):
+            raise BadRequest(f"the target is a {type(obj).__name__}, not a module with forward()")
+        rebuilt = time.monotonic()
+        with torch.no_grad():
+            output = obj(*args, **kwargs)
+        finished = time.monotonic()
+        generators = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Generator)]
+        try:
+            output_wire = to_wire(output, self.builder.recipe_of, where="result")
+        except WireValueError as exc:
+            raise BadRequest(f"the result cannot be sent back: {exc}") from exc
+        return {
+            "op": "result", "output": output_wire,
+            "generator_states": [generator.get_state() for generator in generators],
+            "timings": {
+                "queue_s": started - received, "rebuild_s": rebuilt - started, "run_s": finished - rebuilt,
             },
         }
 

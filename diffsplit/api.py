@@ -1,0 +1,55 @@
+"""``diffsplit.offload``: run part of existing diffusers code on a worker without editing it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from diffsplit.engine.call_offload import CallSender, ModuleOffload, OffloadedPipeline, OffloadError
+from diffsplit.tracer.files import HashingFileRefs
+from diffsplit.tracer.fingerprint import fingerprint
+from diffsplit.tracer.recipe import Recipe, Step
+from diffsplit.transport.protocol import Settings
+
+
+def offload(
+    pipeline: Any,
+    component: str | None = None,
+    *,
+    to: str,
+    trace: Any | None = None,
+    timeout_s: float | None = None,
+    settings: Settings | None = None,
+) -> ModuleOffload | OffloadedPipeline:
+    """Run ``pipeline.<component>``'s forward (or, without a component, whole calls) on worker ``to``.
+
+    The worker rebuilds the target from its recipe: from ``trace`` (a
+    ``diffsplit.tracing()`` that saw the pipeline being loaded, LoRAs and all),
+    or else from the folder the pipeline was loaded from. Either way the recipe
+    carries a fingerprint of the weights as they are here, and the worker
+    refuses to run if its rebuild differs, never giving a silently different
+    result. Returns a handle: ``restore()`` (module) or ``close()`` (pipeline).
+    """
+    target = pipeline if component is None else getattr(pipeline, component, None)
+    if target is None:
+        raise OffloadError(f"{type(pipeline).__name__} has no component {component!r}")
+    recipe = trace.recipe(target) if trace is not None else _folder_recipe(pipeline, component, target)
+    sender = CallSender(to, recipe.to_dict(), settings=settings or Settings(), timeout_s=timeout_s)
+    if component is None:
+        return OffloadedPipeline(pipeline, sender)
+    return ModuleOffload(target, sender)
+
+
+def _folder_recipe(pipeline: Any, component: str | None, target: Any) -> Recipe:
+    """``from_pretrained(<the folder it came from>)`` plus the current weights' fingerprint."""
+    folder = Path(str(getattr(pipeline, "name_or_path", "") or ""))
+    if not folder.is_dir():
+        raise OffloadError(
+            f"no trace given and {type(pipeline).__name__} does not name a local folder it was loaded from; "
+            "load it inside `with diffsplit.tracing() as trace:` and pass trace=trace"
+        )
+    dtype = getattr(pipeline, "dtype", None)
+    kwargs = {"torch_dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {}
+    step = Step(op="diffusers.from_pretrained", cls=type(pipeline).__name__,
+                file=HashingFileRefs().file_ref(folder), kwargs=kwargs)
+    return Recipe(steps=(step,), select=component or "", fingerprint=fingerprint(target))

@@ -1,0 +1,146 @@
+"""Offloading plain diffusers code: a module's forward or a whole pipeline call runs on a worker.
+
+``offload_module(module, recipe, to=...)`` replaces ``module.forward`` with a
+proxy (an instance attribute, removed again by ``restore()``), so the
+pipeline's own code keeps calling ``self.unet(...)`` and each call runs on the
+worker. ``OffloadedPipeline`` sends whole pipeline calls. Arguments travel like
+node inputs (tensors as frames, CPU generators as their state, which is copied
+back after the call so the local generator advances exactly as it would have);
+the target travels as its recipe, never as weights. PIL results are made on
+this side from the worker's numpy output, as diffusers itself does.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffsplit.engine.errors import EngineError
+from diffsplit.engine.wire_values import WireValueError, from_wire, to_wire
+from diffsplit.transport.errors import TransportError
+from diffsplit.transport.protocol import Settings
+from diffsplit.transport.sockets import Client
+
+
+class OffloadError(EngineError):
+    """An offloaded call could not run on its worker."""
+
+
+@dataclass
+class CallSender:
+    """Sends ``call`` requests for one target recipe to one worker."""
+
+    address: str
+    target: Mapping[str, Any]
+    settings: Settings = field(default_factory=Settings)
+    timeout_s: float | None = None
+    _client: Client | None = field(default=None, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def call(self, method: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        """Run ``target.method(*args, **kwargs)`` on the worker and return the decoded result."""
+        try:
+            wire_args = to_wire(list(args), _no_recipe, where="argument")
+            wire_kwargs = to_wire(dict(kwargs), _no_recipe, where="argument")
+        except WireValueError as exc:
+            raise OffloadError(f"cannot offload this call: {exc}") from exc
+        header = {"op": "call", "target": dict(self.target), "method": method,
+                  "args": wire_args, "kwargs": wire_kwargs}
+        try:
+            reply = self._connection().request(header, timeout=self.timeout_s)
+        except TransportError as exc:
+            raise OffloadError(f"worker {self.address}: {exc}") from exc
+        if reply.get("op") == "error":
+            error = reply.get("error") or {}
+            raise OffloadError(f"worker {self.address}: {error.get('kind')}: {error.get('message')}")
+        generators = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Generator)]
+        for generator, state in zip(generators, reply.get("generator_states") or [], strict=False):
+            generator.set_state(state.clone())
+        return from_wire(reply.get("output"), _no_model_results)
+
+    def close(self) -> None:
+        """Close the connection (a later call opens a new one)."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def _connection(self) -> Client:
+        with self._lock:
+            if self._client is None:
+                self._client = Client(self.address, settings=self.settings)
+            return self._client
+
+
+def _no_recipe(value: Any) -> None:
+    return None  # models inside call arguments are not sent; to_wire then refuses them clearly
+
+
+def _no_model_results(recipe: Mapping[str, Any]) -> Any:
+    raise OffloadError("the worker returned a model object; offload a step that returns data")
+
+
+class ModuleOffload:
+    """A module whose forward runs on a worker until :meth:`restore` (also a context manager)."""
+
+    def __init__(self, module: torch.nn.Module, sender: CallSender) -> None:
+        if "forward" in vars(module):
+            raise OffloadError(f"{type(module).__name__}.forward is already replaced (offloaded twice?)")
+        self.module = module
+        self.sender = sender
+
+        def remote_forward(*args: Any, **kwargs: Any) -> Any:
+            return sender.call("forward", args, kwargs)
+
+        module.forward = remote_forward
+
+    def restore(self) -> None:
+        """Run the module locally again and close the connection."""
+        if "forward" in vars(self.module):
+            del self.module.forward
+        self.sender.close()
+
+    def __enter__(self) -> ModuleOffload:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.restore()
+
+
+class OffloadedPipeline:
+    """A pipeline whose calls run on a worker; every other attribute is the local pipeline's."""
+
+    def __init__(self, pipeline: Any, sender: CallSender) -> None:
+        self.pipeline = pipeline
+        self.sender = sender
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        wants = kwargs.get("output_type", "pil")
+        if wants == "pil":
+            kwargs = {**kwargs, "output_type": "np"}
+        result = self.sender.call("__call__", args, kwargs)
+        if wants == "pil":
+            images = result["images"] if isinstance(result, Mapping) else result[0]
+            pil = self.pipeline.numpy_to_pil(images)
+            if isinstance(result, Mapping):
+                result["images"] = pil
+                result.images = pil
+            else:
+                result = (pil, *result[1:])
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipeline, name)
+
+    def close(self) -> None:
+        """Close the connection to the worker."""
+        self.sender.close()
+
+    def __enter__(self) -> OffloadedPipeline:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,74 @@
+"""diffsplit.offload on plain diffusers code: a module's forward or a whole pipeline call remote == local."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffsplit.engine.call_offload import OffloadError
+from diffusers import StableDiffusionPipeline
+
+import diffsplit
+
+PROMPT = "a cat in a hat"
+
+
+def generate(pipe, seed: int = 0) -> np.ndarray:
+    result = pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(seed),
+                  output_type="np", height=64, width=64)
+    return result.images
+
+
+@pytest.fixture(scope="module")
+def traced_pipeline(models_dir: Path):
+    with diffsplit.tracing() as trace:
+        pipe = StableDiffusionPipeline.from_pretrained(models_dir / "diffusers" / "tiny-sd15")
+        pipe.load_lora_weights(str(models_dir / "loras" / "tiny-sd15-lora.safetensors"), adapter_name="style")
+        pipe.set_adapters(["style"], adapter_weights=[0.7])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, trace
+
+
+def test_unet_forward_offloaded_equals_local(traced_pipeline, worker_address: str) -> None:
+    pipe, trace = traced_pipeline
+    local = generate(pipe)
+    with diffsplit.offload(pipe, "unet", to=worker_address, trace=trace) as handle:
+        assert "forward" in vars(pipe.unet)
+        split = generate(pipe)
+    assert handle.module is pipe.unet and "forward" not in vars(pipe.unet)
+    np.testing.assert_array_equal(local, split)
+
+
+def test_whole_pipeline_offloaded_equals_local_and_pil_output_works(
+    traced_pipeline, worker_address: str
+) -> None:
+    pipe, trace = traced_pipeline
+    generator = torch.Generator().manual_seed(5)
+    local = pipe(PROMPT, num_inference_steps=2, generator=generator, height=64, width=64).images[0]
+    local_state = generator.get_state()
+    with diffsplit.offload(pipe, to=worker_address, trace=trace) as remote:
+        generator = torch.Generator().manual_seed(5)
+        split = remote(PROMPT, num_inference_steps=2, generator=generator, height=64, width=64).images[0]
+    assert np.array_equal(np.asarray(local), np.asarray(split))
+    assert torch.equal(generator.get_state(), local_state), "the local generator advances as if run here"
+
+
+def test_untraced_pipeline_with_lora_is_refused_by_the_fingerprint(
+    traced_pipeline, worker_address: str
+) -> None:
+    pipe, _ = traced_pipeline  # loaded from a folder, but a LoRA was added: the folder alone is not it
+    with diffsplit.offload(pipe, "unet", to=worker_address) as handle, pytest.raises(OffloadError,
+                                                                                     match="differs"):
+        generate(pipe)
+    assert "forward" not in vars(handle.module)
+
+
+def test_untraced_plain_pipeline_offloads_from_its_folder(models_dir: Path, worker_address: str) -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(models_dir / "diffusers" / "tiny-sd15")
+    pipe.set_progress_bar_config(disable=True)
+    local = generate(pipe, seed=3)
+    with diffsplit.offload(pipe, "unet", to=worker_address):
+        split = generate(pipe, seed=3)
+    np.testing.assert_array_equal(local, split)
