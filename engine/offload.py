@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 from diffsplit.engine.errors import EngineError, NodeFailed
 from diffsplit.engine.executor import NodeCall, run_node_locally
 from diffsplit.engine.store import ModelStore
@@ -265,11 +266,14 @@ class RemoteRunner:
         with path.open("rb") as stream:
             offset = 0
             while True:
-                data = stream.read(UPLOAD_CHUNK_BYTES)
+                data = bytearray(stream.read(UPLOAD_CHUNK_BYTES))
                 final = offset + len(data) >= entry.bytes
-                reply = client.request({
+                chunk = torch.tensor(list(data), dtype=torch.uint8) if not data else torch.frombuffer(
+                    data, dtype=torch.uint8
+                )
+                reply = client.request({  # the chunk as a uint8 tensor travels as its own frame
                     "op": "upload", "folder": entry.folder, "name": entry.name, "sha256": entry.sha256,
-                    "total_bytes": entry.bytes, "offset": offset, "data": data, "final": final,
+                    "total_bytes": entry.bytes, "offset": offset, "data": chunk, "final": final,
                 }, timeout=self.timeout_s)
                 if reply.get("op") == "error":
                     raise RemoteNodeError(node_id, class_type, address, reply.get("error") or {})

@@ -8,6 +8,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from diffsplit.engine.store import MODEL_FOLDERS, unsafe_name_reason
 from diffsplit.remote.errors import BadRequest
 
@@ -33,7 +34,7 @@ def parse_chunk(header: dict[str, object], max_file_bytes: int) -> UploadChunk:
         chunk = UploadChunk(
             folder=str(header["folder"]), name=str(header["name"]), sha256=str(header["sha256"]).lower(),
             total_bytes=int(header["total_bytes"]), offset=int(header["offset"]),
-            data=bytes(header["data"]), final=bool(header["final"]),  # type: ignore[arg-type]
+            data=_chunk_bytes(header["data"]), final=bool(header["final"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BadRequest(f"upload: malformed header ({exc})") from None
@@ -49,6 +50,17 @@ def parse_chunk(header: dict[str, object], max_file_bytes: int) -> UploadChunk:
     if chunk.offset < 0 or chunk.offset + len(chunk.data) > chunk.total_bytes:
         raise BadRequest("upload: chunk lies outside the declared file size")
     return chunk
+
+
+def _chunk_bytes(data: object) -> bytes:
+    """A chunk arrives as a uint8 tensor (its own frame) or, when small, as bytes."""
+    if isinstance(data, torch.Tensor):
+        if data.dtype != torch.uint8 or data.dim() != 1:
+            raise ValueError("chunk data must be a 1-D uint8 tensor")
+        return data.numpy().tobytes()
+    if isinstance(data, bytes):
+        return data
+    raise TypeError(f"chunk data is a {type(data).__name__}")
 
 
 class UploadReceiver:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -62,9 +63,10 @@ def empty_store(tmp_path: Path) -> Path:
 def test_missing_model_is_a_structured_error_naming_the_file(
     models_dir: Path, empty_store: Path, tmp_path: Path
 ) -> None:
-    with local_worker(empty_store) as address, pytest.raises(RemoteNodeError) as caught:
+    with local_worker(empty_store) as address, pytest.raises(NodeFailed) as caught:
         split_run(models_dir, tmp_path / "out", sd15_workflow(lora=False), [f"KSampler={address}"])
-    error = caught.value
+    error = caught.value.__cause__
+    assert isinstance(error, RemoteNodeError)
     assert error.kind == "MissingModel"
     assert error.error["name"].endswith("tiny-sd15.safetensors")
     assert len(error.error["sha256"]) == 64
@@ -93,7 +95,7 @@ def test_model_without_recipe_is_refused_before_anything_is_sent(
     models_dir: Path, empty_store: Path, tmp_path: Path
 ) -> None:
     def scale_weights(ctx, model: DiffusionModel, factor: float):
-        return (model,)  # not a loader: nothing explains its output
+        return (dataclasses.replace(model),)  # a new object that no loader explains
 
     custom = NodeClass(
         name="MysteryModelPatch",
