@@ -1,0 +1,32 @@
+"""Benchmark fixtures: offline, a tiny model set, a worker process."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny seeded model set, written once per session."""
+    from diffsplit.engine.models.tiny import write_tiny_models
+
+    os.environ.setdefault("DIFFSPLIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    root = tmp_path_factory.mktemp("models")
+    write_tiny_models(root, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def worker_address(models_dir: Path) -> Iterator[str]:
+    """A worker daemon in a child process."""
+    from diffsplit.demo import local_worker
+
+    with local_worker(models_dir) as address:
+        yield address
