@@ -42,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a node on a worker: NODE is a node id or a class name (repeatable)",
     )
     run.add_argument("--stats", metavar="FILE", help="write per-node timings and wire bytes as JSON")
-    run.add_argument("--workers", type=int, default=1, help="local nodes run concurrently (default 1)")
+    run.add_argument(
+        "--workers", type=int, default=None,
+        help="nodes run at once (default: 2 when some run remotely, so local work goes on meanwhile; else 1)",
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
     models = sub.add_parser("models", help="model folder tools")

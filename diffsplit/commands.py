@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         printer.message("remote nodes:\n" + describe_assignment(assigned, workflow))
     executor = Executor(
         registry, store, inputs_dir=Path(args.inputs), output_dir=Path(args.out),
-        progress=printer.step, max_workers=max(1, args.workers),
+        progress=printer.step, max_workers=max(1, args.workers or (2 if assigned else 1)),
     )
     started = time.perf_counter()
     runner = _remote_runner(assigned, workflow, registry, store) if assigned else None

@@ -1,0 +1,108 @@
+"""The decorators of the public API: ``@workflow``, ``@node`` and ``@loader``.
+
+- ``@workflow`` marks a function whose full local run is traced:
+  ``generate.trace(*args) -> Trace`` (plain calls just run it).
+- ``@node`` (or ``@node(remote="tcp://gpu:5555")``) marks a step: inside a
+  trace its inputs are categorized and its model inputs explained. The remote
+  address is stored on the wrapper (``denoise.remote``); for now every call
+  runs locally through :meth:`NodeFunction.run_locally` — remote execution
+  plugs in at :meth:`NodeFunction.__call__`.
+- ``@loader`` marks a user function that loads a model, so the tracer records
+  it as one loader call (a worker imports it by ``module:qualname``).
+
+The wrappers keep the function's name, docstring and ``__wrapped__``, and work
+on methods too.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
+from typing import Any, overload
+
+from diffsplit.tracer.marks import import_name, run_loader, run_node
+from diffsplit.tracer.session import Trace, trace
+
+
+class _Marked:
+    """Shared behaviour of the wrappers: metadata of the wrapped function, binding as a method."""
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        if not callable(function):
+            raise TypeError(f"{type(self).__name__} needs a function, got {type(function).__name__}")
+        functools.update_wrapper(self, function)
+        self.__wrapped__ = function
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        return types.MethodType(self, instance)
+
+    @property
+    def import_name(self) -> str:
+        """``module:qualname`` of the wrapped function."""
+        return import_name(self.__wrapped__)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.import_name}>"
+
+
+class WorkflowFunction(_Marked):
+    """A ``@workflow`` function."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__wrapped__(*args, **kwargs)
+
+    def trace(self, *args: Any, **kwargs: Any) -> Trace:
+        """Run the function once, traced; the result is in ``.result``."""
+        return trace(self.__wrapped__, *args, **kwargs)
+
+
+class NodeFunction(_Marked):
+    """A ``@node`` step; ``remote`` is the worker address it may run on (None: local only)."""
+
+    def __init__(self, function: Callable[..., Any], remote: str | None = None) -> None:
+        super().__init__(function)
+        if remote is not None and not isinstance(remote, str):
+            raise TypeError(f"remote must be an address string such as 'tcp://gpu:5555', not {remote!r}")
+        self.remote = remote
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.run_locally(*args, **kwargs)
+
+    def run_locally(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the step in this process (observed by an active trace)."""
+        return run_node(self, args, kwargs)
+
+
+class LoaderFunction(_Marked):
+    """A ``@loader`` function."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return run_loader(self, args, kwargs)
+
+
+def workflow(function: Callable[..., Any]) -> WorkflowFunction:
+    """Mark a function whose full local run can be traced with ``function.trace(...)``."""
+    return WorkflowFunction(function)
+
+
+@overload
+def node(function: Callable[..., Any], /) -> NodeFunction: ...
+@overload
+def node(*, remote: str | None = None) -> Callable[[Callable[..., Any]], NodeFunction]: ...
+
+
+def node(
+    function: Callable[..., Any] | None = None, /, *, remote: str | None = None
+) -> NodeFunction | Callable[[Callable[..., Any]], NodeFunction]:
+    """Mark a step: ``@node`` or ``@node(remote="tcp://gpu:5555")``."""
+    if function is not None:
+        return NodeFunction(function, remote)
+    return lambda inner: NodeFunction(inner, remote)
+
+
+def loader(function: Callable[..., Any]) -> LoaderFunction:
+    """Mark a user function that loads a model, so a trace records it (the worker imports it by name)."""
+    return LoaderFunction(function)
