@@ -185,12 +185,20 @@ class _TracingRunner:
 
 
 def _executed_trace(
-    workflow: Workflow, registry: NodeRegistry, store: ModelStore | None, factory: ExecutorFactory | None
+    workflow: Workflow,
+    registry: NodeRegistry,
+    store: ModelStore | None,
+    factory: ExecutorFactory | None,
+    inputs_dir: Path | None,
 ) -> WorkflowTrace:
     session = Session(file_refs_for(store), model_types=ENGINE_MODEL_TYPES)
     runner = _TracingRunner(session)
     with tempfile.TemporaryDirectory(prefix="diffsplit-trace-") as scratch:
-        executor = factory() if factory is not None else Executor(registry, store, output_dir=Path(scratch))
+        executor = (
+            factory()
+            if factory is not None
+            else Executor(registry, store, inputs_dir=inputs_dir, output_dir=Path(scratch))
+        )
         executor.run(workflow, node_runner=runner)
     nodes = []
     for node_id in workflow.topological_order():
@@ -277,14 +285,15 @@ def trace_workflow(
     *,
     execute: bool = True,
     executor_factory: ExecutorFactory | None = None,
+    inputs_dir: Path | None = None,
 ) -> WorkflowTrace:
     """Trace a ComfyUI workflow (a Workflow, a file, or a parsed document).
 
-    ``execute=True`` runs it once (output images go to a temporary folder unless
-    ``executor_factory`` makes an executor that writes elsewhere) and explains
-    every input from the objects seen; ``execute=False`` explains from the
-    graph alone. Raises WorkflowError for an invalid workflow and NodeFailed
-    when a node fails while running.
+    ``execute=True`` runs it once (LoadImage reads from ``inputs_dir``; output
+    images go to a temporary folder unless ``executor_factory`` makes an
+    executor of its own) and explains every input from the objects seen;
+    ``execute=False`` explains from the graph alone. Raises WorkflowError for
+    an invalid workflow and NodeFailed when a node fails while running.
     """
     if not isinstance(workflow, Workflow):
         workflow = load_workflow(workflow, registry)
@@ -292,7 +301,7 @@ def trace_workflow(
         if node.class_type not in registry:
             raise WorkflowError(registry.unknown_class_message(node.class_type), node_id=node.id)
     if execute:
-        return _executed_trace(workflow, registry, store, executor_factory)
+        return _executed_trace(workflow, registry, store, executor_factory, inputs_dir)
     return _dry_trace(workflow, registry, store)
 
 
