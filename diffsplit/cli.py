@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--heartbeat-timeout", type=float, default=10.0,
                         help="a silent client's requests are cancelled after this many s (default 10)")
 
+    from diffsplit.profiles.cli import add_plan_arguments, add_profile_arguments
+
+    add_profile_arguments(sub.add_parser(
+        "profile", help="measure every node and say which are worth offloading (text, JSON, HTML)"))
+    add_plan_arguments(sub.add_parser(
+        "plan", help="choose the nodes to offload; --apply writes the labelled workflow"))
+
     demo = sub.add_parser("demo", help="build tiny models and run a workflow split with a local worker")
     demo.add_argument("--dir", default="demo-output", help="folder for models and images")
     demo.add_argument("--local-only", action="store_true", help="run everything in this process")
@@ -112,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "trace": commands.trace,
         "demo": commands.demo,
         "worker": commands.worker,
+        "profile": commands.profile,
+        "plan": commands.plan,
     }[args.command]
     try:
         return handler(args)

@@ -150,3 +150,17 @@ def demo(args: argparse.Namespace) -> int:
     from diffsplit.demo import run_demo
 
     return run_demo(Path(args.dir), local_only=args.local_only)
+
+
+def profile(args: argparse.Namespace) -> int:
+    """``diffsplit profile``: measure each node (here and on a worker, or a what-if)."""
+    from diffsplit.profiles.cli import profile_command
+
+    return profile_command(args)
+
+
+def plan(args: argparse.Namespace) -> int:
+    """``diffsplit plan``: the offload plan, optionally written into the workflow."""
+    from diffsplit.profiles.cli import plan_command
+
+    return plan_command(args)
