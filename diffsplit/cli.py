@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests waiting beyond the slots before Overloaded (default 16)")
     worker.add_argument("--allow-upload", action="store_true",
                         help="accept model files from clients after MissingModel (checked by sha256)")
+    worker.add_argument("--trust-code", action="store_true",
+                        help="run @diffsplit.node steps' code sent by allow-listed CURVE clients (needs both "
+                        "--curve-secret and --curve-clients; never accepted from anonymous peers)")
+    worker.add_argument("--curve-secret", metavar="FILE",
+                        help="this worker's CURVE key pair (a .key_secret file): encrypts the connection")
+    worker.add_argument("--curve-clients", metavar="DIR",
+                        help="folder of client public keys (*.key) allowed to connect")
     worker.add_argument("--grace", type=float, default=30.0,
                         help="seconds in-flight nodes may finish after SIGTERM (default 30)")
     worker.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in s (default 1)")

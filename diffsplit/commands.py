@@ -127,11 +127,17 @@ def trace(args: argparse.Namespace) -> int:
 def worker(args: argparse.Namespace) -> int:
     """``diffsplit worker``: serve until SIGTERM/SIGINT, then finish or fail in-flight work."""
     from diffsplit.remote.worker import Worker, WorkerConfig
+    from diffsplit.transport.auth import ServerCurve, load_keypair, load_public_keys
     from diffsplit.transport.protocol import Settings
 
+    curve = None
+    if args.curve_secret:
+        allowed = load_public_keys(args.curve_clients) if args.curve_clients else None
+        curve = ServerCurve(load_keypair(args.curve_secret), allowed)
     config = WorkerConfig(
         models=Path(args.models), listen=args.listen, cache_bytes=int(args.cache_gb * (1 << 30)),
         slots=args.slots, max_queue=args.max_queue, allow_upload=args.allow_upload,
+        trust_code=args.trust_code, curve=curve,
         grace_s=args.grace, settings=Settings(heartbeat_interval=args.heartbeat,
                                              heartbeat_timeout=args.heartbeat_timeout),
     )

@@ -4,9 +4,9 @@
   ``generate.trace(*args) -> Trace`` (plain calls just run it).
 - ``@node`` (or ``@node(remote="tcp://gpu:5555")``) marks a step: inside a
   trace its inputs are categorized and its model inputs explained. The remote
-  address is stored on the wrapper (``denoise.remote``); for now every call
-  runs locally through :meth:`NodeFunction.run_locally` — remote execution
-  plugs in at :meth:`NodeFunction.__call__`.
+  address is stored on the wrapper (``denoise.remote``); such a step runs on
+  that worker (code pickled by value, only over CURVE to a ``--trust-code``
+  worker; model arguments as recipes of the active trace).
 - ``@loader`` marks a user function that loads a model, so the tracer records
   it as one loader call (a worker imports it by ``module:qualname``).
 
@@ -17,12 +17,14 @@ on methods too.
 from __future__ import annotations
 
 import functools
+import os
 import types
 from collections.abc import Callable
 from typing import Any, overload
 
 from diffsplit.tracer.marks import import_name, run_loader, run_node
 from diffsplit.tracer.session import Trace, trace
+from diffsplit.transport.auth import ClientCurve, load_keypair
 
 
 class _Marked:
@@ -62,14 +64,23 @@ class WorkflowFunction(_Marked):
 class NodeFunction(_Marked):
     """A ``@node`` step; ``remote`` is the worker address it may run on (None: local only)."""
 
-    def __init__(self, function: Callable[..., Any], remote: str | None = None) -> None:
+    def __init__(
+        self, function: Callable[..., Any], remote: str | None = None, curve: ClientCurve | None = None
+    ) -> None:
         super().__init__(function)
         if remote is not None and not isinstance(remote, str):
             raise TypeError(f"remote must be an address string such as 'tcp://gpu:5555', not {remote!r}")
         self.remote = remote
+        self.curve = curve
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.run_locally(*args, **kwargs)
+        if self.remote is None:
+            return self.run_locally(*args, **kwargs)
+        from diffsplit.engine.call_offload import run_function_remotely
+
+        return run_function_remotely(
+            self.__wrapped__, args, kwargs, address=self.remote, curve=self.curve or curve_from_environment()
+        )
 
     def run_locally(self, *args: Any, **kwargs: Any) -> Any:
         """Run the step in this process (observed by an active trace)."""
@@ -91,16 +102,29 @@ def workflow(function: Callable[..., Any]) -> WorkflowFunction:
 @overload
 def node(function: Callable[..., Any], /) -> NodeFunction: ...
 @overload
-def node(*, remote: str | None = None) -> Callable[[Callable[..., Any]], NodeFunction]: ...
+def node(
+    *, remote: str | None = None, curve: ClientCurve | None = None
+) -> Callable[[Callable[..., Any]], NodeFunction]: ...
 
 
 def node(
-    function: Callable[..., Any] | None = None, /, *, remote: str | None = None
+    function: Callable[..., Any] | None = None, /, *, remote: str | None = None,
+    curve: ClientCurve | None = None,
 ) -> NodeFunction | Callable[[Callable[..., Any]], NodeFunction]:
-    """Mark a step: ``@node`` or ``@node(remote="tcp://gpu:5555")``."""
+    """Mark a step: ``@node`` or ``@node(remote="tcp://gpu:5555")`` (runs there; needs CURVE keys)."""
     if function is not None:
-        return NodeFunction(function, remote)
-    return lambda inner: NodeFunction(inner, remote)
+        return NodeFunction(function, remote, curve)
+    return lambda inner: NodeFunction(inner, remote, curve)
+
+
+def curve_from_environment() -> ClientCurve | None:
+    """CURVE keys from ``DIFFSPLIT_CURVE_SERVER_KEY`` (the worker's public key file) and
+    ``DIFFSPLIT_CURVE_CLIENT_KEY`` (this client's ``.key_secret`` file), or None."""
+    server = os.environ.get("DIFFSPLIT_CURVE_SERVER_KEY")
+    client = os.environ.get("DIFFSPLIT_CURVE_CLIENT_KEY")
+    if not server or not client:
+        return None
+    return ClientCurve(server_public=load_keypair(server).public, keypair=load_keypair(client))
 
 
 def loader(function: Callable[..., Any]) -> LoaderFunction:

@@ -12,6 +12,7 @@ this side from the worker's numpy output, as diffusers itself does.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ from typing import Any
 import torch
 from diffsplit.engine.errors import EngineError
 from diffsplit.engine.wire_values import WireValueError, from_wire, to_wire
+from diffsplit.tracer.errors import NotOffloadable
+from diffsplit.tracer.recorder import active_listener
+from diffsplit.transport.auth import ClientCurve
 from diffsplit.transport.errors import TransportError
 from diffsplit.transport.protocol import Settings
 from diffsplit.transport.sockets import Client
@@ -27,6 +31,72 @@ from diffsplit.transport.sockets import Client
 
 class OffloadError(EngineError):
     """An offloaded call could not run on its worker."""
+
+
+def run_function_remotely(
+    function: Any,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    *,
+    address: str,
+    curve: ClientCurve | None,
+    settings: Settings | None = None,
+    timeout_s: float | None = None,
+) -> Any:
+    """Run a ``@diffsplit.node`` step on a worker started with ``--trust-code``.
+
+    The step's code travels pickled by value (cloudpickle), so the worker needs
+    it neither installed nor importable; that is only ever sent over an
+    authenticated CURVE connection, and the worker accepts it only from a client
+    key on its allow-list. Model arguments travel as the recipes of the trace
+    active here (``diffsplit.tracing()`` or ``@workflow(...).trace``).
+    """
+    import cloudpickle
+
+    if curve is None:
+        raise OffloadError(
+            f"{getattr(function, '__qualname__', function)}: running code on a worker needs CURVE keys "
+            "(node(remote=..., curve=ClientCurve(...)), or the files named by "
+            "DIFFSPLIT_CURVE_SERVER_KEY and DIFFSPLIT_CURVE_CLIENT_KEY)"
+        )
+    session = active_listener()
+
+    def recipe_of(value: Any) -> Mapping[str, Any] | None:
+        if session is None:
+            return None
+        try:
+            return session.make_recipe(value).to_dict()
+        except NotOffloadable:
+            return None
+
+    module = sys.modules.get(getattr(function, "__module__", ""), None)
+    if module is not None and module.__name__ != "__main__":
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        code = cloudpickle.dumps(function)
+    finally:
+        if module is not None and module.__name__ != "__main__":
+            cloudpickle.unregister_pickle_by_value(module)
+    try:
+        wire_args = to_wire(list(args), recipe_of, where="argument")
+        wire_kwargs = to_wire(dict(kwargs), recipe_of, where="argument")
+    except WireValueError as exc:
+        hint = "" if session is not None else " (no trace is active: call it inside diffsplit.tracing())"
+        raise OffloadError(f"cannot run {function.__qualname__} remotely: {exc}{hint}") from exc
+    header = {"op": "run_function", "function": torch.frombuffer(bytearray(code), dtype=torch.uint8),
+              "args": wire_args, "kwargs": wire_kwargs}
+    try:
+        with Client(address, settings=settings or Settings(), curve=curve) as client:
+            reply = client.request(header, timeout=timeout_s)
+    except TransportError as exc:
+        raise OffloadError(f"worker {address}: {exc}") from exc
+    if reply.get("op") == "error":
+        error = reply.get("error") or {}
+        raise OffloadError(f"worker {address}: {error.get('kind')}: {error.get('message')}")
+    generators = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Generator)]
+    for generator, state in zip(generators, reply.get("generator_states") or [], strict=False):
+        generator.set_state(state.clone())
+    return from_wire(reply.get("output"), _no_model_results)
 
 
 @dataclass

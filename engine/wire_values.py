@@ -46,7 +46,11 @@ def is_model_value(value: Any) -> bool:
     """Whether a value is a model (recipe on the wire) rather than data."""
     if isinstance(value, torch.nn.Module | DiffusionModel | TextEncoders | Vae | ControlNet):
         return True
-    return isinstance(getattr(value, "components", None), dict)  # a diffusers pipeline
+    if isinstance(getattr(value, "components", None), dict):  # a diffusers pipeline
+        return True
+    # schedulers, tokenizers, feature extractors: configured library objects, rebuilt from recipes
+    library = type(value).__module__.partition(".")[0]
+    return library in ("diffusers", "transformers") and not isinstance(value, dict | torch.Tensor)
 
 
 def to_wire(value: Any, recipe_of: RecipeOf, *, where: str) -> Any:

@@ -62,6 +62,7 @@ class WorkerConfig:
     slots: int = 1
     max_queue: int = 16
     allow_upload: bool = False
+    trust_code: bool = False
     max_upload_bytes: int = 16 << 30
     grace_s: float = 30.0
     settings: Settings = field(default_factory=Settings)
@@ -120,6 +121,11 @@ class Worker:
     """One worker daemon bound to ``config.listen``; ``serve()`` runs until ``stop()``."""
 
     def __init__(self, config: WorkerConfig, *, registry: NodeRegistry | None = None) -> None:
+        if config.trust_code and (config.curve is None or not config.curve.authenticates_clients):
+            raise BadRequest(
+                "--trust-code needs CURVE with an allow-list of client keys (--curve-secret and "
+                "--curve-clients): code is only ever accepted from authenticated clients"
+            )
         self.config = config
         self.registry = registry if registry is not None else default_registry()
         self.store = ModelStore(config.models)
@@ -153,7 +159,7 @@ class Worker:
         self._stopping.set()
 
     def _dispatch(self, request: Request) -> None:
-        if request.op in ("run_node", "call"):
+        if request.op in ("run_node", "call", "run_function"):
             if self._stopping.is_set() or not self._in_flight.acquire(blocking=False):
                 why = "the worker is shutting down" if self._stopping.is_set() else "the queue is full"
                 self._reply_error(request, Overloaded(why))
@@ -202,8 +208,8 @@ class Worker:
         try:
             if self._stopping.is_set():
                 raise Overloaded("the worker is shutting down")
-            run = self._run_node if request.op == "run_node" else self._run_call
-            reply = run(request, job.received)
+            run = {"run_node": self._run_node, "call": self._run_call, "run_function": self._run_function}
+            reply = run[request.op](request, job.received)
         except RemoteError as exc:
             self._reply_error(request, exc)
         except ModelFileError as exc:
@@ -276,6 +282,22 @@ class Worker:
             },
         }
 
+    def _run_function(self, request: Request, received: float) -> dict[str, Any]:
+        """Op ``run_function``: a ``@node`` step's pickled code (only --trust-code, only authenticated)."""
+        if not self.config.trust_code:
+            raise BadRequest("this worker does not run code sent by clients (start it with --trust-code)")
+        if not request.authenticated:
+            raise BadRequest("code is only accepted from an authenticated (CURVE allow-listed) client")
+        code = request.header.get("function")
+        if not isinstance(code, torch.Tensor) or code.dtype != torch.uint8:
+            raise BadRequest("run_function needs 'function' as pickled bytes")
+        import cloudpickle  # reached only with --trust-code over an authenticated CURVE connection
+
+        function = cloudpickle.loads(code.numpy().tobytes())
+        if not callable(function):
+            raise BadRequest("the pickled value is not callable")
+        return self._invoke(function, request, received)
+
     def _run_call(self, request: Request, received: float) -> dict[str, Any]:
         """Op ``call``: build a traced object from its recipe and call it (``forward`` or the pipeline)."""
         started = time.monotonic()
@@ -284,19 +306,27 @@ class Worker:
         target = header.get("target")
         if method not in CALLABLE_METHODS or not isinstance(target, dict):
             raise BadRequest(f"call needs a 'target' recipe and a 'method' in {sorted(CALLABLE_METHODS)}")
+        obj = self.builder.build(target)
+        if method == "forward" and not isinstance(obj, torch.nn.Module):
+            raise BadRequest(f"the target is a {type(obj).__name__}, not a module with forward()")
+        return self._invoke(obj, request, received, started=started)
+
+    def _invoke(
+        self, function: Any, request: Request, received: float, *, started: float | None = None
+    ) -> dict[str, Any]:
+        """Decode the arguments (models from recipes), call, encode the result and generator states."""
+        started = time.monotonic() if started is None else started
+        header = request.header
         try:
-            obj = self.builder.build(target)
             args = from_wire(header.get("args") or [], self.builder.build)
             kwargs = from_wire(header.get("kwargs") or {}, self.builder.build)
         except WireValueError as exc:
             raise BadRequest(str(exc)) from exc
         if not isinstance(args, list) or not isinstance(kwargs, dict):
-            raise BadRequest("call needs 'args' as a list and 'kwargs' as a mapping")
-        if method == "forward" and not isinstance(obj, torch.nn.Module):
-            raise BadRequest(f"the target is a {type(obj).__name__}, not a module with forward()")
+            raise BadRequest("'args' must be a list and 'kwargs' a mapping")
         rebuilt = time.monotonic()
         with torch.no_grad():
-            output = obj(*args, **kwargs)
+            output = function(*args, **kwargs)
         finished = time.monotonic()
         generators = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Generator)]
         try:

@@ -110,6 +110,7 @@ class CallRecorder:
         self._resume_hooks: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
         self._call_event, self._return_event = _event_names()
         self._profile = self._make_profile()
+        self._profile.diffsplit_listener = listener  # lets active_listener() find the trace from the hook
         self.errors: list[str] = []
 
     @property
@@ -243,3 +244,12 @@ class CallRecorder:
             self._listener.call_finished(token, value, raised)
         except Exception:
             self.errors.append(f"while recording a result: {traceback.format_exc(limit=4)}")
+
+
+def active_listener() -> Any | None:
+    """The listener (a trace's session) of the recorder active on this thread, or None.
+
+    Read from the interpreter's profile hook, so no global state is kept; inside a
+    torch module forward (where recording pauses) this is None.
+    """
+    return getattr(sys.getprofile(), "diffsplit_listener", None)
