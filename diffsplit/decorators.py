@@ -1,12 +1,15 @@
 """The decorators of the public API: ``@workflow``, ``@node`` and ``@loader``.
 
 - ``@workflow`` marks a function whose full local run is traced:
-  ``generate.trace(*args) -> Trace`` (plain calls just run it).
+  ``generate.trace(*args) -> Trace``; a plain call ``generate(*args)`` runs
+  traced too, with its ``@node(remote=...)`` steps on their workers.
 - ``@node`` (or ``@node(remote="tcp://gpu:5555")``) marks a step: inside a
   trace its inputs are categorized and its model inputs explained. The remote
-  address is stored on the wrapper (``denoise.remote``); such a step runs on
-  that worker (code pickled by value, only over CURVE to a ``--trust-code``
-  worker; model arguments as recipes of the active trace).
+  address is stored on the wrapper (``denoise.remote``). Such a step runs on
+  that worker when called from a plain ``@workflow`` call (or inside
+  ``tracing(offload_nodes=True)``, or outside any trace): code pickled by
+  value, only over CURVE to a ``--trust-code`` worker, model arguments as
+  recipes of the active trace. Inside ``.trace()`` it runs locally.
 - ``@loader`` marks a user function that loads a model, so the tracer records
   it as one loader call (a worker imports it by ``module:qualname``).
 
@@ -23,7 +26,8 @@ from collections.abc import Callable
 from typing import Any, overload
 
 from diffsplit.tracer.marks import import_name, run_loader, run_node
-from diffsplit.tracer.session import Trace, trace
+from diffsplit.tracer.recorder import active_listener
+from diffsplit.tracer.session import Trace, trace, tracing
 from diffsplit.transport.auth import ClientCurve, load_keypair
 
 
@@ -51,10 +55,13 @@ class _Marked:
 
 
 class WorkflowFunction(_Marked):
-    """A ``@workflow`` function."""
+    """A ``@workflow`` function: a plain call runs ``@node(remote=...)`` steps on their workers."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.__wrapped__(*args, **kwargs)
+        if active_listener() is not None:  # already inside a trace: that trace decides
+            return self.__wrapped__(*args, **kwargs)
+        with tracing(offload_nodes=True):
+            return self.__wrapped__(*args, **kwargs)
 
     def trace(self, *args: Any, **kwargs: Any) -> Trace:
         """Run the function once, traced; the result is in ``.result``."""
@@ -74,7 +81,8 @@ class NodeFunction(_Marked):
         self.curve = curve
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.remote is None:
+        listener = active_listener()
+        if self.remote is None or (listener is not None and not listener.offload_nodes):
             return self.run_locally(*args, **kwargs)
         from diffsplit.engine.call_offload import run_function_remotely
 

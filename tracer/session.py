@@ -70,9 +70,13 @@ class _PendingStep:
 class Session:
     """The listener behind a trace: provenance of objects, recorded calls and steps."""
 
-    def __init__(self, files: FileRefResolver, *, model_types: tuple[type, ...] = ()) -> None:
+    def __init__(
+        self, files: FileRefResolver, *, model_types: tuple[type, ...] = (), offload_nodes: bool = False
+    ) -> None:
         self.files = files
         self.model_types = tuple(model_types)
+        #: whether ``@node(remote=...)`` steps run on their worker (False: a full local run)
+        self.offload_nodes = offload_nodes
         self._calls: list[CallRecord] = []
         self._steps: list[StepCall] = []
         self._counter = itertools.count(1)
@@ -235,15 +239,22 @@ class Trace:
 
 @contextmanager
 def tracing(
-    *, store: Any | None = None, model_types: tuple[type, ...] = (), pause_in_module_calls: bool = True
+    *,
+    store: Any | None = None,
+    model_types: tuple[type, ...] = (),
+    pause_in_module_calls: bool = True,
+    offload_nodes: bool = False,
 ) -> Iterator[Trace]:
     """Record loader calls, mutators and ``@node`` steps run inside the block.
 
     ``store`` (the engine's ModelStore) names files by their store folder and
     name; without one, files are hashed and named by their file name.
-    ``model_types`` adds classes whose instances are models.
+    ``model_types`` adds classes whose instances are models. With
+    ``offload_nodes``, ``@node(remote=...)`` steps run on their worker (their
+    model inputs travel as this trace's recipes); without, the block is a full
+    local run.
     """
-    session = Session(file_refs_for(store), model_types=model_types)
+    session = Session(file_refs_for(store), model_types=model_types, offload_nodes=offload_nodes)
     recorder = CallRecorder(resolve_known_functions(), session, pause_in_module_calls=pause_in_module_calls)
     recorded = Trace(session, recorder)
     with recorder:

@@ -56,11 +56,17 @@ def test_decorated_step_runs_remotely_and_equals_local(models_dir: Path, trusted
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, 8, 8, generator=generator)
     embeds = torch.randn(1, 77, 64, generator=generator)
-    with diffsplit.tracing():
-        pipe = StableDiffusionPipeline.from_pretrained(models_dir / "diffusers" / "tiny-sd15")
-        local = remote_denoise.run_locally(pipe.unet, pipe.scheduler, latents, embeds, 3)
-        remote = remote_denoise(pipe.unet, pipe.scheduler, latents, embeds, 3)
-    assert torch.equal(local, remote)
+    folder = models_dir / "diffusers" / "tiny-sd15"
+
+    @diffsplit.workflow
+    def generate() -> torch.Tensor:
+        pipe = StableDiffusionPipeline.from_pretrained(folder)
+        return remote_denoise(pipe.unet, pipe.scheduler, latents, embeds, 3)
+
+    traced = generate.trace()  # a full local run: the step runs here
+    remote = generate()  # a plain call: the step runs on the worker
+    assert torch.equal(traced.result, remote)
+    assert traced.steps[0].remote == trusted_worker
 
 
 def test_without_a_trace_model_arguments_are_refused_before_sending(

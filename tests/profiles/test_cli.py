@@ -1,0 +1,80 @@
+"""``profile`` and ``plan`` through their argument parsers, what-if mode (no worker)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+from diffsplit.engine.example_workflows import sd15_workflow
+from diffsplit.engine.formats import load_workflow
+from diffsplit.engine.nodes.registry import NodeRegistry
+from diffsplit.profiles.cli import add_plan_arguments, add_profile_arguments, plan_command, profile_command
+from diffsplit.profiles.link import LinkSpecError
+from diffsplit.profiles.report_json import check_profile_json
+from diffsplit.profiles.session import ProfileError
+
+
+def _parse(add: object, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add(parser)  # type: ignore[operator]
+    return parser.parse_args(argv)
+
+
+@pytest.fixture
+def workflow_file(tmp_path: Path) -> Path:
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(sd15_workflow(steps=2)))
+    return path
+
+
+def test_profile_what_if_prints_the_table_and_writes_reports(
+    workflow_file: Path, models_dir: Path, inputs_dir: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    report_json, report_html = tmp_path / "report.json", tmp_path / "report.html"
+    args = _parse(add_profile_arguments, [
+        str(workflow_file), "--models", str(models_dir), "--inputs", str(inputs_dir), "--warmup", "0",
+        "--link", "100mbit,20ms", "--remote-speed", "8x",
+        "--json", str(report_json), "--html", str(report_html),
+    ])
+    assert profile_command(args) == 0
+    out = capsys.readouterr().out
+    assert "link: 100.0 Mbit/s up, 100.0 Mbit/s down, 20.0 ms RTT (given)" in out
+    assert "KSampler" in out and "verdict" in out
+    document = json.loads(report_json.read_text())
+    check_profile_json(document)
+    assert document["settings"]["remote_speed"]["default"] == 8.0
+    assert report_html.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_plan_apply_labels_the_chosen_nodes(
+    workflow_file: Path, models_dir: Path, inputs_dir: Path, tmp_path: Path, registry: NodeRegistry,
+) -> None:
+    output = tmp_path / "wf.split.json"
+    args = _parse(add_plan_arguments, [
+        str(workflow_file), "--models", str(models_dir), "--inputs", str(inputs_dir), "--warmup", "0",
+        "--link", "10gbit,0.1ms", "--remote-speed", "KSampler=1000x", "--address", "tcp://gpu:5555",
+        "--apply", "-o", str(output), "-q",
+    ])
+    assert plan_command(args) == 0
+    document = json.loads(output.read_text())
+    assert document["6"]["_meta"]["remote"] == "tcp://gpu:5555"
+    assert "remote" not in document["1"].get("_meta", {}), "loaders are never labelled"
+    labelled = load_workflow(document, registry)
+    assert labelled.node("6").remote == "tcp://gpu:5555"
+
+
+@pytest.mark.parametrize(("argv", "error", "message"), [
+    (["--link", "fast"], LinkSpecError, "not a number with a unit"),
+    (["--emulate-link", "--link", "1gbit"], ProfileError, "--emulate-link needs both --remote and --link"),
+    (["--remote", "gpu:5555"], Exception, "must start with one of tcp://"),
+    (["--apply"], ProfileError, "--apply needs -o FILE"),
+])
+def test_bad_options_fail_before_running(
+    workflow_file: Path, models_dir: Path, argv: list[str], error: type[Exception], message: str,
+) -> None:
+    args = _parse(add_plan_arguments, [str(workflow_file), "--models", str(models_dir), *argv])
+    with pytest.raises(error, match=message.replace("(", r"\(")):
+        plan_command(args)
