@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffsplit.engine.errors import ModelFileError
-from diffsplit.engine.store_index import HashIndex, IndexEntry, file_sha256, file_stamp
-from diffsplit.tracer.files import directory_files
+from diffsplit.engine.store_index import HashIndex, IndexEntry, file_stamp
+from diffsplit.tracer.files import directory_files, file_sha256
 
 MODEL_FOLDERS: tuple[str, ...] = (
     "checkpoints",

@@ -10,7 +10,6 @@ are guarded by a lock; the file is rewritten atomically (temporary file +
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import tempfile
@@ -20,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 INDEX_VERSION = 1
-HASH_CHUNK_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -30,15 +28,6 @@ class IndexEntry:
     sha256: str
     bytes: int
     stamp: str
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file's content, read in 8 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def file_stamp(path: Path) -> tuple[str, int]:

@@ -23,7 +23,9 @@ import torch
 ModelFamily = Literal["sd15", "sdxl", "sdxl_refiner"]
 
 #: ComfyUI type names whose values are models (sent as recipes, never as weights).
-MODEL_TYPES: frozenset[str] = frozenset({"MODEL", "CLIP", "VAE", "CONTROL_NET", "CLIP_VISION", "UPSCALE_MODEL"})
+MODEL_TYPES: frozenset[str] = frozenset(
+    {"MODEL", "CLIP", "VAE", "CONTROL_NET", "CLIP_VISION", "UPSCALE_MODEL"}
+)
 #: ComfyUI type names whose values are tensors or tensor containers.
 INTERMEDIATE_TYPES: frozenset[str] = frozenset({"LATENT", "CONDITIONING", "IMAGE", "MASK"})
 #: ComfyUI type names of plain values carried inline.
