@@ -11,9 +11,9 @@ from diffsplit.engine.formats import load_workflow
 from diffsplit.engine.graph import Workflow
 from diffsplit.engine.nodes.registry import NodeRegistry, default_registry
 from diffsplit.engine.store import ModelStore
+from diffsplit.engine.trace_workflow import output_recipe_source
 from diffsplit.profiles.measure import measure_workflow
 from diffsplit.profiles.model import InputMeasure, MemoryMeasure, NodeMeasure, WorkflowMeasure
-from diffsplit.profiles.recipes import best_recipe_source
 from diffsplit.profiles.remote_runs import RunSetup
 
 from diffsplit.demo import local_worker
@@ -48,7 +48,7 @@ def run_setup(registry: NodeRegistry, store: ModelStore, inputs_dir: Path, tmp_p
     """A RunSetup for a workflow (its recipe source, a fresh output folder)."""
 
     def make(workflow: Workflow) -> RunSetup:
-        recipes, _ = best_recipe_source(workflow, registry, store)
+        recipes = output_recipe_source(workflow, registry, store)
         return RunSetup(registry, store, recipes, tmp_path / "out", inputs_dir=inputs_dir)
 
     return make
@@ -59,7 +59,7 @@ def sd15_measure(registry: NodeRegistry, store: ModelStore, inputs_dir: Path,
                  tmp_path_factory: pytest.TempPathFactory) -> WorkflowMeasure:
     """A measured local run of the SD 1.5 + LoRA example (no warm-up: only sanity is checked)."""
     workflow = load_workflow(sd15_workflow(steps=2), registry)
-    recipes, _ = best_recipe_source(workflow, registry, store)
+    recipes = output_recipe_source(workflow, registry, store)
     return measure_workflow(workflow, registry, store, recipes, name="sd15",
                             output_dir=tmp_path_factory.mktemp("out"), inputs_dir=inputs_dir, warmup_runs=0)
 

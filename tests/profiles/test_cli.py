@@ -11,9 +11,9 @@ from diffsplit.engine.example_workflows import sd15_workflow
 from diffsplit.engine.formats import load_workflow
 from diffsplit.engine.nodes.registry import NodeRegistry
 from diffsplit.profiles.cli import add_plan_arguments, add_profile_arguments, plan_command, profile_command
+from diffsplit.profiles.errors import ProfileError
 from diffsplit.profiles.link import LinkSpecError
 from diffsplit.profiles.report_json import check_profile_json
-from diffsplit.profiles.session import ProfileError
 
 
 def _parse(add: object, argv: list[str]) -> argparse.Namespace:

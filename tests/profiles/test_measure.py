@@ -9,9 +9,9 @@ from diffsplit.engine.example_workflows import controlnet_workflow
 from diffsplit.engine.formats import load_workflow
 from diffsplit.engine.nodes.registry import NodeRegistry
 from diffsplit.engine.store import ModelStore
+from diffsplit.engine.trace_workflow import output_recipe_source
 from diffsplit.profiles.measure import measure_workflow
 from diffsplit.profiles.model import WorkflowMeasure
-from diffsplit.profiles.recipes import best_recipe_source
 from diffsplit.profiles.weights import naive_weight_files
 
 
@@ -80,7 +80,7 @@ def test_controlnet_workflow_blocks_file_readers_and_model_returning_nodes(
     registry: NodeRegistry, store: ModelStore, inputs_dir: Path, models_dir: Path, tmp_path: Path,
 ) -> None:
     workflow = load_workflow(controlnet_workflow(), registry)
-    recipes, _ = best_recipe_source(workflow, registry, store)
+    recipes = output_recipe_source(workflow, registry, store)
     measure = measure_workflow(workflow, registry, store, recipes, name="cn", output_dir=tmp_path,
                                inputs_dir=inputs_dir, warmup_runs=0)
     assert "edges.png" in measure.node("10").offload_block, "LoadImage reads a local file"

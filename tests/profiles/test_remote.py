@@ -12,20 +12,12 @@ from diffsplit.engine.example_workflows import sd15_workflow, two_branch_workflo
 from diffsplit.engine.formats import load_workflow
 from diffsplit.engine.graph import Workflow
 from diffsplit.engine.nodes.registry import NodeRegistry
-from diffsplit.engine.store import ModelStore
 from diffsplit.profiles.cli import add_plan_arguments, plan_command
 from diffsplit.profiles.link import parse_link
-from diffsplit.profiles.recipes import engine_recipe_source
 from diffsplit.profiles.remote_runs import RunSetup, run_plan
 from diffsplit.profiles.report_html import render_html
 from diffsplit.profiles.report_json import check_profile_json, profile_to_json
 from diffsplit.profiles.session import ProfileSettings, profile_workflow
-
-
-@pytest.fixture(autouse=True)
-def _needs_engine_recipes(registry: NodeRegistry, store: ModelStore) -> None:
-    if engine_recipe_source(load_workflow(sd15_workflow(), registry), registry, store) is None:
-        pytest.skip("the engine's recipe source (trace_workflow.output_recipe_source) is not available")
 
 
 def test_profile_with_a_worker_measures_there_and_runs_the_plan(
