@@ -134,9 +134,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DiffsplitError as exc:
         print(f"diffsplit {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:  # a file the user named cannot be written or read: one line, no traceback
+        logging.getLogger(__name__).debug("%s failed", args.command, exc_info=True)
+        print(f"diffsplit {args.command}: error: {_describe_os_error(exc)}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _describe_os_error(exc: OSError) -> str:
+    """``No such file or directory: 'out/stats.json'`` rather than ``[Errno 2] ...``."""
+    reason = exc.strerror or str(exc)
+    return f"{reason}: {str(exc.filename)!r}" if exc.filename is not None else reason
 
 
 if __name__ == "__main__":

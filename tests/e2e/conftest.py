@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from diffsplit.cli import main
 from diffsplit.engine.example_workflows import write_example_inputs
 from diffsplit.engine.executor import Executor, RunResult
 from diffsplit.engine.formats import load_workflow
 from diffsplit.engine.nodes.registry import NodeRegistry, default_registry
 from diffsplit.engine.store import ModelStore
 from PIL import Image
+
+from diffsplit.cli import main
 
 #: Side of every input image (pixels); latents are a eighth of it.
 IMAGE_SIDE = 64
@@ -126,7 +127,9 @@ def run_workflow(
     """
 
     def run(document: Mapping[str, Any], **options: Any) -> RunResult:
-        executor = Executor(registry, store, inputs_dir=inputs_dir, output_dir=tmp_path / "out", max_workers=1)
+        executor = Executor(
+            registry, store, inputs_dir=inputs_dir, output_dir=tmp_path / "out", max_workers=1
+        )
         return executor.run(load_workflow(document, registry), **options)
 
     return run
@@ -178,7 +181,8 @@ class UiGraph:
             "mode": mode,
             "inputs": entries,
             "outputs": [
-                {"name": kind, "type": kind, "links": [], "slot_index": slot} for slot, kind in enumerate(outputs)
+                {"name": kind, "type": kind, "links": [], "slot_index": slot}
+                for slot, kind in enumerate(outputs)
             ],
             "properties": {"Node name for S&R": node_type, **(properties or {})},
         }

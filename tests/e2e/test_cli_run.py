@@ -36,11 +36,11 @@ def run_args(workflow: Path, models: Path, out: Path, *extra: str) -> list[str |
     return ["run", workflow, "--models", models, "--out", out, *extra]
 
 
-def assert_one_line_error(stderr: str, *names: str) -> None:
+def assert_one_line_error(stderr: str, *names: str, command: str = "run") -> None:
     """A failed command printed exactly one line, naming every one of ``names``, and no traceback."""
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
-    assert lines[0].startswith("diffsplit run: error:"), stderr
+    assert lines[0].startswith(f"diffsplit {command}: error:"), stderr
     for name in names:
         assert name in lines[0], f"{name!r} not in {lines[0]!r}"
 
@@ -74,7 +74,9 @@ def test_a_second_run_numbers_the_next_file(run_cli, workflow_file: Path, models
 
 def test_set_overrides_change_the_run(run_cli, workflow_file: Path, models_dir: Path, tmp_path: Path) -> None:
     result = run_cli(
-        *run_args(workflow_file, models_dir, tmp_path / "out", "-q", "--set", "6.steps=1", "--set", "5.width=128")
+        *run_args(
+            workflow_file, models_dir, tmp_path / "out", "-q", "--set", "6.steps=1", "--set", "5.width=128"
+        )
     )
     assert result.exit_code == 0, result.stderr
     assert png_pixels(result.saved[0]).shape == (64, 128, 3)
@@ -85,8 +87,16 @@ def test_set_overrides_change_the_run(run_cli, workflow_file: Path, models_dir: 
 
 def test_set_by_class_name_and_string_value(run_cli, workflow_file: Path, models_dir: Path, tmp_path: Path):
     result = run_cli(
-        *run_args(workflow_file, models_dir, tmp_path / "out", "-q",
-                  "--set", "KSampler.sampler_name=heun", "--set", "EmptyLatentImage.height=128")
+        *run_args(
+            workflow_file,
+            models_dir,
+            tmp_path / "out",
+            "-q",
+            "--set",
+            "KSampler.sampler_name=heun",
+            "--set",
+            "EmptyLatentImage.height=128",
+        )
     )
     assert result.exit_code == 0, result.stderr
     prompt = json.loads(png_text(result.saved[0])["prompt"])
@@ -122,8 +132,14 @@ def test_missing_model_lists_the_available_names(run_cli, models_dir: Path, tmp_
     result = run_cli(*run_args(write_json(tmp_path / "w.json", document), models_dir, tmp_path / "out"))
     assert result.exit_code == 1
     assert_one_line_error(
-        result.stderr, "node 1", "CheckpointLoaderSimple", "ckpt_name", "sd_xl_base_1.0.safetensors",
-        "tiny-sd15.safetensors", "tiny-sdxl.safetensors", "tiny-sdxl-refiner.safetensors",
+        result.stderr,
+        "node 1",
+        "CheckpointLoaderSimple",
+        "ckpt_name",
+        "sd_xl_base_1.0.safetensors",
+        "tiny-sd15.safetensors",
+        "tiny-sdxl.safetensors",
+        "tiny-sdxl-refiner.safetensors",
     )
 
 
@@ -184,7 +200,9 @@ def test_a_missing_input_image_fails_naming_the_node(run_cli, models_dir: Path, 
     assert_one_line_error(result.stderr, "node 1", "LoadImage", "absent.png", "present.png")
 
 
-def test_stats_file_has_per_node_timings(run_cli, workflow_file: Path, models_dir: Path, tmp_path: Path) -> None:
+def test_stats_file_has_per_node_timings(
+    run_cli, workflow_file: Path, models_dir: Path, tmp_path: Path
+) -> None:
     stats_path = tmp_path / "stats.json"
     result = run_cli(*run_args(workflow_file, models_dir, tmp_path / "out", "-q", "--stats", stats_path))
     assert result.exit_code == 0, result.stderr
@@ -196,6 +214,16 @@ def test_stats_file_has_per_node_timings(run_cli, workflow_file: Path, models_di
         assert entry["wall_s"] >= 0 and entry["cache_hit"] is False and entry["where"] == "local"
     assert stats["total_s"] >= max(entry["wall_s"] for entry in stats["nodes"].values())
     assert stats["nodes"]["6"]["wall_s"] > 0
+
+
+def test_an_unwritable_stats_file_fails_with_one_line(
+    run_cli, workflow_file: Path, models_dir: Path, tmp_path: Path
+) -> None:
+    stats_path = tmp_path / "no-such-folder" / "stats.json"
+    result = run_cli(*run_args(workflow_file, models_dir, tmp_path / "out", "-q", "--stats", stats_path))
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, str(stats_path), "No such file or directory")
+    assert len(result.saved) == 1  # the images were written before the stats
 
 
 def test_png_from_a_run_is_itself_a_workflow(run_cli, workflow_file: Path, models_dir: Path, tmp_path: Path):
@@ -211,13 +239,19 @@ def test_console_script_runs_a_workflow(workflow_file: Path, models_dir: Path, t
     assert script.exists(), "the package's console script is not installed in this environment"
     completed = subprocess.run(
         [script, "run", workflow_file, "--models", models_dir, "--out", tmp_path / "out", "-q"],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert completed.returncode == 0, completed.stderr
     assert Path(completed.stdout.strip()).is_file()
     failed = subprocess.run(
         [script, "run", tmp_path / "absent.json", "--models", models_dir],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert failed.returncode == 1
     assert_one_line_error(failed.stderr, "absent.json")
@@ -234,6 +268,14 @@ def test_models_tiny_writes_the_same_set_as_the_fixture(run_cli, models_dir: Pat
         assert (written / name).read_bytes() == (models_dir / name).read_bytes(), name
 
 
+def test_models_tiny_into_an_unusable_folder_fails_with_one_line(run_cli, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli("models", "tiny", blocker / "models")
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, str(blocker), command="models")
+
+
 def test_models_index_lists_sha256_of_every_model(run_cli, models_dir: Path) -> None:
     result = run_cli("models", "index", models_dir)
     assert result.exit_code == 0, result.stderr
@@ -244,7 +286,8 @@ def test_models_index_lists_sha256_of_every_model(run_cli, models_dir: Path) -> 
     assert set(TINY_FILES) <= set(listed)
     lora = models_dir / "loras" / "tiny-sd15-lora.safetensors"
     assert listed["loras/tiny-sd15-lora.safetensors"] == (
-        hashlib.sha256(lora.read_bytes()).hexdigest(), lora.stat().st_size
+        hashlib.sha256(lora.read_bytes()).hexdigest(),
+        lora.stat().st_size,
     )
     assert len({sha for sha, _ in listed.values()}) == len(listed)
     assert run_cli("models", "index", models_dir).stdout == result.stdout  # cached index, same answer
@@ -253,11 +296,14 @@ def test_models_index_lists_sha256_of_every_model(run_cli, models_dir: Path) -> 
 def test_parallel_branches_give_the_same_images_as_one_at_a_time(
     run_cli, models_dir: Path, tmp_path: Path
 ) -> None:
+    """Two samplers that draw noise every step run on two threads: no shared random state."""
     workflow = write_json(tmp_path / "two.json", two_branch_workflow())
+    settings = ["6.steps=2", "16.steps=2", "6.sampler_name=euler_ancestral", "16.sampler_name=dpmpp_sde"]
+    options = [part for setting in settings for part in ("--set", setting)]
     images = {}
     for workers in ("1", "2"):
-        result = run_cli(*run_args(workflow, models_dir, tmp_path / workers, "-q", "--workers", workers,
-                                   "--set", "6.steps=2", "--set", "16.steps=2"))
+        out = tmp_path / workers
+        result = run_cli(*run_args(workflow, models_dir, out, "-q", "--workers", workers, *options))
         assert result.exit_code == 0, result.stderr
         images[workers] = [png_pixels(path) for path in sorted(result.saved)]
     assert len(images["2"]) == 2

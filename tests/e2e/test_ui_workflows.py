@@ -30,20 +30,51 @@ def sdxl_refiner_ui() -> dict[str, Any]:
     ui.node(1, "CheckpointLoaderSimple", ["tiny-sdxl.safetensors"], outputs=["MODEL", "CLIP", "VAE"])
     ui.node(2, "CheckpointLoaderSimple", ["tiny-sdxl-refiner.safetensors"], outputs=["MODEL", "CLIP", "VAE"])
     sdxl_sizes = [1024, 1024, 0, 0, 1024, 1024]
-    ui.node(3, "CLIPTextEncodeSDXL", [*sdxl_sizes, "a castle", "a castle"], inputs={"clip": "CLIP"},
-            outputs=["CONDITIONING"])
+    ui.node(
+        3,
+        "CLIPTextEncodeSDXL",
+        [*sdxl_sizes, "a castle", "a castle"],
+        inputs={"clip": "CLIP"},
+        outputs=["CONDITIONING"],
+    )
     ui.node(4, "CLIPTextEncodeSDXL", [*sdxl_sizes, "", ""], inputs={"clip": "CLIP"}, outputs=["CONDITIONING"])
-    ui.node(5, "CLIPTextEncodeSDXLRefiner", [6.0, 1024, 1024, "a castle"], inputs={"clip": "CLIP"},
-            outputs=["CONDITIONING"])
-    ui.node(6, "CLIPTextEncodeSDXLRefiner", [2.5, 1024, 1024, ""], inputs={"clip": "CLIP"},
-            outputs=["CONDITIONING"])
+    ui.node(
+        5,
+        "CLIPTextEncodeSDXLRefiner",
+        [6.0, 1024, 1024, "a castle"],
+        inputs={"clip": "CLIP"},
+        outputs=["CONDITIONING"],
+    )
+    ui.node(
+        6,
+        "CLIPTextEncodeSDXLRefiner",
+        [2.5, 1024, 1024, ""],
+        inputs={"clip": "CLIP"},
+        outputs=["CONDITIONING"],
+    )
     ui.node(7, "EmptyLatentImage", [64, 64, 1], outputs=["LATENT"])
-    sampler_inputs = {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING",
-                      "latent_image": "LATENT"}
-    ui.node(8, "KSamplerAdvanced", ["enable", 11, "fixed", 30, 5.0, "euler", "normal", 0, 4, "enable"],
-            inputs=sampler_inputs, converted={"steps": "INT"}, outputs=["LATENT"])
-    ui.node(9, "KSamplerAdvanced", ["disable", 11, "fixed", 30, 5.0, "euler", "normal", 4, 10000, "disable"],
-            inputs=sampler_inputs, converted={"steps": "INT"}, outputs=["LATENT"])
+    sampler_inputs = {
+        "model": "MODEL",
+        "positive": "CONDITIONING",
+        "negative": "CONDITIONING",
+        "latent_image": "LATENT",
+    }
+    ui.node(
+        8,
+        "KSamplerAdvanced",
+        ["enable", 11, "fixed", 30, 5.0, "euler", "normal", 0, 4, "enable"],
+        inputs=sampler_inputs,
+        converted={"steps": "INT"},
+        outputs=["LATENT"],
+    )
+    ui.node(
+        9,
+        "KSamplerAdvanced",
+        ["disable", 11, "fixed", 30, 5.0, "euler", "normal", 4, 10000, "disable"],
+        inputs=sampler_inputs,
+        converted={"steps": "INT"},
+        outputs=["LATENT"],
+    )
     ui.node(10, "VAEDecode", inputs={"samples": "LATENT", "vae": "VAE"}, outputs=["IMAGE"])
     ui.node(11, "SaveImage", ["sdxl"], inputs={"images": "IMAGE"})
     ui.primitive(12, "INT", 6, widget_name="steps")
@@ -74,24 +105,53 @@ def sd15_lora_controlnet_api() -> dict[str, Any]:
     """SD 1.5 through a LoRA, a ControlNet (advanced apply) from ``edges.png``, 3 steps."""
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
-        "2": {"class_type": "LoraLoader", "inputs": {
-            "model": ["1", 0], "clip": ["1", 1], "lora_name": "tiny-sd15-lora.safetensors",
-            "strength_model": 0.7, "strength_clip": 0.5}},
+        "2": {
+            "class_type": "LoraLoader",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "lora_name": "tiny-sd15-lora.safetensors",
+                "strength_model": 0.7,
+                "strength_clip": 0.5,
+            },
+        },
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["2", 1]}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["2", 1]}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "6": {"class_type": "KSampler", "inputs": {
-            "model": ["2", 0], "seed": 123, "steps": 3, "cfg": 6.0, "sampler_name": "dpmpp_2m",
-            "scheduler": "karras", "positive": ["12", 0], "negative": ["12", 1], "latent_image": ["5", 0],
-            "denoise": 1.0}},
+        "6": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["2", 0],
+                "seed": 123,
+                "steps": 3,
+                "cfg": 6.0,
+                "sampler_name": "dpmpp_2m",
+                "scheduler": "karras",
+                "positive": ["12", 0],
+                "negative": ["12", 1],
+                "latent_image": ["5", 0],
+                "denoise": 1.0,
+            },
+        },
         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
         "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "fox"}},
-        "9": {"class_type": "ControlNetLoader",
-              "inputs": {"control_net_name": "tiny-sd15-controlnet.safetensors"}},
+        "9": {
+            "class_type": "ControlNetLoader",
+            "inputs": {"control_net_name": "tiny-sd15-controlnet.safetensors"},
+        },
         "10": {"class_type": "LoadImage", "inputs": {"image": "edges.png"}},
-        "12": {"class_type": "ControlNetApplyAdvanced", "inputs": {
-            "positive": ["3", 0], "negative": ["4", 0], "control_net": ["9", 0], "image": ["10", 0],
-            "strength": 0.9, "start_percent": 0.0, "end_percent": 1.0}},
+        "12": {
+            "class_type": "ControlNetApplyAdvanced",
+            "inputs": {
+                "positive": ["3", 0],
+                "negative": ["4", 0],
+                "control_net": ["9", 0],
+                "image": ["10", 0],
+                "strength": 0.9,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+            },
+        },
     }
 
 
@@ -104,24 +164,55 @@ def sd15_lora_controlnet_ui() -> dict[str, Any]:
     """
     ui = UiGraph()
     ui.node(1, "CheckpointLoaderSimple", ["tiny-sd15.safetensors"], outputs=["MODEL", "CLIP", "VAE"])
-    ui.node(2, "LoraLoader", ["tiny-sd15-lora.safetensors", 0.7, 0.5], inputs={"model": "MODEL", "clip": "CLIP"},
-            outputs=["MODEL", "CLIP"])
-    ui.node(3, "CLIPTextEncode", ["a red fox"], inputs={"clip": "CLIP"}, outputs=["CONDITIONING"],
-            title="Positive")
-    ui.node(4, "CLIPTextEncode", ["blurry"], inputs={"clip": "CLIP"}, outputs=["CONDITIONING"],
-            title="Negative")
+    ui.node(
+        2,
+        "LoraLoader",
+        ["tiny-sd15-lora.safetensors", 0.7, 0.5],
+        inputs={"model": "MODEL", "clip": "CLIP"},
+        outputs=["MODEL", "CLIP"],
+    )
+    ui.node(
+        3,
+        "CLIPTextEncode",
+        ["a red fox"],
+        inputs={"clip": "CLIP"},
+        outputs=["CONDITIONING"],
+        title="Positive",
+    )
+    ui.node(
+        4, "CLIPTextEncode", ["blurry"], inputs={"clip": "CLIP"}, outputs=["CONDITIONING"], title="Negative"
+    )
     ui.node(5, "EmptyLatentImage", [64, 64, 1], outputs=["LATENT"])
-    ui.node(6, "KSampler", [123, "randomize", 3, 6.0, "dpmpp_2m", "karras", 1.0],
-            inputs={"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING",
-                    "latent_image": "LATENT"}, outputs=["LATENT"])
+    ui.node(
+        6,
+        "KSampler",
+        [123, "randomize", 3, 6.0, "dpmpp_2m", "karras", 1.0],
+        inputs={
+            "model": "MODEL",
+            "positive": "CONDITIONING",
+            "negative": "CONDITIONING",
+            "latent_image": "LATENT",
+        },
+        outputs=["LATENT"],
+    )
     ui.node(7, "VAEDecode", inputs={"samples": "LATENT", "vae": "VAE"}, outputs=["IMAGE"])
     ui.node(8, "SaveImage", ["fox"], inputs={"images": "IMAGE"})
     ui.node(9, "ControlNetLoader", ["tiny-sd15-controlnet.safetensors"], outputs=["CONTROL_NET"])
     ui.node(10, "LoadImage", ["edges.png", "image"], outputs=["IMAGE", "MASK"])
     ui.node(11, "ImageInvert", inputs={"image": "IMAGE"}, outputs=["IMAGE"], mode=BYPASSED)
-    ui.node(12, "ControlNetApplyAdvanced", [0.9, 0.0, 1.0],
-            inputs={"positive": "CONDITIONING", "negative": "CONDITIONING", "control_net": "CONTROL_NET",
-                    "image": "IMAGE", "vae": "VAE"}, outputs=["CONDITIONING", "CONDITIONING"])
+    ui.node(
+        12,
+        "ControlNetApplyAdvanced",
+        [0.9, 0.0, 1.0],
+        inputs={
+            "positive": "CONDITIONING",
+            "negative": "CONDITIONING",
+            "control_net": "CONTROL_NET",
+            "image": "IMAGE",
+            "vae": "VAE",
+        },
+        outputs=["CONDITIONING", "CONDITIONING"],
+    )
     ui.node(13, "PreviewImage", inputs={"images": "IMAGE"}, mode=MUTED)
     ui.group("ControlNet", [0, 0, 600, 400])
 
@@ -150,8 +241,9 @@ def run_both(run_cli, tmp_path: Path, models_dir: Path, inputs_dir: Path, ui: di
     saved = []
     for kind, document in (("ui", ui), ("api", api)):
         workflow = write_json(tmp_path / f"{kind}.json", document)
-        result = run_cli("run", workflow, "--models", models_dir, "--out", tmp_path / kind,
-                         "--inputs", inputs_dir, "-q")
+        result = run_cli(
+            "run", workflow, "--models", models_dir, "--out", tmp_path / kind, "--inputs", inputs_dir, "-q"
+        )
         assert result.exit_code == 0, result.stderr
         assert len(result.saved) == 1
         saved.append(result.saved[0])
@@ -162,8 +254,12 @@ def without_titles(prompt: dict[str, Any]) -> dict[str, Any]:
     return {node_id: {k: v for k, v in entry.items() if k != "_meta"} for node_id, entry in prompt.items()}
 
 
-def test_sdxl_base_refiner_ui_equals_its_api_twin(run_cli, tmp_path: Path, models_dir: Path, inputs_dir: Path):
-    ui_png, api_png = run_both(run_cli, tmp_path, models_dir, inputs_dir, sdxl_refiner_ui(), sdxl_refiner_workflow())
+def test_sdxl_base_refiner_ui_equals_its_api_twin(
+    run_cli, tmp_path: Path, models_dir: Path, inputs_dir: Path
+):
+    ui_png, api_png = run_both(
+        run_cli, tmp_path, models_dir, inputs_dir, sdxl_refiner_ui(), sdxl_refiner_workflow()
+    )
     assert (png_pixels(ui_png) == png_pixels(api_png)).all()
     chunks = png_text(ui_png)
     assert json.loads(chunks["prompt"]) == sdxl_refiner_workflow()
@@ -210,8 +306,16 @@ def test_bypass_is_not_the_same_as_running_the_node(
 
 def img2img_inpaint_api() -> dict[str, Any]:
     """Two branches on SD 1.5: img2img of photo.png at denoise 0.6, and inpainting masked.png's hole."""
-    sampler = {"model": ["1", 0], "seed": 9, "steps": 2, "cfg": 6.0, "sampler_name": "euler_ancestral",
-               "scheduler": "normal", "positive": ["3", 0], "negative": ["4", 0]}
+    sampler = {
+        "model": ["1", 0],
+        "seed": 9,
+        "steps": 2,
+        "cfg": 6.0,
+        "sampler_name": "euler_ancestral",
+        "scheduler": "normal",
+        "positive": ["3", 0],
+        "negative": ["4", 0],
+    }
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lake at dawn", "clip": ["1", 1]}},
@@ -222,8 +326,10 @@ def img2img_inpaint_api() -> dict[str, Any]:
         "13": {"class_type": "VAEDecode", "inputs": {"samples": ["12", 0], "vae": ["1", 2]}},
         "14": {"class_type": "SaveImage", "inputs": {"images": ["13", 0], "filename_prefix": "img2img"}},
         "20": {"class_type": "LoadImage", "inputs": {"image": "masked.png"}},
-        "21": {"class_type": "VAEEncodeForInpaint",
-               "inputs": {"pixels": ["20", 0], "vae": ["1", 2], "mask": ["20", 1], "grow_mask_by": 6}},
+        "21": {
+            "class_type": "VAEEncodeForInpaint",
+            "inputs": {"pixels": ["20", 0], "vae": ["1", 2], "mask": ["20", 1], "grow_mask_by": 6},
+        },
         "22": {"class_type": "KSampler", "inputs": {**sampler, "latent_image": ["21", 0], "denoise": 1.0}},
         "23": {"class_type": "VAEDecode", "inputs": {"samples": ["22", 0], "vae": ["1", 2]}},
         "24": {"class_type": "SaveImage", "inputs": {"images": ["23", 0], "filename_prefix": "inpaint"}},
@@ -238,8 +344,12 @@ def img2img_inpaint_ui() -> dict[str, Any]:
     ui.node(4, "CLIPTextEncode", [""], inputs={"clip": "CLIP"}, outputs=["CONDITIONING"])
     ui.connect(1, 1, 3, "clip")
     ui.connect(1, 1, 4, "clip")
-    sampler_inputs = {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING",
-                      "latent_image": "LATENT"}
+    sampler_inputs = {
+        "model": "MODEL",
+        "positive": "CONDITIONING",
+        "negative": "CONDITIONING",
+        "latent_image": "LATENT",
+    }
     for base, image, encoder, widgets, denoise, prefix in (
         (10, "photo.png", "VAEEncode", None, 0.6, "img2img"),
         (20, "masked.png", "VAEEncodeForInpaint", [6], 1.0, "inpaint"),
@@ -249,8 +359,13 @@ def img2img_inpaint_ui() -> dict[str, Any]:
         if encoder == "VAEEncodeForInpaint":
             encoder_inputs["mask"] = "MASK"
         ui.node(base + 1, encoder, widgets, inputs=encoder_inputs, outputs=["LATENT"])
-        ui.node(base + 2, "KSampler", [9, "fixed", 2, 6.0, "euler_ancestral", "normal", denoise],
-                inputs=sampler_inputs, outputs=["LATENT"])
+        ui.node(
+            base + 2,
+            "KSampler",
+            [9, "fixed", 2, 6.0, "euler_ancestral", "normal", denoise],
+            inputs=sampler_inputs,
+            outputs=["LATENT"],
+        )
         ui.node(base + 3, "VAEDecode", inputs={"samples": "LATENT", "vae": "VAE"}, outputs=["IMAGE"])
         ui.node(base + 4, "SaveImage", [prefix], inputs={"images": "IMAGE"})
         ui.connect(base, 0, base + 1, "pixels")
@@ -267,12 +382,15 @@ def img2img_inpaint_ui() -> dict[str, Any]:
     return ui.document()
 
 
-def test_img2img_and_inpaint_ui_equal_their_api_twin(run_cli, tmp_path: Path, models_dir: Path, inputs_dir: Path):
+def test_img2img_and_inpaint_ui_equal_their_api_twin(
+    run_cli, tmp_path: Path, models_dir: Path, inputs_dir: Path
+):
     results = {}
     for kind, document in (("ui", img2img_inpaint_ui()), ("api", img2img_inpaint_api())):
         workflow = write_json(tmp_path / f"{kind}.json", document)
-        result = run_cli("run", workflow, "--models", models_dir, "--out", tmp_path / kind,
-                         "--inputs", inputs_dir, "-q")
+        result = run_cli(
+            "run", workflow, "--models", models_dir, "--out", tmp_path / kind, "--inputs", inputs_dir, "-q"
+        )
         assert result.exit_code == 0, result.stderr
         results[kind] = sorted(result.saved)
     assert [path.name for path in results["ui"]] == ["img2img_00001_.png", "inpaint_00001_.png"]
