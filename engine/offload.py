@@ -22,7 +22,15 @@ import torch
 from diffsplit.engine.errors import EngineError, NodeFailed
 from diffsplit.engine.executor import NodeCall, run_node_locally
 from diffsplit.engine.store import ModelStore
-from diffsplit.engine.wire_values import HELD, MODEL, WireValueError, from_wire, is_model_value, to_wire
+from diffsplit.engine.wire_values import (
+    HELD,
+    MODEL,
+    WireValueError,
+    from_wire,
+    is_model_value,
+    to_wire,
+    walk_values,
+)
 from diffsplit.tracer.fingerprint import fingerprint
 from diffsplit.transport.digest import content_digest
 from diffsplit.transport.envelope import describe
@@ -233,7 +241,7 @@ class RemoteRunner:
     ) -> None:
         sent = describe(header, self.settings.limits)
         received = describe(reply, self.settings.limits)
-        recipes = [v[MODEL] for v in _walk(header["inputs"]) if isinstance(v, dict) and MODEL in v]
+        recipes = [v[MODEL] for v in walk_values(header["inputs"]) if isinstance(v, dict) and MODEL in v]
         timings = reply.get("timings") or {}
         stats = RemoteNodeStats(
             node_id=call.node.id, class_type=call.node.class_type, address=address,
@@ -286,13 +294,3 @@ def _forward_progress(call: NodeCall, message: Mapping[str, Any]) -> None:
     step, total = message.get("step"), message.get("total")
     if isinstance(step, int) and isinstance(total, int):
         call.context.progress(step, total)
-
-
-def _walk(value: Any):
-    yield value
-    if isinstance(value, dict):
-        for item in value.values():
-            yield from _walk(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from _walk(item)

@@ -14,7 +14,7 @@ never use such keys.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -89,6 +89,17 @@ def to_wire(value: Any, recipe_of: RecipeOf, *, where: str) -> Any:
         f"{where}: a {type(value).__module__}.{type(value).__name__} cannot be sent to a worker "
         "(not a number, string, tensor, tensor container or traced model)"
     )
+
+
+def walk_values(value: Any) -> Iterator[Any]:
+    """``value`` and everything nested in its dicts, lists and tuples, depth first."""
+    yield value
+    if isinstance(value, Mapping):
+        for item in value.values():
+            yield from walk_values(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from walk_values(item)
 
 
 def from_wire(data: Any, build_model: BuildModel, held: Mapping[str, Any] | None = None) -> Any:

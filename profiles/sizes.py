@@ -18,7 +18,15 @@ import torch
 from diffsplit.engine.graph import Link, Node
 from diffsplit.engine.nodes.base import NodeClass
 from diffsplit.engine.types import MODEL_TYPES
-from diffsplit.engine.wire_values import MODEL, ZEROS, RecipeOf, WireValueError, is_model_value, to_wire
+from diffsplit.engine.wire_values import (
+    MODEL,
+    ZEROS,
+    RecipeOf,
+    WireValueError,
+    is_model_value,
+    to_wire,
+    walk_values,
+)
 from diffsplit.profiles.model import Category, InputMeasure
 from diffsplit.transport.digest import content_digest
 from diffsplit.transport.envelope import describe
@@ -90,7 +98,7 @@ def request_size(
             source=link.node_id if isinstance(link, Link) else None,
             payload_bytes=_payload_bytes(value, wire, category),
             wire_bytes=_wire_bytes(wire),
-            zeros=any(isinstance(item, dict) and ZEROS in item for item in _walk(wire)),
+            zeros=any(isinstance(item, dict) and ZEROS in item for item in walk_values(wire)),
             digest=_digest(wire) if declared == "CONDITIONING" and wire is not None else None,
         ))
     header = {"op": "run_node", "node": {"id": node.id, "class_type": node.class_type},
@@ -136,15 +144,6 @@ def _model_inside(value: Any) -> str | None:
             return found
     return None
 
-
-def _walk(value: Any):
-    yield value
-    if isinstance(value, Mapping):
-        for item in value.values():
-            yield from _walk(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from _walk(item)
 
 
 def _payload_bytes(value: Any, wire: Any, category: Category) -> int:
