@@ -85,14 +85,22 @@ def run_function_remotely(
         raise OffloadError(f"cannot run {function.__qualname__} remotely: {exc}{hint}") from exc
     header = {"op": "run_function", "function": torch.frombuffer(bytearray(code), dtype=torch.uint8),
               "args": wire_args, "kwargs": wire_kwargs}
+    with Client(address, settings=settings or Settings(), curve=curve) as client:
+        return _exchange(client, header, args, kwargs, timeout_s)
+
+
+def _exchange(
+    client: Client, header: Mapping[str, Any], args: tuple[Any, ...], kwargs: Mapping[str, Any],
+    timeout_s: float | None,
+) -> Any:
+    """Send one call, raise a structured error as OffloadError, copy generator states back, decode."""
     try:
-        with Client(address, settings=settings or Settings(), curve=curve) as client:
-            reply = client.request(header, timeout=timeout_s)
+        reply = client.request(header, timeout=timeout_s)
     except TransportError as exc:
-        raise OffloadError(f"worker {address}: {exc}") from exc
+        raise OffloadError(f"worker {client.endpoint}: {exc}") from exc
     if reply.get("op") == "error":
         error = reply.get("error") or {}
-        raise OffloadError(f"worker {address}: {error.get('kind')}: {error.get('message')}")
+        raise OffloadError(f"worker {client.endpoint}: {error.get('kind')}: {error.get('message')}")
     generators = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Generator)]
     for generator, state in zip(generators, reply.get("generator_states") or [], strict=False):
         generator.set_state(state.clone())
@@ -119,17 +127,7 @@ class CallSender:
             raise OffloadError(f"cannot offload this call: {exc}") from exc
         header = {"op": "call", "target": dict(self.target), "method": method,
                   "args": wire_args, "kwargs": wire_kwargs}
-        try:
-            reply = self._connection().request(header, timeout=self.timeout_s)
-        except TransportError as exc:
-            raise OffloadError(f"worker {self.address}: {exc}") from exc
-        if reply.get("op") == "error":
-            error = reply.get("error") or {}
-            raise OffloadError(f"worker {self.address}: {error.get('kind')}: {error.get('message')}")
-        generators = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Generator)]
-        for generator, state in zip(generators, reply.get("generator_states") or [], strict=False):
-            generator.set_state(state.clone())
-        return from_wire(reply.get("output"), _no_model_results)
+        return _exchange(self._connection(), header, args, kwargs, self.timeout_s)
 
     def close(self) -> None:
         """Close the connection (a later call opens a new one)."""
