@@ -42,18 +42,21 @@ def _best_of(function, rounds: int = ROUNDS) -> float:
 def test_split_over_loopback_vs_all_local_warm_cache(benchmark, models_dir, worker_address, tmp_path) -> None:
     registry, store, workflow, executor = _setup(models_dir, sd15_workflow(steps=12), tmp_path)
     targets = ["7"]
-    local = _best_of(lambda: executor.run(workflow, targets=targets))
     assigned = assign_remotes(workflow, registry, [f"KSampler={worker_address}"])
     with RemoteRunner(assigned, output_recipe_source(workflow, registry, store)) as runner:
         executor.run(workflow, targets=targets, node_runner=runner)  # warm the worker's cache
+        local = split = float("inf")
+        for _ in range(ROUNDS):  # interleaved, so a busy moment hits both sides alike
+            local = min(local, _best_of(lambda: executor.run(workflow, targets=targets), rounds=1))
+            split = min(split, _best_of(
+                lambda: executor.run(workflow, targets=targets, node_runner=runner), rounds=1))
         benchmark.pedantic(lambda: executor.run(workflow, targets=targets, node_runner=runner),
-                           rounds=ROUNDS, iterations=1)
+                           rounds=1, iterations=1)
         stats = runner.stats["6"]
-    split = benchmark.stats.stats.min
     benchmark.extra_info.update({"local_s": local, "split_s": split, "split_over_local": split / local,
                                  "goal": "<= 1.05", "remote_rebuild_s": stats.rebuild_s})
-    print(f"\nsplit/local (tiny SD1.5, 12 steps, warm cache): {split / local:.3f}x "
-          f"(local {local * 1000:.1f} ms, split {split * 1000:.1f} ms)")
+    print(f"\nsplit/local (tiny SD1.5, 12 steps, warm cache, best of {ROUNDS} interleaved): "
+          f"{split / local:.3f}x (local {local * 1000:.1f} ms, split {split * 1000:.1f} ms)")
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
