@@ -9,6 +9,7 @@ from diffsplit.engine.call_offload import CallSender, ModuleOffload, OffloadedPi
 from diffsplit.tracer.files import HashingFileRefs
 from diffsplit.tracer.fingerprint import fingerprint
 from diffsplit.tracer.recipe import Recipe, Step
+from diffsplit.transport.auth import ClientCurve
 from diffsplit.transport.protocol import Settings
 
 
@@ -20,6 +21,7 @@ def offload(
     trace: Any | None = None,
     timeout_s: float | None = None,
     settings: Settings | None = None,
+    curve: ClientCurve | None = None,
 ) -> ModuleOffload | OffloadedPipeline:
     """Run ``pipeline.<component>``'s forward (or, without a component, whole calls) on worker ``to``.
 
@@ -28,13 +30,17 @@ def offload(
     or else from the folder the pipeline was loaded from. Either way the recipe
     carries a fingerprint of the weights as they are here, and the worker
     refuses to run if its rebuild differs, never giving a silently different
-    result. Returns a handle: ``restore()`` (module) or ``close()`` (pipeline).
+    result. ``curve`` (or DIFFSPLIT_CURVE_SERVER_KEY / DIFFSPLIT_CURVE_CLIENT_KEY)
+    connects to a worker that requires CURVE. Returns a handle: ``restore()``
+    (module) or ``close()`` (pipeline).
     """
     target = pipeline if component is None else getattr(pipeline, component, None)
     if target is None:
         raise OffloadError(f"{type(pipeline).__name__} has no component {component!r}")
     recipe = trace.recipe(target) if trace is not None else _folder_recipe(pipeline, component, target)
-    sender = CallSender(to, recipe.to_dict(), settings=settings or Settings(), timeout_s=timeout_s)
+    sender = CallSender(
+        to, recipe.to_dict(), settings=settings or Settings(), timeout_s=timeout_s, curve=curve
+    )
     if component is None:
         return OffloadedPipeline(pipeline, sender)
     return ModuleOffload(target, sender)

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a node on a worker: NODE is a node id or a class name (repeatable)",
     )
     run.add_argument("--stats", metavar="FILE", help="write per-node timings and wire bytes as JSON")
+    run.add_argument("--upload-missing", action="store_true",
+                     help="send a model file once to a worker that lacks it (needs --allow-upload there)")
     run.add_argument(
         "--workers", type=int, default=None,
         help="nodes run at once (default: 2 when some run remotely, so local work goes on meanwhile; else 1)",

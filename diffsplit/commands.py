@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         progress=printer.step, max_workers=max(1, args.workers or (2 if assigned else 1)),
     )
     started = time.perf_counter()
-    runner = _remote_runner(assigned, workflow, registry, store) if assigned else None
+    runner = _remote_runner(assigned, workflow, registry, store, args.upload_missing) if assigned else None
     try:
         result = executor.run(workflow, node_runner=_printing(runner or run_node_locally, printer, assigned))
     finally:
@@ -79,11 +80,14 @@ def _printing(inner: Any, printer: ProgressPrinter, assigned: dict[str, str]) ->
     return runner
 
 
-def _remote_runner(assigned: dict[str, str], workflow: Any, registry: Any, store: Any) -> Any:
+def _remote_runner(
+    assigned: dict[str, str], workflow: Any, registry: Any, store: Any, upload_missing: bool
+) -> Any:
     from diffsplit.engine.offload import RemoteRunner
     from diffsplit.engine.trace_workflow import output_recipe_source
 
-    return RemoteRunner(assigned, output_recipe_source(workflow, registry, store), local_store=store)
+    return RemoteRunner(assigned, output_recipe_source(workflow, registry, store), local_store=store,
+                        upload_missing=upload_missing)
 
 
 def models(args: argparse.Namespace) -> int:
@@ -148,6 +152,10 @@ def worker(args: argparse.Namespace) -> int:
     print(f"diffsplit worker listening on {daemon.endpoint} (models: {config.models})", flush=True)
     daemon.serve()
     print("diffsplit worker stopped", file=sys.stderr, flush=True)
+    stuck = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+    if any(thread.is_alive() for thread in stuck):
+        # a node still running after --grace must not keep the process alive; replies were sent
+        os._exit(0)
     return 0
 
 

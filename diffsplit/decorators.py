@@ -20,7 +20,6 @@ on methods too.
 from __future__ import annotations
 
 import functools
-import os
 import types
 from collections.abc import Callable
 from typing import Any, overload
@@ -28,7 +27,7 @@ from typing import Any, overload
 from diffsplit.tracer.marks import import_name, run_loader, run_node
 from diffsplit.tracer.recorder import active_listener
 from diffsplit.tracer.session import Trace, trace, tracing
-from diffsplit.transport.auth import ClientCurve, load_keypair
+from diffsplit.transport.auth import ClientCurve, client_curve_from_environment
 
 
 class _Marked:
@@ -87,7 +86,8 @@ class NodeFunction(_Marked):
         from diffsplit.engine.call_offload import run_function_remotely
 
         return run_function_remotely(
-            self.__wrapped__, args, kwargs, address=self.remote, curve=self.curve or curve_from_environment()
+            self.__wrapped__, args, kwargs, address=self.remote,
+            curve=self.curve or client_curve_from_environment(),
         )
 
     def run_locally(self, *args: Any, **kwargs: Any) -> Any:
@@ -123,16 +123,6 @@ def node(
     if function is not None:
         return NodeFunction(function, remote, curve)
     return lambda inner: NodeFunction(inner, remote, curve)
-
-
-def curve_from_environment() -> ClientCurve | None:
-    """CURVE keys from ``DIFFSPLIT_CURVE_SERVER_KEY`` (the worker's public key file) and
-    ``DIFFSPLIT_CURVE_CLIENT_KEY`` (this client's ``.key_secret`` file), or None."""
-    server = os.environ.get("DIFFSPLIT_CURVE_SERVER_KEY")
-    client = os.environ.get("DIFFSPLIT_CURVE_CLIENT_KEY")
-    if not server or not client:
-        return None
-    return ClientCurve(server_public=load_keypair(server).public, keypair=load_keypair(client))
 
 
 def loader(function: Callable[..., Any]) -> LoaderFunction:

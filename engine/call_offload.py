@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 from diffsplit.engine.errors import EngineError
-from diffsplit.engine.wire_values import WireValueError, from_wire, to_wire
+from diffsplit.engine.wire_values import WireValueError, from_wire, to_wire, walk_values
 from diffsplit.tracer.errors import NotOffloadable
 from diffsplit.tracer.recorder import active_listener
-from diffsplit.transport.auth import ClientCurve
+from diffsplit.transport.auth import ClientCurve, client_curve_from_environment
 from diffsplit.transport.errors import TransportError
 from diffsplit.transport.protocol import Settings
 from diffsplit.transport.sockets import Client
@@ -101,7 +101,7 @@ def _exchange(
     if reply.get("op") == "error":
         error = reply.get("error") or {}
         raise OffloadError(f"worker {client.endpoint}: {error.get('kind')}: {error.get('message')}")
-    generators = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Generator)]
+    generators = [v for v in walk_values([list(args), dict(kwargs)]) if isinstance(v, torch.Generator)]
     for generator, state in zip(generators, reply.get("generator_states") or [], strict=False):
         generator.set_state(state.clone())
     return from_wire(reply.get("output"), _no_model_results)
@@ -115,6 +115,7 @@ class CallSender:
     target: Mapping[str, Any]
     settings: Settings = field(default_factory=Settings)
     timeout_s: float | None = None
+    curve: ClientCurve | None = None
     _client: Client | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -139,7 +140,8 @@ class CallSender:
     def _connection(self) -> Client:
         with self._lock:
             if self._client is None:
-                self._client = Client(self.address, settings=self.settings)
+                curve = self.curve if self.curve is not None else client_curve_from_environment()
+                self._client = Client(self.address, settings=self.settings, curve=curve)
             return self._client
 
 

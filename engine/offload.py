@@ -32,6 +32,7 @@ from diffsplit.engine.wire_values import (
     walk_values,
 )
 from diffsplit.tracer.fingerprint import fingerprint
+from diffsplit.transport.auth import ClientCurve, client_curve_from_environment
 from diffsplit.transport.digest import content_digest
 from diffsplit.transport.envelope import describe
 from diffsplit.transport.errors import TransportError
@@ -89,8 +90,10 @@ class RemoteRunner:
         upload_missing: bool = False,
         settings: Settings | None = None,
         timeout_s: float | None = None,
+        curve: ClientCurve | None = None,
     ) -> None:
         self.assigned = dict(assigned)
+        self.curve = curve if curve is not None else client_curve_from_environment()
         self.recipe_for_output = recipe_for_output
         self.local_store = local_store
         self.upload_missing = upload_missing
@@ -101,6 +104,7 @@ class RemoteRunner:
         self._recipes: dict[int, tuple[Any, Mapping[str, Any]]] = {}
         self._held: dict[str, set[str]] = {}
         self._stats: dict[str, RemoteNodeStats] = {}
+        self._upload_lock = threading.Lock()  # one upload at a time: two nodes may miss the same file
 
     # The NodeRunner protocol.
     def __call__(self, call: NodeCall) -> Sequence[Any]:
@@ -158,7 +162,7 @@ class RemoteRunner:
         with self._lock:
             client = self._clients.get(address)
             if client is None:
-                client = self._clients[address] = Client(address, settings=self.settings)
+                client = self._clients[address] = Client(address, settings=self.settings, curve=self.curve)
             return client
 
     def _run_remote(self, call: NodeCall, address: str) -> Sequence[Any]:
@@ -182,7 +186,11 @@ class RemoteRunner:
                     self._held.pop(address, None)
                 continue
             if error.get("kind") == "MissingModel" and self.upload_missing and uploads < 2:
-                self._upload(address, error, node.id, node.class_type)
+                try:
+                    with self._upload_lock:
+                        self._upload(address, error, node.id, node.class_type)
+                except TransportError as exc:
+                    raise NodeFailed(node.id, node.class_type, f"upload to {address} failed: {exc}") from exc
                 uploads += 1
                 continue
             raise RemoteNodeError(node.id, node.class_type, address, error)
@@ -275,6 +283,9 @@ class RemoteRunner:
             offset = 0
             while True:
                 data = bytearray(stream.read(UPLOAD_CHUNK_BYTES))
+                if not data and offset < entry.bytes:
+                    raise RemoteNodeError(node_id, class_type, address,
+                                          {**error, "message": f"{path} shrank while uploading"})
                 final = offset + len(data) >= entry.bytes
                 chunk = torch.tensor(list(data), dtype=torch.uint8) if not data else torch.frombuffer(
                     data, dtype=torch.uint8

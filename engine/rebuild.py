@@ -193,7 +193,11 @@ class Builder:
         if step.op == "torch.to":
             target.to(kwargs["dtype"])
         elif step.op == "set":
-            setattr(target, str(kwargs["name"]), kwargs.get("value"))
+            name = str(kwargs["name"])
+            components = getattr(target, "components", None)
+            if not isinstance(components, Mapping) or name not in components:
+                raise RecipeError(f"'set' may only swap a pipeline component, not {name!r}")
+            setattr(target, name, kwargs.get("value"))
         else:
             bound = getattr(target, method, None)
             if bound is None:

@@ -14,6 +14,7 @@ never use such keys.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -29,6 +30,9 @@ HELD = "$ds:held"
 GENERATOR = "$ds:generator"
 OUTPUT = "$ds:output"
 MARKERS = frozenset({MODEL, CONTROL, ZEROS, HELD, GENERATOR, OUTPUT})
+#: Limits on an all-zero tensor described by shape (the same as the envelope's defaults).
+MAX_ZEROS_BYTES = 2 << 30
+MAX_ZEROS_DIMS = 8
 #: Libraries whose ``BaseOutput`` result classes may be named on the wire (looked up, never imported by path).
 _OUTPUT_LIBRARIES = ("diffusers.",)
 
@@ -164,9 +168,12 @@ def _hint_from_wire(payload: Mapping[str, Any], build_model: BuildModel, held: A
 def _zeros(payload: Mapping[str, Any]) -> torch.Tensor:
     dtype = getattr(torch, str(payload.get("dtype", "")), None)
     shape = payload.get("shape")
-    if not isinstance(dtype, torch.dtype) or not isinstance(shape, list):
-        raise WireValueError(f"bad zeros descriptor {payload!r}")
-    return torch.zeros([int(n) for n in shape], dtype=dtype)
+    if not isinstance(dtype, torch.dtype) or not isinstance(shape, list) or len(shape) > MAX_ZEROS_DIMS:
+        raise WireValueError(f"bad zeros descriptor {str(payload)[:200]}")
+    dims = [int(n) for n in shape]
+    if any(n < 0 for n in dims) or math.prod(dims) * dtype.itemsize > MAX_ZEROS_BYTES:
+        raise WireValueError(f"a zeros tensor of shape {dims} is negative or over {MAX_ZEROS_BYTES} bytes")
+    return torch.zeros(dims, dtype=dtype)
 
 
 def _is_library_output(value: Any) -> bool:

@@ -107,14 +107,19 @@ class ModelCache:
                     break
             pending.wait()
         started = time.perf_counter()
+        value: Any = None
+        built = False
         try:
             value = build()
+            built = True
         finally:
+            size = module_bytes(value) if built else 0
             with self._lock:
                 self._build_seconds += time.perf_counter() - started
+                if built:
+                    self._insert_locked(digest, value, size)  # before waiters wake: they find it
                 event = self._building.pop(digest)
             event.set()
-        self._insert(digest, value)
         return value, False
 
     def peek(self, digest: str) -> bool:
@@ -136,15 +141,14 @@ class ModelCache:
                 budget_bytes=self.budget_bytes, build_seconds=self._build_seconds,
             )
 
-    def _insert(self, digest: str, value: Any) -> None:
-        size = module_bytes(value)
-        with self._lock:
-            if size > self.budget_bytes:
-                return
-            self._entries[digest] = _Entry(value, size)
-            self._entries.move_to_end(digest)
-            used = sum(e.size for e in self._entries.values())
-            while used > self.budget_bytes and len(self._entries) > 1:
-                _, evicted = self._entries.popitem(last=False)
-                used -= evicted.size
-                self._evictions += 1
+    def _insert_locked(self, digest: str, value: Any, size: int) -> None:
+        """Keep ``value`` (the lock is held), evicting least recently used entries over budget."""
+        if size > self.budget_bytes:
+            return
+        self._entries[digest] = _Entry(value, size)
+        self._entries.move_to_end(digest)
+        used = sum(e.size for e in self._entries.values())
+        while used > self.budget_bytes and len(self._entries) > 1:
+            _, evicted = self._entries.popitem(last=False)
+            used -= evicted.size
+            self._evictions += 1

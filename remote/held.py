@@ -8,25 +8,29 @@ from typing import Any
 
 from diffsplit.remote.cache import module_bytes
 
+#: What every held entry costs on top of its tensors (keys, containers, bookkeeping).
+ENTRY_OVERHEAD_BYTES = 4096
+
 
 class HeldValues:
     """A small LRU of decoded input values keyed by their content digest, under a byte budget."""
 
-    def __init__(self, budget_bytes: int = 256 << 20) -> None:
+    def __init__(self, budget_bytes: int = 256 << 20, max_entries: int = 1024) -> None:
         self.budget_bytes = budget_bytes
+        self.max_entries = max_entries
         self._values: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def put(self, digest: str, value: Any) -> None:
         """Hold ``value`` under ``digest`` (evicting the least recently used beyond the budget)."""
-        size = module_bytes(value)
+        size = module_bytes(value) + ENTRY_OVERHEAD_BYTES
         if size > self.budget_bytes:
             return
         with self._lock:
             self._values[digest] = (value, size)
             self._values.move_to_end(digest)
             used = sum(s for _, s in self._values.values())
-            while used > self.budget_bytes and self._values:
+            while (used > self.budget_bytes or len(self._values) > self.max_entries) and self._values:
                 _, (_, evicted) = self._values.popitem(last=False)
                 used -= evicted
 

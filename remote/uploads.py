@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 from diffsplit.engine.store import MODEL_FOLDERS, unsafe_name_reason
 from diffsplit.remote.errors import BadRequest
+from diffsplit.tracer.files import file_sha256 as _sha256_of
 
 _SHA256_HEX = frozenset("0123456789abcdef")
 
@@ -89,11 +89,7 @@ class UploadReceiver:
 
     def _install(self, part: Path, chunk: UploadChunk) -> Path:
         size = part.stat().st_size
-        digest = hashlib.sha256()
-        with part.open("rb") as stream:
-            for block in iter(lambda: stream.read(8 << 20), b""):
-                digest.update(block)
-        if size != chunk.total_bytes or digest.hexdigest() != chunk.sha256:
+        if size != chunk.total_bytes or _sha256_of(part) != chunk.sha256:
             part.unlink(missing_ok=True)
             raise BadRequest(f"upload of {chunk.name!r}: content does not match its sha256; discarded")
         target = self.root / chunk.folder / chunk.name
@@ -101,5 +97,13 @@ class UploadReceiver:
             part.unlink(missing_ok=True)
             raise BadRequest(f"upload: {chunk.name!r} would land outside the store")
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(part, target)
+        try:
+            os.link(part, target)  # fails if the name exists: an upload never replaces a model
+        except FileExistsError:
+            part.unlink(missing_ok=True)
+            if target.is_file() and _sha256_of(target) == chunk.sha256:
+                return target
+            existing = f"{chunk.folder}/{chunk.name}"
+            raise BadRequest(f"upload: {existing} exists with other content; not replaced") from None
+        part.unlink(missing_ok=True)
         return target

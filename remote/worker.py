@@ -32,14 +32,16 @@ import torch
 from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.nodes.registry import NodeRegistry, default_registry
 from diffsplit.engine.store import ModelStore
-from diffsplit.engine.wire_values import WireValueError, from_wire, to_wire
+from diffsplit.engine.wire_values import WireValueError, from_wire, to_wire, walk_values
 from diffsplit.remote.builder import ModelBuilder
 from diffsplit.remote.cache import ModelCache
 from diffsplit.remote.errors import BadRequest, NodeFailed, Overloaded, RemoteError
 from diffsplit.remote.held import HeldValues
 from diffsplit.remote.uploads import UploadReceiver
+from diffsplit.tracer.objects import is_pipeline
 from diffsplit.transport.auth import ServerCurve
-from diffsplit.transport.errors import TransportError
+from diffsplit.transport.digest import content_digest
+from diffsplit.transport.errors import MessageTooLarge, TransportError, UnsupportedType
 from diffsplit.transport.protocol import Settings
 from diffsplit.transport.server import Request, Server
 
@@ -47,6 +49,8 @@ from diffsplit import __version__
 
 log = logging.getLogger(__name__)
 
+#: The largest reply an ``echo`` link probe may ask for.
+MAX_ECHO_BYTES = 16 << 20
 #: What op ``call`` may invoke on a rebuilt object: a module's forward, or a pipeline's __call__.
 CALLABLE_METHODS = frozenset({"forward", "__call__"})
 
@@ -166,24 +170,33 @@ class Worker:
                 return
             job = _Job(request, time.monotonic())
             self._pool.submit(self._run_job, job)
-        elif request.op == "hello":
-            self.server.reply(request, {"op": "result", "worker": self._describe()})
-        elif request.op == "echo":
-            self._echo(request)
-        elif request.op == "stats":
-            self.server.reply(request, {"op": "result", "cache": vars(self.cache.stats())})
-        elif request.op == "upload":
-            self._handle_upload(request)
-        else:
-            self._reply_error(request, BadRequest(f"unknown op {request.op!r}"))
+            return
+        handlers = {
+            "hello": self._hello, "echo": self._echo, "stats": self._stats, "upload": self._handle_upload,
+        }
+        handler = handlers.get(request.op)
+        try:
+            if handler is None:
+                raise BadRequest(f"unknown op {request.op!r}")
+            handler(request)
+        except RemoteError as exc:
+            self._reply_error(request, exc)
+        except Exception as exc:  # one bad request never stops the daemon
+            log.exception("op %s failed", request.op)
+            self._reply_error(request, BadRequest(f"{request.op} failed: {type(exc).__name__}: {exc}"))
+
+    def _hello(self, request: Request) -> None:
+        self._send(request, {"op": "result", "worker": self._describe()})
+
+    def _stats(self, request: Request) -> None:
+        self._send(request, {"op": "result", "cache": vars(self.cache.stats())})
 
     def _echo(self, request: Request) -> None:
-        """Link probe: returns ``reply_bytes`` zero bytes (at most 64 MiB); the request may carry any data."""
+        """Link probe: returns ``reply_bytes`` zero bytes (at most 16 MiB); the request may carry any data."""
         size = request.header.get("reply_bytes", 0)
-        if not isinstance(size, int) or not 0 <= size <= 64 << 20:
-            self._reply_error(request, BadRequest("echo: reply_bytes must be an int in [0, 64 MiB]"))
-            return
-        self.server.reply(request, {"op": "result", "data": bytes(size)})
+        if not isinstance(size, int) or not 0 <= size <= MAX_ECHO_BYTES:
+            raise BadRequest(f"echo: reply_bytes must be an int in [0, {MAX_ECHO_BYTES}]")
+        self._send(request, {"op": "result", "data": bytes(size)})
 
     def _describe(self) -> dict[str, Any]:
         return {"version": __version__, "slots": self.config.slots, "allow_upload": self.config.allow_upload,
@@ -191,15 +204,11 @@ class Worker:
 
     def _handle_upload(self, request: Request) -> None:
         if not self.config.allow_upload:
-            refusal = BadRequest("uploads are off on this worker (start it with --allow-upload)")
-            self._reply_error(request, refusal)
-            return
-        try:
-            path = self.uploads.receive(request.header)
-        except RemoteError as exc:
-            self._reply_error(request, exc)
-            return
-        self.server.reply(request, {"op": "result", "installed": None if path is None else path.name})
+            raise BadRequest("uploads are off on this worker (start it with --allow-upload)")
+        if self.server.is_authenticated and not request.authenticated:
+            raise BadRequest("uploads are accepted only from allow-listed CURVE clients")
+        path = self.uploads.receive(request.header)
+        self._send(request, {"op": "result", "installed": None if path is None else path.name})
 
     def _run_job(self, job: _Job) -> None:
         request = job.request
@@ -249,9 +258,11 @@ class Worker:
             }
         except WireValueError as exc:
             raise BadRequest(str(exc)) from exc
-        for name, digest in (header.get("hold") or {}).items():
-            if name in inputs:
-                self.held.put(str(digest), inputs[name])
+        for name in header.get("hold") or {}:
+            spec = node_class.input(str(name))
+            if spec is not None and spec.type == "CONDITIONING" and name in inputs:
+                # keyed by the digest computed here: a peer cannot file a value under another's digest
+                self.held.put(content_digest(inputs_wire[name]), inputs[name])
         rebuilt = time.monotonic()
         node_id = str(node.get("id", "?"))
 
@@ -309,6 +320,8 @@ class Worker:
         obj = self.builder.build(target)
         if method == "forward" and not isinstance(obj, torch.nn.Module):
             raise BadRequest(f"the target is a {type(obj).__name__}, not a module with forward()")
+        if method == "__call__" and not is_pipeline(obj):
+            raise BadRequest(f"the target is a {type(obj).__name__}, not a pipeline")
         return self._invoke(obj, request, received, started=started)
 
     def _invoke(
@@ -328,7 +341,7 @@ class Worker:
         with torch.no_grad():
             output = function(*args, **kwargs)
         finished = time.monotonic()
-        generators = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Generator)]
+        generators = [value for value in walk_values([args, kwargs]) if isinstance(value, torch.Generator)]
         try:
             output_wire = to_wire(output, self.builder.recipe_of, where="result")
         except WireValueError as exc:
@@ -357,6 +370,13 @@ class Worker:
             return
         try:
             self.server.reply(request, reply)
+        except (MessageTooLarge, UnsupportedType) as exc:
+            # nothing was sent: the client must hear why rather than wait forever
+            failure = NodeFailed(f"the reply could not be sent: {exc}")
+            try:
+                self.server.reply(request, {"op": "error", "error": failure.to_reply()})
+            except TransportError:
+                log.warning("could not reply to request %s: %s", request.request_id, exc)
         except TransportError as exc:
             log.warning("could not reply to request %s: %s", request.request_id, exc)
 

@@ -60,23 +60,25 @@ def parts(value: Any) -> Iterator[tuple[str, Any]]:
                 yield key, part
 
 
+_MISSING = object()
+
+
 def get_path(value: Any, path: str) -> Any:
-    """The object at ``path`` inside ``value`` (digits index tuples and lists). Raises LookupError."""
+    """The part at ``path`` inside ``value``; raises LookupError.
+
+    Only named parts are followed (see :func:`parts`: child modules, pipeline
+    components, dataclass fields, mapping keys, sequence indices), never
+    arbitrary attributes, and no segment may start with ``_``: a path that
+    comes from a recipe can reach models, not the objects behind them.
+    """
     current = value
     for segment in split_path(path):
-        if isinstance(current, tuple | list) and segment.isdigit():
-            index = int(segment)
-            if index >= len(current):
-                raise LookupError(f"{path!r}: index {index} is out of range")
-            current = current[index]
-        elif isinstance(current, Mapping) and not isinstance(current, torch.nn.Module):
-            if segment not in current:
-                raise LookupError(f"{path!r}: no key {segment!r}")
-            current = current[segment]
-        else:
-            if not hasattr(current, segment):
-                raise LookupError(f"{path!r}: {describe(current)} has no attribute {segment!r}")
-            current = getattr(current, segment)
+        if not segment or segment.startswith("_"):
+            raise LookupError(f"{path!r}: {segment!r} is not a part name")
+        found = dict(parts(current)).get(segment, _MISSING)
+        if found is _MISSING:
+            raise LookupError(f"{path!r}: {describe(current)} has no part {segment!r}")
+        current = found
     return current
 
 

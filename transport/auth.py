@@ -145,3 +145,13 @@ def configure_client(sock: zmq.Socket[Any], curve: ClientCurve) -> KeyPair:
     sock.curve_publickey = keypair.public
     sock.curve_serverkey = curve.server_public
     return keypair
+
+
+def client_curve_from_environment() -> ClientCurve | None:
+    """CURVE keys named by ``DIFFSPLIT_CURVE_SERVER_KEY`` (the worker's public ``.key`` file) and
+    ``DIFFSPLIT_CURVE_CLIENT_KEY`` (this client's ``.key_secret`` file); None when either is unset."""
+    server = os.environ.get("DIFFSPLIT_CURVE_SERVER_KEY")
+    client = os.environ.get("DIFFSPLIT_CURVE_CLIENT_KEY")
+    if not server or not client:
+        return None
+    return ClientCurve(server_public=load_keypair(server).public, keypair=load_keypair(client))
