@@ -170,6 +170,7 @@ def _verdicts(costs: Sequence[NodeCost], best: frozenset[str], scorer: _Scorer) 
                       f"under the {scorer.options.tolerance:.0%} threshold ({work})")
         elif other - chosen < 0.0005:
             short = "no gain"
+            reason = f"keep local: offloading changes the end-to-end time by under 0.5 ms ({work})"
         else:
             short = f"+{other - chosen:.3f} s if offloaded"
             reason = (f"keep local: offloading it would take {other:.3f} s end-to-end, "
