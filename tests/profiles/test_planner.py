@@ -134,3 +134,17 @@ def test_remote_speed_forms_and_errors() -> None:
             parse_remote_speed([bad])
     with pytest.raises(RemoteSpeedError, match="given twice"):
         parse_remote_speed(["2x", "3x"])
+
+
+def test_a_node_whose_placement_changes_nothing_gets_a_no_gain_reason(
+    make_synthetic: Callable[..., WorkflowMeasure],
+) -> None:
+    measure = make_synthetic([
+        ("1", "Source", (), 0.0, 0, 0, "loader"),
+        ("2", "Tiny", ("1",), 0.006, 0, 0, None),
+        ("3", "Sink", ("2",), 0.0, 0, 0, "output node"),
+    ])
+    # twice as fast remotely, minus the 3 ms call overhead: the same end-to-end time either way
+    plan = plan_offload(node_costs(measure, RemoteSpeed(default=2.0)), parse_link("100gbit,0ms"))
+    tiny = next(v for v in plan.verdicts if v.node_id == "2")
+    assert not tiny.offload and tiny.short == "no gain" and tiny.reason.startswith("keep local")
