@@ -263,7 +263,8 @@ class RemoteRunner:
         )
         with self._lock:
             self._stats[call.node.id] = stats
-            self._held.setdefault(address, set()).update(header["hold"].values())
+            # only what the worker says it kept: a value over its budget is sent in full next time
+            self._held.setdefault(address, set()).update(str(d) for d in reply.get("held") or ())
             self._held[address].update(header["uses_held"])
 
     def _upload(self, address: str, error: Mapping[str, Any], node_id: str, class_type: str) -> None:

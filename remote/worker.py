@@ -258,11 +258,15 @@ class Worker:
             }
         except WireValueError as exc:
             raise BadRequest(str(exc)) from exc
+        held_now: list[str] = []
         for name in header.get("hold") or {}:
             spec = node_class.input(str(name))
             if spec is not None and spec.type == "CONDITIONING" and name in inputs:
                 # keyed by the digest computed here: a peer cannot file a value under another's digest
-                self.held.put(content_digest(inputs_wire[name]), inputs[name])
+                digest = content_digest(inputs_wire[name])
+                self.held.put(digest, inputs[name])
+                if digest in self.held:  # values over the budget are not kept: tell the client
+                    held_now.append(digest)
         rebuilt = time.monotonic()
         node_id = str(node.get("id", "?"))
 
@@ -284,6 +288,7 @@ class Worker:
         return {
             "op": "result",
             "outputs": outputs_wire,
+            "held": held_now,
             "timings": {
                 "queue_s": started - received,
                 "rebuild_s": rebuilt - started,
