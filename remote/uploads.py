@@ -70,6 +70,8 @@ class UploadReceiver:
         self.root = root
         self.max_file_bytes = max_file_bytes
         self._lock = threading.Lock()
+        for stale in (root / ".uploads").glob("*.part"):  # a part cannot resume after a restart
+            stale.unlink(missing_ok=True)
 
     def receive(self, header: dict[str, object]) -> Path | None:
         """Apply one chunk; returns the installed file's path after the final one."""

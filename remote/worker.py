@@ -49,6 +49,8 @@ from diffsplit import __version__
 
 log = logging.getLogger(__name__)
 
+#: Ops that run on the slot threads (and count against --slots + --max-queue).
+POOLED_OPS = frozenset({"run_node", "call", "run_function", "upload"})
 #: The largest reply an ``echo`` link probe may ask for.
 MAX_ECHO_BYTES = 16 << 20
 #: What op ``call`` may invoke on a rebuilt object: a module's forward, or a pipeline's __call__.
@@ -163,7 +165,7 @@ class Worker:
         self._stopping.set()
 
     def _dispatch(self, request: Request) -> None:
-        if request.op in ("run_node", "call", "run_function"):
+        if request.op in POOLED_OPS:
             if self._stopping.is_set() or not self._in_flight.acquire(blocking=False):
                 why = "the worker is shutting down" if self._stopping.is_set() else "the queue is full"
                 self._reply_error(request, Overloaded(why))
@@ -171,9 +173,7 @@ class Worker:
             job = _Job(request, time.monotonic())
             self._pool.submit(self._run_job, job)
             return
-        handlers = {
-            "hello": self._hello, "echo": self._echo, "stats": self._stats, "upload": self._handle_upload,
-        }
+        handlers = {"hello": self._hello, "echo": self._echo, "stats": self._stats}
         handler = handlers.get(request.op)
         try:
             if handler is None:
@@ -202,13 +202,17 @@ class Worker:
         return {"version": __version__, "slots": self.config.slots, "allow_upload": self.config.allow_upload,
                 "cache_budget_bytes": self.config.cache_bytes}
 
-    def _handle_upload(self, request: Request) -> None:
+    def _upload(self, request: Request, received: float) -> dict[str, Any]:
+        """Op ``upload``: one chunk of a model file (on a slot thread: the final chunk hashes the file)."""
         if not self.config.allow_upload:
             raise BadRequest("uploads are off on this worker (start it with --allow-upload)")
         if self.server.is_authenticated and not request.authenticated:
             raise BadRequest("uploads are accepted only from allow-listed CURVE clients")
-        path = self.uploads.receive(request.header)
-        self._send(request, {"op": "result", "installed": None if path is None else path.name})
+        try:
+            path = self.uploads.receive(request.header)
+        except OSError as exc:
+            raise BadRequest(f"upload failed: {exc}") from exc
+        return {"op": "result", "installed": None if path is None else path.name}
 
     def _run_job(self, job: _Job) -> None:
         request = job.request
@@ -217,7 +221,8 @@ class Worker:
         try:
             if self._stopping.is_set():
                 raise Overloaded("the worker is shutting down")
-            run = {"run_node": self._run_node, "call": self._run_call, "run_function": self._run_function}
+            run = {"run_node": self._run_node, "call": self._run_call, "run_function": self._run_function,
+                   "upload": self._upload}
             reply = run[request.op](request, job.received)
         except RemoteError as exc:
             self._reply_error(request, exc)
