@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
@@ -152,10 +151,6 @@ def worker(args: argparse.Namespace) -> int:
     print(f"diffsplit worker listening on {daemon.endpoint} (models: {config.models})", flush=True)
     daemon.serve()
     print("diffsplit worker stopped", file=sys.stderr, flush=True)
-    stuck = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
-    if any(thread.is_alive() for thread in stuck):
-        # a node still running after --grace must not keep the process alive; replies were sent
-        os._exit(0)
     return 0
 
 

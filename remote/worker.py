@@ -8,6 +8,9 @@ with a context that streams progress back, and replies with the outputs or a
 structured error: ``MissingModel``, ``BadRequest``, ``NodeFailed``,
 ``Overloaded``, ``NotHeld``.
 
+Requests wait in one queue per client, served round robin by ``slots``
+threads (time-sharing: one client's backlog does not starve another).
+
 Op ``call`` serves ``diffsplit.offload``: a traced object's recipe, a method
 (``forward`` of a module or ``__call__`` of a pipeline) and its arguments.
 
@@ -23,7 +26,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from diffsplit.engine.wire_values import WireValueError, from_wire, to_wire, wal
 from diffsplit.remote.builder import ModelBuilder
 from diffsplit.remote.cache import ModelCache
 from diffsplit.remote.errors import BadRequest, NodeFailed, Overloaded, RemoteError
+from diffsplit.remote.fair_queue import FairQueue, QueueClosed
 from diffsplit.remote.held import HeldValues
 from diffsplit.remote.uploads import UploadReceiver
 from diffsplit.tracer.objects import is_pipeline
@@ -143,12 +146,18 @@ class Worker:
         self._running: dict[str, Request] = {}
         self._running_lock = threading.Lock()
         self._in_flight = threading.Semaphore(config.slots + config.max_queue)
-        self._pool = ThreadPoolExecutor(max_workers=config.slots, thread_name_prefix="diffsplit-slot")
+        self._queue: FairQueue[_Job] = FairQueue()
+        self._slots = [
+            threading.Thread(target=self._serve_slot, name=f"diffsplit-slot-{n}", daemon=True)
+            for n in range(config.slots)
+        ]
         self.server = Server(config.listen, settings=config.settings, curve=config.curve)
         self.endpoint = self.server.endpoint
 
     def serve(self) -> None:
         """Receive and dispatch requests until :meth:`stop`; then drain and close."""
+        for slot in self._slots:
+            slot.start()
         try:
             while not self._stopping.is_set():
                 try:
@@ -170,8 +179,7 @@ class Worker:
                 why = "the worker is shutting down" if self._stopping.is_set() else "the queue is full"
                 self._reply_error(request, Overloaded(why))
                 return
-            job = _Job(request, time.monotonic())
-            self._pool.submit(self._run_job, job)
+            self._queue.put(request.peer, _Job(request, time.monotonic()))
             return
         handlers = {"hello": self._hello, "echo": self._echo, "stats": self._stats}
         handler = handlers.get(request.op)
@@ -213,6 +221,16 @@ class Worker:
         except OSError as exc:
             raise BadRequest(f"upload failed: {exc}") from exc
         return {"op": "result", "installed": None if path is None else path.name}
+
+    def _serve_slot(self) -> None:
+        """One slot: take the next request, client by client in turn, until the queue closes."""
+        while True:
+            try:
+                job = self._queue.get(timeout=0.5)
+            except QueueClosed:
+                return
+            if job is not None:
+                self._run_job(job)
 
     def _run_job(self, job: _Job) -> None:
         request = job.request
@@ -393,7 +411,9 @@ class Worker:
     def _shutdown(self) -> None:
         """Queued jobs are refused, running ones get ``grace_s``, then fail clearly."""
         self._stopping.set()
-        self._pool.shutdown(wait=False)
+        for job in self._queue.close():  # queued, never started: refused clearly
+            self._reply_error(job.request, Overloaded("the worker is shutting down"))
+            self._in_flight.release()
         deadline = time.monotonic() + self.config.grace_s
         acquired = 0
         total = self.config.slots + self.config.max_queue
