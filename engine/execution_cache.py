@@ -14,32 +14,42 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from diffsplit.engine.graph import Link, Node, Workflow
 
+#: A node input's file identity (path, size, mtime) when the input names a file, else None.
+FileStamp = Callable[[Node, str, Any], str | None]
+
 
 def node_signatures(
-    workflow: Workflow, order: Iterable[str], uncacheable: Iterable[str] = ()
+    workflow: Workflow, order: Iterable[str], uncacheable: Iterable[str] = (),
+    file_stamp: FileStamp | None = None,
 ) -> dict[str, str | None]:
     """The signature of each node in ``order`` (a topological order), None where there is none.
 
     Nodes in ``uncacheable`` (e.g. whose outputs are supplied from outside) have
     no signature, nor does anything downstream of them or of a node not in ``order``.
+    ``file_stamp`` adds the identity of files named by inputs (a model or an input
+    image replaced under the same name then changes the signature, like ComfyUI's
+    IS_CHANGED).
     """
     signatures: dict[str, str | None] = dict.fromkeys(uncacheable)
     for node_id in order:
         if node_id not in signatures:
-            signatures[node_id] = _signature(workflow.nodes[node_id], signatures)
+            signatures[node_id] = _signature(workflow.nodes[node_id], signatures, file_stamp)
     return signatures
 
 
-def _signature(node: Node, known: Mapping[str, str | None]) -> str | None:
+def _signature(node: Node, known: Mapping[str, str | None], file_stamp: FileStamp | None) -> str | None:
     described: dict[str, Any] = {}
     for name, value in node.inputs.items():
         if not isinstance(value, Link):
             described[name] = {"value": value}
+            stamp = file_stamp(node, name, value) if file_stamp is not None else None
+            if stamp is not None:
+                described[name]["file"] = stamp
             continue
         source_signature = known.get(value.node_id)
         if source_signature is None:

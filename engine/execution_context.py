@@ -71,7 +71,10 @@ class ImageSaver:
         reason = unsafe_name_reason(prefix)
         if reason is not None:
             raise EngineError(f"filename prefix {prefix!r} {reason}")
-        target = path_inside(directory, prefix)
+        try:
+            target = path_inside(directory, prefix)
+        except ValueError as exc:
+            raise EngineError(f"filename prefix {prefix!r}: {exc}") from None
         target.parent.mkdir(parents=True, exist_ok=True)
         info = PngInfo()
         info.add_text("prompt", metadata.prompt)

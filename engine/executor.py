@@ -27,13 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffsplit.engine.errors import NodeFailed, WorkflowError
+from diffsplit.engine.errors import EngineError, NodeFailed, WorkflowError
 from diffsplit.engine.execution_cache import ExecutionCache, node_signatures
 from diffsplit.engine.execution_context import ImageSaver, ProgressCallback, RunContext
 from diffsplit.engine.graph import Link, Node, Workflow, node_sort_key
 from diffsplit.engine.nodes.base import NodeClass, NodeContext
 from diffsplit.engine.nodes.registry import NodeRegistry
-from diffsplit.engine.store import ModelStore
+from diffsplit.engine.store import ModelStore, path_inside
 from diffsplit.engine.validation import required_class, validate_workflow
 
 
@@ -135,7 +135,7 @@ class Executor:
         supplied = self._supplied_outputs(workflow, given or {})
         needed = workflow.needed_for(wanted)
         order = workflow.restricted_to(needed).topological_order()
-        signatures = node_signatures(workflow, order, uncacheable=supplied)
+        signatures = node_signatures(workflow, order, uncacheable=supplied, file_stamp=self._file_stamp)
         to_run, hits = self._plan(workflow, wanted, supplied, signatures, cache)
         validate_workflow(workflow, self.registry, self.store, only=to_run)
         completed = self._execute(workflow, to_run, {**supplied, **hits}, signatures, cache, node_runner)
@@ -155,6 +155,23 @@ class Executor:
             timings=timings,
             executed=ran,
         )
+
+    def _file_stamp(self, node: Node, name: str, value: Any) -> str | None:
+        """Path, size and mtime of a model or input file named by a literal input (None otherwise)."""
+        spec = self.registry.get(node.class_type).input(name)
+        if spec is None or spec.type != "COMBO" or not isinstance(value, str) or spec.choices is not None:
+            return None
+        try:
+            if spec.model_folder:
+                path = self.store.resolve(spec.model_folder, value) if self.store is not None else None
+            else:  # a COMBO of input files (LoadImage, LoadImageMask)
+                path = path_inside(self.inputs_dir, value) if self.inputs_dir is not None else None
+            if path is None:
+                return None
+            info = path.stat()
+        except (OSError, ValueError, EngineError):
+            return "missing"
+        return f"{path}:{info.st_size}:{info.st_mtime_ns}"
 
     def _supplied_outputs(
         self, workflow: Workflow, given: Mapping[str, Sequence[Any]]

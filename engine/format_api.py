@@ -34,7 +34,8 @@ def parse_api_format(document: Mapping[str, Any]) -> Workflow:
     prompt: Any = document
     if isinstance(document.get("prompt"), Mapping):
         prompt = document["prompt"]
-        pnginfo = (document.get("extra_data") or {}).get("extra_pnginfo") or {}
+        extra_data = document.get("extra_data")
+        pnginfo = extra_data.get("extra_pnginfo") if isinstance(extra_data, Mapping) else None
         if isinstance(pnginfo, Mapping) and isinstance(pnginfo.get("workflow"), Mapping):
             extra["workflow"] = pnginfo["workflow"]
     nodes = [_parse_node(str(node_id), entry) for node_id, entry in prompt.items()]

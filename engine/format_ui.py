@@ -71,6 +71,10 @@ class _Literal:
     value: Any
 
 
+#: What malformed JSON (a list where an object belongs, a dict where a list does) raises deep down.
+_SHAPE_ERRORS = (TypeError, AttributeError, KeyError, IndexError, ValueError)
+
+
 def parse_ui_format(document: Mapping[str, Any], registry: NodeRegistry) -> Workflow:
     """The workflow described by a UI-format document; node classes come from ``registry``."""
     return _UiConverter(document, registry).workflow()
@@ -125,18 +129,33 @@ class _UiConverter:
             if node_id in self.raw_nodes:
                 raise _node_error(raw, "duplicate node id")
             self.raw_nodes[node_id] = raw
-        self.links = {link.link_id: link for link in map(_parse_link, document.get("links") or [])}
-        subgraphs = (document.get("definitions") or {}).get("subgraphs") or []
-        self.subgraph_ids = {str(entry.get("id")) for entry in subgraphs if isinstance(entry, Mapping)}
+        links = document.get("links") or []
+        if not isinstance(links, list):
+            raise WorkflowError("UI workflow 'links' must be a list")
+        self.links = {link.link_id: link for link in map(_parse_link, links)}
+        definitions = document.get("definitions")
+        subgraphs = definitions.get("subgraphs") if isinstance(definitions, Mapping) else None
+        self.subgraph_ids = {
+            str(entry.get("id")) for entry in (subgraphs if isinstance(subgraphs, list) else [])
+            if isinstance(entry, Mapping)
+        }
 
     def workflow(self) -> Workflow:
         nodes = [
-            self.convert(raw)
+            self.convert_checked(raw)
             for raw in self.raw_nodes.values()
             if raw["type"] not in IGNORED_NODE_TYPES | {PRIMITIVE_NODE_TYPE, REROUTE_NODE_TYPE}
             and raw.get("mode", 0) not in (MODE_MUTED, MODE_BYPASSED)
         ]
         return Workflow.of(*nodes, source_format="ui", extra={"workflow": self.document})
+
+    def convert_checked(self, raw: Mapping[str, Any]) -> Node:
+        """:meth:`convert`, with malformed JSON reported as an error naming the node."""
+        try:
+            return self.convert(raw)
+        except _SHAPE_ERRORS as exc:
+            reason = f"malformed UI node ({type(exc).__name__}: {exc}); is the file from the ComfyUI editor?"
+            raise _node_error(raw, reason) from exc
 
     def convert(self, raw: Mapping[str, Any]) -> Node:
         class_type = raw["type"]

@@ -26,7 +26,8 @@ _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 def node_sort_key(node_id: str) -> tuple[tuple[int, int | str], ...]:
     """A natural sort key for node ids: numeric runs compare as numbers ("2" < "10" < "10:1")."""
-    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.findall(r"\d+|\D+", node_id))
+    parts = re.findall(r"\d+|\D+", node_id)
+    return tuple((0, int(part)) if part.isdecimal() else (1, part) for part in parts)
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,8 @@ class HashIndex:
         if not isinstance(document, dict) or document.get("version") != INDEX_VERSION:
             return {}
         entries: dict[str, IndexEntry] = {}
-        for key, raw in (document.get("entries") or {}).items():
+        stored = document.get("entries") if isinstance(document, dict) else None
+        for key, raw in (stored if isinstance(stored, dict) else {}).items():
             try:
                 entries[key] = IndexEntry(
                     sha256=str(raw["sha256"]), bytes=int(raw["bytes"]), stamp=str(raw["stamp"])

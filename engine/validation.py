@@ -7,6 +7,7 @@ raised, so the same broken workflow always reports the same error.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -122,6 +123,8 @@ class _Checker:
         if expected is not None and not expected[0]:
             raise self.error(node, spec.name, f"expects {kind} ({expected[1]}), got {value!r}")
         if kind in {"INT", "FLOAT"}:
+            if not math.isfinite(value):
+                raise self.error(node, spec.name, f"value {value!r} is not a finite number")
             if spec.min is not None and value < spec.min:
                 raise self.error(node, spec.name, f"value {value!r} is below the minimum {spec.min:g}")
             if spec.max is not None and value > spec.max:

@@ -163,7 +163,8 @@ class CallRecorder:
     def _stop(self) -> None:
         self._active = False
         previous, previous_threads = self._previous or (None, None)
-        sys.setprofile(previous)
+        if sys.getprofile() in (self._profile, None):  # a recorder entered later and still active stays
+            sys.setprofile(previous)
         threading.setprofile(previous_threads)
         for handle in list(self._resume_hooks.values()):
             handle.remove()
@@ -173,8 +174,8 @@ class CallRecorder:
         self._state.paused = None
 
     def _pause(self, frame: FrameType) -> None:
-        if not self._active:
-            sys.setprofile(None)
+        if not self._active:  # a thread started while recording: hand it back its old profile
+            sys.setprofile(self._previous[1] if self._previous else None)
             return
         module = frame.f_locals.get("self")
         if isinstance(module, torch.nn.Module) and self._state.paused is None:
@@ -193,8 +194,8 @@ class CallRecorder:
                 sys.setprofile(self._profile)
 
     def _enter(self, frame: FrameType, function: ResolvedFunction) -> None:
-        if not self._active:
-            sys.setprofile(None)
+        if not self._active:  # a thread started while recording: hand it back its old profile
+            sys.setprofile(self._previous[1] if self._previous else None)
             return
         state = self._state
         counts = function.role == "call"
