@@ -201,7 +201,8 @@ def test_plan_prediction_vs_measured(benchmark: Any, capsys: Any, bench: Bench, 
     ratios: dict[str, float] = {}
     overlaps: dict[str, float] = {}
     for case in cases:
-        timeline = simulate(costs, case.remote, case.link, overhead_s=measure.overhead_s)
+        timeline = simulate(costs, case.remote, case.link, overhead_s=measure.overhead_s,
+                            local_order=case.local_order)  # the order the runs used
         best = min(measured[case.label])
         ratios[case.label] = best / timeline.total_s
         overlaps[case.label] = _overlap_s(timeline) / timeline.total_s

@@ -34,6 +34,7 @@ from diffsplit.profiles.memory import MemoryProbe
 from diffsplit.profiles.model import MemoryMeasure, NodeMeasure, Role, WorkflowMeasure
 from diffsplit.profiles.sizes import reply_size, request_size
 from diffsplit.profiles.weights import naive_weight_files
+from diffsplit.tracer.fingerprint import fingerprint
 
 
 class _WatchingContext:
@@ -185,6 +186,9 @@ class MeasuringRunner:
             if is_model_value(value):
                 recipe = self.recipe_for_output(node_id, index)
                 if recipe is not None:
+                    if not recipe.get("fingerprint"):
+                        # as the remote runner does: the worker checks its rebuild against these weights
+                        recipe = {**recipe, "fingerprint": fingerprint(value)}
                     with self._lock:
                         self._recipes[id(value)] = (value, recipe)
 

@@ -60,7 +60,8 @@ class NodeMeasure:
     input without a recipe). ``request_bytes`` / ``reply_bytes``: the wire bytes a
     remote run of this node would send up and receive back. ``weight_bytes``: the
     model files a naive "ship the model" design would send for this node.
-    ``recipe_s``: for a loader, the time to work out the recipes of its models,
+    ``recipe_s``: for a loader, the time to work out the recipes of its models (with the
+    fingerprint of their weights),
     which the remote runner spends after the loader whenever a plan offloads anything.
     """
 

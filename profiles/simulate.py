@@ -98,13 +98,27 @@ def simulate(
     *,
     slots: int = 1,
     overhead_s: float = 0.0,
+    local_order: Sequence[str] | None = None,
 ) -> Timeline:
-    """The schedule of ``costs`` (topological order) with the nodes in ``remote`` on the worker."""
+    """The schedule of ``costs`` (topological order) with the nodes in ``remote`` on the worker.
+
+    Waiting local nodes get the local lane by upward rank, or in ``local_order``
+    where given (the order a plan was run with; nodes it leaves out come last).
+    """
     remote = frozenset(remote)
     unknown = sorted(n for n in remote if n not in {c.node_id for c in costs})
     if unknown:
         raise ValueError(f"remote nodes {unknown} are not in the profile")
-    return _Simulation(costs, remote, link, max(1, slots)).run(overhead_s)
+    simulation = _Simulation(costs, remote, link, max(1, slots))
+    if local_order is not None:
+        simulation.priority = _fixed_priority(local_order, [cost.node_id for cost in costs])
+    return simulation.run(overhead_s)
+
+
+def _fixed_priority(local_order: Sequence[str], node_ids: Sequence[str]) -> dict[str, tuple[float, tuple]]:
+    position = {node_id: index for index, node_id in enumerate(local_order)}
+    last = len(position)
+    return {node_id: (float(position.get(node_id, last)), node_sort_key(node_id)) for node_id in node_ids}
 
 
 class _Simulation:

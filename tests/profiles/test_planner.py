@@ -148,3 +148,21 @@ def test_a_node_whose_placement_changes_nothing_gets_a_no_gain_reason(
     plan = plan_offload(node_costs(measure, RemoteSpeed(default=2.0)), parse_link("100gbit,0ms"))
     tiny = next(v for v in plan.verdicts if v.node_id == "2")
     assert not tiny.offload and tiny.short == "no gain" and tiny.reason.startswith("keep local")
+
+
+def test_a_given_local_order_decides_which_waiting_node_runs_next(
+    make_synthetic: Callable[..., WorkflowMeasure],
+) -> None:
+    measure = make_synthetic([
+        ("1", "Busy", (), 1.0, 0, 0, None),
+        ("2", "BranchA", (), 1.0, 0, 0, None),
+        ("3", "BranchB", (), 2.0, 0, 0, None),
+        ("4", "Join", ("1", "2", "3"), 0.0, 0, 0, "output node"),
+    ])
+    costs = node_costs(measure, RemoteSpeed(default=1.0))
+    link = parse_link("1gbit,1ms")
+    a_first = simulate(costs, set(), link, local_order=["1", "2", "3", "4"])
+    b_first = simulate(costs, set(), link, local_order=["1", "3", "2", "4"])
+    assert a_first.finish_s["2"] == pytest.approx(2.0) and a_first.finish_s["3"] == pytest.approx(4.0)
+    assert b_first.finish_s["3"] == pytest.approx(3.0) and b_first.finish_s["2"] == pytest.approx(4.0)
+    assert a_first.total_s == pytest.approx(b_first.total_s)
