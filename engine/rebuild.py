@@ -7,7 +7,10 @@ top-level namespace of diffusers or transformers, and only if they derive from
 a pipeline, model, scheduler or tokenizer base class — never an import path
 taken from a recipe. Graph loader steps run engine loader nodes (``is_loader``)
 from the registry; ``@loader`` functions run only when the caller passes them
-in ``user_loaders``. Files come from ``resolve_file(FileRef) -> Path`` (a
+in ``user_loaders``. After every step the built object's weights are moved
+into allocator-owned memory (``tracer.owned_memory``), as the tracer does for
+the client's loaders, so both sides compute on equally placed weights.
+Files come from ``resolve_file(FileRef) -> Path`` (a
 worker looks them up by sha256 in its store).
 """
 
@@ -25,6 +28,7 @@ from diffsplit.tracer.errors import FingerprintMismatch, RecipeError
 from diffsplit.tracer.fingerprint import fingerprint
 from diffsplit.tracer.known_loaders import OPS
 from diffsplit.tracer.objects import get_path
+from diffsplit.tracer.owned_memory import own_weights
 from diffsplit.tracer.recipe import FILE_TAG, RECIPE_TAG, FileRef, Recipe, Step, tagged
 from diffsplit.transport.errors import DiffsplitError
 
@@ -140,6 +144,7 @@ class Builder:
                     value = self._load(step, spec.method)
                 else:
                     self._mutate(get_path(value, step.on or ""), step, spec.method)
+                own_weights(value)
             except (RecipeError, LookupError) as exc:
                 raise RecipeError(f"{recipe.name()}: step {number} ({step.op}) failed: {exc}") from exc
         return value

@@ -24,6 +24,7 @@ from diffsplit.tracer.files import FileRefResolver, file_refs_for
 from diffsplit.tracer.inputs import InputExplanation, ModuleUse, explain_input, with_used_parts
 from diffsplit.tracer.known_loaders import ResolvedFunction, classify_call, resolve_known_functions
 from diffsplit.tracer.objects import describe
+from diffsplit.tracer.owned_memory import own_weights
 from diffsplit.tracer.provenance import Provenance
 from diffsplit.tracer.recipe import Recipe
 from diffsplit.tracer.recorder import CallRecorder
@@ -105,7 +106,17 @@ class Session:
         return Explainer(self.provenance, self.files.file_ref).recipe(value, name=name)
 
     def record_call(self, record: CallRecord, subject: Any, result: Any) -> None:
-        """Add a returned call to the provenance (also used by the workflow tracer)."""
+        """Add a returned call to the provenance (also used by the workflow tracer).
+
+        A loader's result and a mutator's subject get owned weights first
+        (:func:`~diffsplit.tracer.owned_memory.own_weights`): a model mapped
+        from its file computes alignment-dependent results on some CPUs, and
+        the worker's rebuild does the same, so split equals local anywhere.
+        """
+        if record.kind == "loader":
+            own_weights(result)
+        elif record.kind == "mutator":
+            own_weights(subject)
         if record.kind == "loader":
             self.provenance.add_loader(record, result)
         elif record.kind == "mutator":

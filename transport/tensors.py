@@ -121,19 +121,36 @@ def _address(data: memoryview) -> int:
     return int(np.frombuffer(data, dtype=np.uint8).ctypes.data)
 
 
+#: The alignment torch's CPU allocator gives. A tensor at another address can
+#: compute different bits on some CPUs (alignment-dependent SIMD paths), so
+#: received data that does not sit at such an address is copied.
+ALIGNMENT = 64
+
+
 def needs_copy(data: memoryview, dtype: str) -> bool:
-    """True when ``data`` cannot back a tensor directly: read-only or misaligned."""
-    return data.readonly or _address(data) % ITEMSIZE[dtype] != 0
+    """True when ``data`` cannot back a tensor directly: read-only or not 64-byte aligned."""
+    return data.readonly or _address(data) % ALIGNMENT != 0
+
+
+def _aligned_buffer(data: memoryview) -> memoryview:
+    """A writable copy of ``data`` that starts at a 64-byte aligned address."""
+    raw = np.empty(len(data) + ALIGNMENT, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    block = raw[start : start + len(data)]
+    block[:] = np.frombuffer(data, dtype=np.uint8)
+    return memoryview(block)
 
 
 def from_bytes(kind: int, dtype: str, shape: tuple[int, ...], data: memoryview) -> Any:
     """Rebuild a tensor/array/scalar from bytes whose length the caller has checked.
 
-    Zero copy when ``data`` is writable and aligned to the item size (a received
-    ``zmq.Frame``: the result holds a reference to the frame, so it stays valid
-    after the socket lets go). Read-only or misaligned buffers (``bytes``, inline
-    payloads) are copied once into a fresh ``bytearray``. Results are always
-    writable, C-contiguous and own (or keep alive) their memory.
+    Zero copy when ``data`` is writable and 64-byte aligned (a received
+    ``zmq.Frame`` usually is: the result holds a reference to the frame, so it
+    stays valid after the socket lets go). Read-only or misaligned buffers
+    (``bytes``, inline payloads, frames at odd addresses) are copied once into
+    a fresh aligned block, so a result never depends on where its bytes
+    arrived. Results are always writable, C-contiguous and own (or keep alive)
+    their memory.
     """
     if kind == KIND_TORCH:
         torch = importlib.import_module("torch")
@@ -141,12 +158,14 @@ def from_bytes(kind: int, dtype: str, shape: tuple[int, ...], data: memoryview) 
         if len(data) == 0:
             return torch.empty(shape, dtype=torch_dtype)
         if needs_copy(data, dtype):
-            data = memoryview(bytearray(data))
+            fresh = torch.empty(shape, dtype=torch_dtype)
+            fresh.reshape(-1).view(torch.uint8).numpy()[:] = np.frombuffer(data, dtype=np.uint8)
+            return fresh
         return torch.frombuffer(data, dtype=torch_dtype).reshape(shape)
     np_dtype = np.dtype(dtype)
     if len(data) == 0:
         return np.empty(shape, dtype=np_dtype)
     if needs_copy(data, dtype):
-        data = memoryview(bytearray(data))
+        data = _aligned_buffer(data)
     array = np.frombuffer(data, dtype=np_dtype).reshape(shape)
     return array[()] if kind == KIND_NUMPY_SCALAR else array

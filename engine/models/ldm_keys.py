@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from diffsplit.engine.errors import ModelFileError
+from diffsplit.tracer.owned_memory import owned_tensor
 from safetensors import SafetensorError, safe_open
 
 #: File suffixes read with ``torch.load(weights_only=True)`` instead of safetensors.
@@ -104,7 +105,10 @@ def missing_message(path: Path, missing: Sequence[str]) -> str:
 
 @dataclass(frozen=True, eq=False)
 class TensorFile:
-    """An open tensor file: key → shape, metadata, and a reader for one tensor at a time."""
+    """An open tensor file: key → shape, metadata, and a reader for one tensor at a time.
+
+    ``read`` returns tensors in their own, allocator-owned memory.
+    """
 
     path: Path
     shapes: Mapping[str, tuple[int, ...]]
@@ -116,7 +120,10 @@ class TensorFile:
 def open_tensor_file(path: Path) -> Iterator[TensorFile]:
     """Open a ``.safetensors`` (or pickled ``.ckpt``/``.pt``) weights file for reading.
 
-    Safetensors files are read lazily, one tensor at a time. Raises
+    Safetensors files are read lazily, one tensor at a time; every tensor read
+    is copied out of the file's mapping into allocator-owned memory
+    (:mod:`diffsplit.tracer.owned_memory`), so a model's outputs never depend on
+    where the file put its bytes. Raises
     ModelFileError if the file is missing or unreadable.
     """
     path = Path(path)
@@ -131,7 +138,11 @@ def open_tensor_file(path: Path) -> Iterator[TensorFile]:
         raise ModelFileError(f"{path}: not a readable safetensors file ({error})") from error
     with handle as opened:
         shapes = {key: tuple(opened.get_slice(key).get_shape()) for key in opened.keys()}  # noqa: SIM118
-        yield TensorFile(path, shapes, dict(opened.metadata() or {}), opened.get_tensor)
+
+        def read(key: str) -> torch.Tensor:
+            return owned_tensor(opened.get_tensor(key), force=True)
+
+        yield TensorFile(path, shapes, dict(opened.metadata() or {}), read)
 
 
 def _open_pickled(path: Path) -> TensorFile:
@@ -147,7 +158,11 @@ def _open_pickled(path: Path) -> TensorFile:
         raise ModelFileError(f"{path}: holds no state dict")
     tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
     shapes = {key: tuple(value.shape) for key, value in tensors.items()}
-    return TensorFile(path, shapes, {}, tensors.__getitem__)
+
+    def read(key: str) -> torch.Tensor:
+        return owned_tensor(tensors[key], force=True)
+
+    return TensorFile(path, shapes, {}, read)
 
 
 def read_module_state(

@@ -34,6 +34,7 @@ import torch
 from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.models.safetensors_io import save_file_sorted
 from diffsplit.engine.types import DiffusionModel, TextEncoders
+from diffsplit.tracer.owned_memory import owned_tensor
 from safetensors import safe_open
 
 logger = logging.getLogger(__name__)
@@ -216,7 +217,7 @@ def load_lora(path: Path) -> LoraWeights:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata()
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            tensors = {key: owned_tensor(handle.get_tensor(key), force=True) for key in handle.keys()}  # noqa: SIM118
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelFileError(f"cannot read LoRA file {path}: {error}") from error
     lora = parse_lora_state_dict(tensors, metadata)
