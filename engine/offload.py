@@ -25,6 +25,7 @@ from diffsplit.engine.store import ModelStore
 from diffsplit.engine.wire_values import (
     HELD,
     MODEL,
+    HintTable,
     WireValueError,
     from_wire,
     is_model_value,
@@ -241,7 +242,8 @@ class RemoteRunner:
             reason = "the worker returned a model; run this node locally"
             raise NodeFailed(call.node.id, call.node.class_type, reason)
 
-        return tuple(from_wire(value, no_models) for value in outputs)
+        hints = HintTable()  # one hint shared by two outputs stays one object
+        return tuple(from_wire(value, no_models, hints=hints) for value in outputs)
 
     def _record(
         self, call: NodeCall, address: str, header: Mapping[str, Any], reply: Mapping[str, Any],

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from diffsplit.engine.types import ControlHint, ControlNet, DiffusionModel, TextEncoders, Vae
+from diffsplit.transport.digest import content_digest
 from diffsplit.transport.errors import DiffsplitError
 
 MODEL = "$ds:model"
@@ -106,30 +109,75 @@ def walk_values(value: Any) -> Iterator[Any]:
             yield from walk_values(item)
 
 
-def from_wire(data: Any, build_model: BuildModel, held: Mapping[str, Any] | None = None) -> Any:
-    """Rebuild a node value from envelope data (the inverse of :func:`to_wire`)."""
+class HintTable:
+    """The ControlNet hints decoded so far, one object per distinct hint (by its wire payload's digest).
+
+    Locally, ControlNetApplyAdvanced puts *one* hint object into both the
+    positive and the negative conditioning, and the sampler runs entries whose
+    hint is the same object as one batch. The wire carries each occurrence as
+    its own payload; decoding through one table gives equal payloads one
+    object again, within a request and across held values, so the worker
+    batches cond and uncond exactly as the local run does. Entries live as
+    long as some value still holds the hint.
+    """
+
+    def __init__(self) -> None:
+        self._hints: weakref.WeakValueDictionary[str, ControlHint] = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    def find_or_make(self, payload: Mapping[str, Any], make: Callable[[], ControlHint]) -> ControlHint:
+        """The hint decoded earlier from an equal payload, else ``make()`` (remembered)."""
+        digest = content_digest(payload)
+        with self._lock:
+            found = self._hints.get(digest)
+        if found is not None:
+            return found
+        hint = make()  # builds the ControlNet: not under the lock
+        with self._lock:
+            return self._hints.setdefault(digest, hint)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._hints)
+
+
+def from_wire(
+    data: Any,
+    build_model: BuildModel,
+    held: Mapping[str, Any] | None = None,
+    hints: HintTable | None = None,
+) -> Any:
+    """Rebuild a node value from envelope data (the inverse of :func:`to_wire`).
+
+    Equal ControlNet hints come back as one object (see :class:`HintTable`):
+    within ``data`` always, and across calls that pass the same ``hints``.
+    """
+    return _from_wire(data, build_model, held, hints if hints is not None else HintTable())
+
+
+def _from_wire(data: Any, build_model: BuildModel, held: Mapping[str, Any] | None, hints: HintTable) -> Any:
     if isinstance(data, dict):
         if len(data) == 1:
             (key, payload), = data.items()
             if key == MODEL:
                 return build_model(payload)
             if key == CONTROL:
-                return _hint_from_wire(payload, build_model, held)
+                return _hint_from_wire(payload, build_model, held, hints)
             if key == ZEROS:
                 return _zeros(payload)
             if key == GENERATOR:
                 return _generator(payload)
             if key == OUTPUT:
-                return _library_output(payload, build_model, held)
+                return _library_output(payload, build_model, held, hints)
             if key == HELD:
                 if held is None or payload not in held:
                     raise WireValueError(f"value {str(payload)[:12]}… is not held here")
                 return held[payload]
-        return {key: from_wire(item, build_model, held) for key, item in data.items()}
+        return {key: _from_wire(item, build_model, held, hints) for key, item in data.items()}
     if isinstance(data, list):
-        return [from_wire(item, build_model, held) for item in data]
+        return [_from_wire(item, build_model, held, hints) for item in data]
     if isinstance(data, tuple):
-        return tuple(from_wire(item, build_model, held) for item in data)
+        return tuple(_from_wire(item, build_model, held, hints) for item in data)
     return data
 
 
@@ -150,19 +198,30 @@ def _hint_to_wire(hint: ControlHint, recipe_of: RecipeOf, where: str) -> dict[st
     return fields
 
 
-def _hint_from_wire(payload: Mapping[str, Any], build_model: BuildModel, held: Any) -> ControlHint:
-    controlnet = build_model(payload["controlnet"])
-    if not isinstance(controlnet, ControlNet):
-        raise WireValueError("a control hint's recipe did not build a ControlNet")
-    previous = payload.get("previous")
-    return ControlHint(
-        controlnet=controlnet,
-        image=from_wire(payload["image"], build_model, held),
-        strength=float(payload["strength"]),
-        start_percent=float(payload["start_percent"]),
-        end_percent=float(payload["end_percent"]),
-        previous=None if previous is None else _hint_from_wire(previous, build_model, held),
-    )
+def _hint_from_wire(
+    payload: Mapping[str, Any], build_model: BuildModel, held: Any, hints: HintTable
+) -> ControlHint:
+    if not isinstance(payload, Mapping):
+        raise WireValueError("a control hint is not a mapping")
+
+    def make() -> ControlHint:
+        controlnet = build_model(payload["controlnet"])
+        if not isinstance(controlnet, ControlNet):
+            raise WireValueError("a control hint's recipe did not build a ControlNet")
+        previous = payload.get("previous")
+        return ControlHint(
+            controlnet=controlnet,
+            image=_from_wire(payload["image"], build_model, held, hints),
+            strength=float(payload["strength"]),
+            start_percent=float(payload["start_percent"]),
+            end_percent=float(payload["end_percent"]),
+            previous=None if previous is None else _hint_from_wire(previous, build_model, held, hints),
+        )
+
+    try:
+        return hints.find_or_make(payload, make)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireValueError(f"a control hint is not well formed: {type(exc).__name__}: {exc}") from None
 
 
 def _zeros(payload: Mapping[str, Any]) -> torch.Tensor:
@@ -190,7 +249,7 @@ def _generator(payload: Mapping[str, Any]) -> torch.Generator:
     return generator
 
 
-def _library_output(payload: Mapping[str, Any], build_model: BuildModel, held: Any) -> Any:
+def _library_output(payload: Mapping[str, Any], build_model: BuildModel, held: Any, hints: HintTable) -> Any:
     """A diffusers ``BaseOutput`` result, its class found by name among already-imported modules."""
     import sys
 
@@ -199,7 +258,7 @@ def _library_output(payload: Mapping[str, Any], build_model: BuildModel, held: A
     module_name, _, qualname = str(payload.get("type", "")).partition(":")
     module = sys.modules.get(module_name) if module_name.startswith(_OUTPUT_LIBRARIES) else None
     cls = getattr(module, qualname, None) if module is not None and "." not in qualname else None
-    fields = from_wire(payload.get("fields", {}), build_model, held)
+    fields = _from_wire(payload.get("fields", {}), build_model, held, hints)
     if not (isinstance(cls, type) and issubclass(cls, BaseOutput)) or not isinstance(fields, dict):
         raise WireValueError(f"unknown result type {payload.get('type')!r}")
     return cls(**fields)

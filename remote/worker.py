@@ -34,7 +34,7 @@ import torch
 from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.nodes.registry import NodeRegistry, default_registry
 from diffsplit.engine.store import ModelStore
-from diffsplit.engine.wire_values import WireValueError, from_wire, to_wire, walk_values
+from diffsplit.engine.wire_values import HintTable, WireValueError, from_wire, to_wire, walk_values
 from diffsplit.remote.builder import ModelBuilder
 from diffsplit.remote.cache import ModelCache
 from diffsplit.remote.errors import BadRequest, NodeFailed, Overloaded, RemoteError
@@ -141,6 +141,8 @@ class Worker:
         self.cache = ModelCache(config.cache_bytes)
         self.builder = ModelBuilder(self.store, self.registry, self.cache)
         self.held = HeldValues(config.held_bytes)
+        #: one object per distinct ControlNet hint, across requests and held values (cond/uncond batching)
+        self.hints = HintTable()
         self.uploads = UploadReceiver(Path(config.models), config.max_upload_bytes)
         self._stopping = threading.Event()
         self._running: dict[str, Request] = {}
@@ -277,7 +279,8 @@ class Worker:
         builds_before = self.cache.stats()
         try:
             inputs = {
-                name: from_wire(value, self.builder.build, held) for name, value in inputs_wire.items()
+                name: from_wire(value, self.builder.build, held, self.hints)
+                for name, value in inputs_wire.items()
             }
         except WireValueError as exc:
             raise BadRequest(str(exc)) from exc

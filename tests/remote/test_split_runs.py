@@ -116,3 +116,35 @@ def test_conditioning_already_held_is_sent_as_digest(
     assert first_stats.held_inputs == 0 and second_stats.held_inputs == 2
     assert second_stats.request_bytes < first_stats.request_bytes
     assert not torch.equal(first.outputs["6"][0]["samples"], again.outputs["6"][0]["samples"])
+
+
+def advanced_controlnet_workflow(*, chain: bool) -> dict[str, Any]:
+    """ControlNetApplyAdvanced: one hint shared by positive and negative (chained twice with ``chain``)."""
+    workflow = controlnet_workflow()
+    del workflow["11"]
+    workflow["11"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": ["3", 0], "negative": ["4", 0], "control_net": ["9", 0], "image": ["10", 0],
+        "strength": 0.8, "start_percent": 0.0, "end_percent": 1.0}}
+    last = "11"
+    if chain:
+        workflow["14"] = {"class_type": "ImageInvert", "inputs": {"image": ["10", 0]}}
+        workflow["15"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": ["11", 0], "negative": ["11", 1], "control_net": ["9", 0], "image": ["14", 0],
+            "strength": 0.5, "start_percent": 0.1, "end_percent": 0.9}}
+        last = "15"
+    workflow["6"]["inputs"]["positive"] = [last, 0]
+    workflow["6"]["inputs"]["negative"] = [last, 1]
+    return workflow
+
+
+@pytest.mark.parametrize("chain", [False, True], ids=["one-controlnet", "two-controlnets-chained"])
+def test_shared_controlnet_hint_on_worker_equals_local(
+    worker_address: str, models_dir: Path, tmp_path: Path, inputs_dir: Path, registry: NodeRegistry,
+    chain: bool,
+) -> None:
+    document = advanced_controlnet_workflow(chain=chain)
+    assert document["4"]["class_type"] == "CLIPTextEncode"
+    local, _ = run_workflow(document, models_dir, tmp_path / "local", inputs_dir, registry)
+    split, _ = run_workflow(document, models_dir, tmp_path / "split", inputs_dir, registry,
+                            remote=[f"KSampler={worker_address}", f"VAEDecode={worker_address}"])
+    assert_same_outputs(local, split, ["6", "7"])
