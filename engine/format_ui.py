@@ -4,9 +4,14 @@ What the conversion does (it follows what the editor sends to the ComfyUI server
 
 - ``widgets_values`` (a list) map positionally onto the class's widget inputs in
   declaration order; an input with ``control_after_generate`` is followed by its
-  control value (``"randomize"``, ``"fixed"``...), which is skipped. Trailing
-  extra values (upload buttons and similar) are ignored. A dict of
-  ``widgets_values`` (newer editors) is read by input name.
+  control value (``"randomize"``, ``"fixed"``..., or legacy ``true``/``false``),
+  which is skipped. Trailing extra values (upload buttons and similar) are
+  ignored; missing ones (a short list, ``null``, no ``widgets_values``) take the
+  class's defaults, as the editor fills them. A dict of ``widgets_values``
+  (newer editors) is read by input name. ``sample_``-prefixed sampler names of
+  older files are read without the prefix.
+- Subgraphs (``definitions.subgraphs``, nested ones too) are flattened first:
+  inner nodes get ids ``"<outer>:<inner>"``.
 - A widget converted to an input keeps its ``widgets_values`` slot; when it has a
   link, the link wins.
 - ``PrimitiveNode``: its value (``widgets_values[0]``) replaces the link in every
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from diffsplit.engine.errors import WorkflowError
+from diffsplit.engine.format_subgraphs import flatten_subgraphs
 from diffsplit.engine.graph import Link, Node, Workflow
 
 if TYPE_CHECKING:
@@ -45,6 +51,8 @@ PRIMITIVE_NODE_TYPE = "PrimitiveNode"
 REROUTE_NODE_TYPE = "Reroute"
 #: The values of the editor's "control after generate" widget.
 CONTROL_VALUES = frozenset({"fixed", "increment", "decrement", "randomize"})
+#: The prefix older editors saved before sampler names (``sample_dpmpp_2m``).
+LEGACY_SAMPLER_PREFIX = "sample_"
 
 
 def is_ui_format(document: Any) -> bool:
@@ -76,34 +84,69 @@ _SHAPE_ERRORS = (TypeError, AttributeError, KeyError, IndexError, ValueError)
 
 
 def parse_ui_format(document: Mapping[str, Any], registry: NodeRegistry) -> Workflow:
-    """The workflow described by a UI-format document; node classes come from ``registry``."""
-    return _UiConverter(document, registry).workflow()
+    """The workflow described by a UI-format document; node classes come from ``registry``.
+
+    Subgraphs are flattened first (:mod:`~diffsplit.engine.format_subgraphs`);
+    the workflow keeps the document as it was saved.
+    """
+    try:
+        flat = flatten_subgraphs(document)
+    except _SHAPE_ERRORS as exc:
+        raise WorkflowError(f"malformed subgraph definitions ({type(exc).__name__}: {exc})") from exc
+    return _UiConverter(flat, registry, saved=document).workflow()
 
 
 def widget_values_by_name(raw: Mapping[str, Any], node_class: NodeClass) -> dict[str, Any]:
-    """Map a UI node's ``widgets_values`` onto ``node_class``'s widget inputs."""
+    """Map a UI node's ``widgets_values`` onto ``node_class``'s widget inputs.
+
+    As the editor loads a file: values missing at the end (or a ``null`` or
+    absent ``widgets_values``) take the class's defaults; the slot after a
+    seed holds its "control after generate" value, a word or, in files from
+    older editors, ``true``/``false`` (randomize/fixed); sampler and scheduler
+    names of older files (``sample_euler``) are read without the prefix.
+    """
     values = raw.get("widgets_values")
     specs = node_class.widget_inputs
     if values is None:
-        return {}
+        values = []
     if isinstance(values, Mapping):
-        return {spec.name: values[spec.name] for spec in specs if spec.name in values}
-    if not isinstance(values, list):
+        mapped = {spec.name: values[spec.name] for spec in specs if spec.name in values}
+    elif isinstance(values, list):
+        mapped = _positional_widgets(values, specs)
+    else:
         raise _node_error(raw, f"widgets_values must be a list or an object, got {type(values).__name__}")
-    expected = len(specs) + sum(1 for spec in specs if spec.control_after_generate)
+    for spec in specs:
+        if spec.name not in mapped and spec.default is not None:
+            mapped[spec.name] = spec.default
+        elif spec.name in mapped:
+            mapped[spec.name] = _legacy_choice(mapped[spec.name], spec)
+    return mapped
+
+
+def _positional_widgets(values: list[Any], specs: tuple[Any, ...]) -> dict[str, Any]:
     mapped: dict[str, Any] = {}
     position = 0
     for spec in specs:
         if position >= len(values):
-            names = ", ".join(spec.name for spec in specs)
-            raise _node_error(
-                raw, f"widgets_values has {len(values)} values, expected {expected} (for {names})"
-            )
+            break
         mapped[spec.name] = values[position]
         position += 1
-        if spec.control_after_generate and position < len(values) and values[position] in CONTROL_VALUES:
+        if spec.control_after_generate and position < len(values) and _is_control_value(values[position]):
             position += 1
     return mapped
+
+
+def _is_control_value(value: Any) -> bool:
+    return isinstance(value, bool) or (isinstance(value, str) and value in CONTROL_VALUES)
+
+
+def _legacy_choice(value: Any, spec: Any) -> Any:
+    """A combo value of an older editor, under its current name (``sample_euler`` → ``euler``)."""
+    choices = spec.choices
+    if not choices or not isinstance(value, str) or value in choices:
+        return value
+    bare = value.removeprefix(LEGACY_SAMPLER_PREFIX)
+    return bare if bare in choices else value
 
 
 def _node_error(raw: Mapping[str, Any], reason: str, input_name: str | None = None) -> WorkflowError:
@@ -118,8 +161,11 @@ def _node_error(raw: Mapping[str, Any], reason: str, input_name: str | None = No
 class _UiConverter:
     """One conversion: the document's nodes and links indexed by id."""
 
-    def __init__(self, document: Mapping[str, Any], registry: NodeRegistry) -> None:
+    def __init__(
+        self, document: Mapping[str, Any], registry: NodeRegistry, saved: Mapping[str, Any] | None = None
+    ) -> None:
         self.document = document
+        self.saved = saved if saved is not None else document
         self.registry = registry
         self.raw_nodes: dict[str, Mapping[str, Any]] = {}
         for raw in document["nodes"]:
@@ -147,7 +193,7 @@ class _UiConverter:
             if raw["type"] not in IGNORED_NODE_TYPES | {PRIMITIVE_NODE_TYPE, REROUTE_NODE_TYPE}
             and raw.get("mode", 0) not in (MODE_MUTED, MODE_BYPASSED)
         ]
-        return Workflow.of(*nodes, source_format="ui", extra={"workflow": self.document})
+        return Workflow.of(*nodes, source_format="ui", extra={"workflow": self.saved})
 
     def convert_checked(self, raw: Mapping[str, Any]) -> Node:
         """:meth:`convert`, with malformed JSON reported as an error naming the node."""
@@ -160,7 +206,7 @@ class _UiConverter:
     def convert(self, raw: Mapping[str, Any]) -> Node:
         class_type = raw["type"]
         if class_type in self.subgraph_ids:
-            raise _node_error(raw, "subgraph nodes are not supported; unpack the subgraph in the editor")
+            raise _node_error(raw, "a subgraph node could not be flattened")
         if class_type not in self.registry:
             raise _node_error(raw, self.registry.unknown_class_message(class_type))
         inputs: dict[str, Any] = widget_values_by_name(raw, self.registry[class_type])

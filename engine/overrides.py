@@ -3,10 +3,13 @@
 An override is ``NODE.INPUT=VALUE``. ``NODE`` is a node id, or else a title or a
 class name that names exactly one node. ``VALUE`` is parsed as JSON (``4``,
 ``6.5``, ``true``, ``"text"``) and falls back to the raw string (``euler``).
+A workflow loaded from the UI format also gets the change in the UI form its
+PNGs embed (:mod:`.format_ui_edit`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -66,7 +69,22 @@ def apply_overrides(
                 input_name=input_name,
             )
         result = result.with_node(node.with_inputs(**{input_name: value}))
+        result = _with_saved_form_updated(result, node.id, input_name, value, registry)
     return result
+
+
+def _with_saved_form_updated(
+    workflow: Workflow, node_id: str, input_name: str, value: Any, registry: NodeRegistry | None
+) -> Workflow:
+    """The UI form a PNG embeds, changed like the graph (so the editor reopens what ran)."""
+    saved = workflow.extra.get("workflow")
+    node = workflow.nodes[node_id]
+    if not isinstance(saved, Mapping) or registry is None or node.class_type not in registry:
+        return workflow
+    from diffsplit.engine.format_ui_edit import set_widget_value
+
+    edited = set_widget_value(saved, node_id, registry[node.class_type], input_name, value)
+    return dataclasses.replace(workflow, extra={**workflow.extra, "workflow": edited})
 
 
 def find_node(workflow: Workflow, selector: str) -> Node:

@@ -8,7 +8,7 @@ editor workflows without pages of JSON.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from diffsplit.engine.store import ModelStore
 from PIL import Image
 
 from diffsplit.cli import main
+from diffsplit.demo import local_worker
 
 #: Side of every input image (pixels); latents are a eighth of it.
 IMAGE_SIDE = 64
@@ -103,6 +104,13 @@ def inputs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     alpha[HOLE, HOLE] = 0
     Image.fromarray(np.concatenate([photo, alpha], axis=-1), mode="RGBA").save(folder / "masked.png")
     return folder
+
+
+@pytest.fixture(scope="module")
+def worker_address(models_dir: Path) -> Iterator[str]:
+    """A worker daemon in a child process serving the tiny model set."""
+    with local_worker(models_dir) as address:
+        yield address
 
 
 @pytest.fixture(scope="session")

@@ -106,13 +106,27 @@ def test_ui_widgets_without_control_value_and_as_a_dict(toy, make_ui) -> None:
     assert load_workflow(document, toy.registry).node("1").inputs == {"seed": 1, "value": 7.0}
 
 
-def test_ui_too_few_widget_values_names_the_node(toy, make_ui) -> None:
+@pytest.mark.parametrize("values", [["{x} and"], [], None, "absent"], ids=["short", "empty", "null", "absent"])
+def test_ui_missing_widget_values_take_the_class_defaults(toy, make_ui, values) -> None:
     document = make_ui()
-    document["nodes"][6]["widgets_values"] = ["{x}"]
-    with pytest.raises(WorkflowError) as caught:
-        load_workflow(document, toy.registry)
-    assert (caught.value.node_id, caught.value.class_type) == ("7", "Format")
-    assert "node 7 (Format): widgets_values has 1 values, expected 2" in str(caught.value)
+    if values == "absent":
+        del document["nodes"][6]["widgets_values"]
+    else:
+        document["nodes"][6]["widgets_values"] = values
+    inputs = load_workflow(document, toy.registry).node("7").inputs
+    assert inputs["style"] == "plain"
+    assert inputs["template"] == ("{x} and" if values == ["{x} and"] else "{x}")
+
+
+def test_ui_legacy_control_booleans_and_prefixed_choices(toy, make_ui) -> None:
+    document = make_ui()
+    for legacy in (True, False):
+        document["nodes"][0]["widgets_values"] = [5, legacy, 2.5]
+        assert load_workflow(document, toy.registry).node("1").inputs == {"seed": 5, "value": 2.5}
+    document["nodes"][6]["widgets_values"] = ["{x}", "sample_fancy"]
+    assert load_workflow(document, toy.registry).node("7").inputs["style"] == "fancy"
+    document["nodes"][6]["widgets_values"] = ["{x}", "sample_other"]  # not a known choice: left to validation
+    assert load_workflow(document, toy.registry).node("7").inputs["style"] == "sample_other"
 
 
 def test_ui_unknown_node_type_names_the_node(toy, make_ui) -> None:
