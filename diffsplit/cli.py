@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a ComfyUI workflow (API or UI format)")
     run.add_argument("workflow", help="workflow JSON file (API format or the editor's UI format)")
     run.add_argument("--models", required=True, help="ComfyUI-style models folder")
+    run.add_argument("--extra-model-paths", metavar="YAML",
+                     help="ComfyUI extra_model_paths.yaml: more folders for each kind of model")
     run.add_argument("--out", default="out", help="where SaveImage writes (default: ./out)")
     run.add_argument("--inputs", default="input", help="where LoadImage reads (default: ./input)")
     run.add_argument(
@@ -61,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     trace = sub.add_parser("trace", help="explain each node's inputs and the loaders behind model inputs")
     trace.add_argument("workflow", help="workflow JSON file")
     trace.add_argument("--models", required=True, help="ComfyUI-style models folder")
+    trace.add_argument("--extra-model-paths", metavar="YAML",
+                     help="ComfyUI extra_model_paths.yaml: more folders for each kind of model")
     trace.add_argument("--inputs", default="input", help="where LoadImage reads (default: ./input)")
     trace.add_argument("--json", action="store_true", help="print JSON instead of text")
     trace.add_argument("--no-run", action="store_true", help="trace the graph without executing it")
@@ -73,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         "it: queued requests are refused, running ones get --grace seconds, then fail clearly.",
     )
     worker.add_argument("--models", required=True, help="ComfyUI-style models folder (the store)")
+    worker.add_argument("--extra-model-paths", metavar="YAML",
+                     help="ComfyUI extra_model_paths.yaml: more folders for each kind of model")
     worker.add_argument("--listen", default="tcp://127.0.0.1:5555",
                         help="ZeroMQ endpoint to bind (default tcp://127.0.0.1:5555)")
     worker.add_argument("--cache-gb", type=float, default=8.0, help="model cache budget in GiB (default 8)")

@@ -17,15 +17,15 @@ from diffsplit.progress import ProgressPrinter
 def run(args: argparse.Namespace) -> int:
     """``diffsplit run``: execute a workflow, some nodes perhaps on workers."""
     from diffsplit.engine.executor import Executor, run_node_locally
+    from diffsplit.engine.extra_paths import open_store
     from diffsplit.engine.formats import load_workflow
     from diffsplit.engine.nodes.registry import default_registry
     from diffsplit.engine.overrides import parse_set_options
     from diffsplit.engine.remote_assign import assign_remotes, describe_assignment
-    from diffsplit.engine.store import ModelStore
 
     printer = ProgressPrinter(quiet=args.quiet)
     registry = default_registry()
-    store = ModelStore(Path(args.models))
+    store = open_store(args.models, args.extra_model_paths)
     workflow = load_workflow(Path(args.workflow), registry)
     overrides = parse_set_options(args.set)
     if overrides:
@@ -110,13 +110,13 @@ def models(args: argparse.Namespace) -> int:
 
 def trace(args: argparse.Namespace) -> int:
     """``diffsplit trace``: inputs by category and the loader chain behind each model input."""
+    from diffsplit.engine.extra_paths import open_store
     from diffsplit.engine.formats import load_workflow
     from diffsplit.engine.nodes.registry import default_registry
-    from diffsplit.engine.store import ModelStore
     from diffsplit.engine.trace_workflow import trace_workflow
 
     registry = default_registry()
-    store = ModelStore(Path(args.models))
+    store = open_store(args.models, args.extra_model_paths)
     workflow = load_workflow(Path(args.workflow), registry)
     workflow.validate(registry, store)
     result = trace_workflow(workflow, registry, store, execute=not args.no_run, inputs_dir=Path(args.inputs))
@@ -138,7 +138,9 @@ def worker(args: argparse.Namespace) -> int:
         allowed = load_public_keys(args.curve_clients) if args.curve_clients else None
         curve = ServerCurve(load_keypair(args.curve_secret), allowed)
     config = WorkerConfig(
-        models=Path(args.models), listen=args.listen, cache_bytes=int(args.cache_gb * (1 << 30)),
+        models=Path(args.models), listen=args.listen,
+        extra_model_paths=Path(args.extra_model_paths) if args.extra_model_paths else None,
+        cache_bytes=int(args.cache_gb * (1 << 30)),
         slots=args.slots, max_queue=args.max_queue, allow_upload=args.allow_upload,
         trust_code=args.trust_code, curve=curve,
         grace_s=args.grace, settings=Settings(heartbeat_interval=args.heartbeat,

@@ -9,6 +9,17 @@ name and not descended into. Names use ``/`` between sub-folders.
 
 The sha256 of a model directory is a digest over its files' relative paths and
 sha256s (one ``"<path>\\0<sha256>\\n"`` line per file, sorted by path).
+
+Real folders, as users keep them:
+
+- the owner may place symbolic links to models on other drives; they are
+  listed and followed, and a name from a request resolves *only* through the
+  listing (never ``..``, absolute paths or a link the listing does not show);
+- names saved on Windows (``SD1.5\\model.safetensors``) are read with ``/``;
+- ``extra_folders`` (from ComfyUI's ``extra_model_paths.yaml``, see
+  :mod:`.extra_paths`) adds directories to a folder, searched after the root's;
+- the sha256 index lives in the user cache (``$DIFFSPLIT_CACHE``), never in
+  the models folder, which may be read-only or shared.
 """
 
 from __future__ import annotations
@@ -16,11 +27,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.store_index import HashIndex, IndexEntry, file_stamp
+from diffsplit.engine.user_cache import cache_root
 from diffsplit.tracer.files import directory_files, file_sha256
 
 MODEL_FOLDERS: tuple[str, ...] = (
@@ -35,7 +48,6 @@ MODEL_FOLDERS: tuple[str, ...] = (
 )
 MODEL_EXTENSIONS: frozenset[str] = frozenset({".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft"})
 MODEL_DIRECTORY_MARKERS: tuple[str, ...] = ("model_index.json", "config.json")
-INDEX_FILENAME = ".diffsplit-index.json"
 _MAX_LISTED = 30
 
 
@@ -64,6 +76,11 @@ def unsafe_name_reason(name: str) -> str | None:
     return None
 
 
+def normalize_name(name: str) -> str:
+    """A model name with Windows separators read as ``/`` (names saved by ComfyUI on Windows)."""
+    return name.replace("\\", "/") if isinstance(name, str) else name
+
+
 def path_inside(root: Path, name: str, *, boundary: Path | None = None) -> Path:
     """``root / name`` after checking that ``name`` is plain and that no symlink leads out.
 
@@ -88,10 +105,23 @@ def is_model_directory(path: Path) -> bool:
 class ModelStore:
     """A models folder: listing, safe resolution, sha256 index and lookup by hash."""
 
-    def __init__(self, root: Path | str, *, index_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        root: Path | str,
+        *,
+        index_path: Path | None = None,
+        extra_folders: Mapping[str, Sequence[Path]] | None = None,
+    ) -> None:
         self.root = Path(root).absolute()
         if not self.root.is_dir():
             raise ModelFileError(f"model store {self.root} is not a directory")
+        self.extra_folders = {
+            folder: tuple(Path(path).absolute() for path in paths)
+            for folder, paths in (extra_folders or {}).items()
+        }
+        for folder in self.extra_folders:
+            if unsafe_name_reason(folder) is not None or "/" in folder:
+                raise ModelFileError(f"{folder!r} is not a model folder name")
         self._index = HashIndex(index_path or self._default_index_path())
 
     @property
@@ -100,60 +130,63 @@ class ModelStore:
         return self._index.index_path
 
     def _default_index_path(self) -> Path:
-        if os.access(self.root, os.W_OK):
-            return self.root / INDEX_FILENAME
-        cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         root_digest = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
-        return cache_home / "diffsplit" / f"index-{root_digest}.json"
+        return cache_root() / "store-index" / f"{root_digest}.json"
 
     def folders(self) -> list[str]:
-        """The model folders present in the store, sorted."""
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        """The model folders present in the store (the root's and the extra ones), sorted."""
+        present = {p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        present |= {folder for folder, paths in self.extra_folders.items() if any(p.is_dir() for p in paths)}
+        return sorted(present)
 
     def names(self, folder: str) -> list[str]:
         """The model names in ``folder`` (sorted; files and model directories, '/'-separated)."""
-        base = self._folder_path(folder)
-        if not base.is_dir():
-            return []
-        root_real = self.root.resolve()
-        found: list[str] = []
-        visited: set[Path] = set()
-        for directory, subdirs, files in os.walk(base, followlinks=True):
-            here = Path(directory)
-            real = here.resolve()
-            if real in visited or not real.is_relative_to(root_real):
-                subdirs[:] = []
-                continue
-            visited.add(real)
-            relative = here.relative_to(base).as_posix()
-            if here != base and is_model_directory(here):
-                found.append(relative)
-                subdirs[:] = []
-                continue
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-            for file_name in files:
-                path = here / file_name
-                if (
-                    not file_name.startswith(".")
-                    and path.suffix.lower() in MODEL_EXTENSIONS
-                    and path.resolve().is_relative_to(root_real)
-                ):
-                    found.append(file_name if here == base else f"{relative}/{file_name}")
-        return sorted(found)
+        return sorted(self._listed(folder))
+
+    def _listed(self, folder: str) -> dict[str, Path]:
+        """Name → path of every model in ``folder``; the root's folder wins over extra ones."""
+        found: dict[str, Path] = {}
+        for base in self._bases(folder):
+            for name, path in _walk_models(base).items():
+                found.setdefault(name, path)
+        return found
+
+    def _bases(self, folder: str) -> list[Path]:
+        return [self._folder_path(folder), *self.extra_folders.get(folder, ())]
 
     def resolve(self, folder: str, name: str) -> Path:
-        """The path of model ``name`` in ``folder``; a ModelFileError listing what exists otherwise."""
-        base = self._folder_path(folder)
-        try:
-            path = path_inside(base, name, boundary=self.root)
-        except ValueError as exc:
+        """The path of model ``name`` in ``folder``; a ModelFileError listing what exists otherwise.
+
+        Only names the listing shows resolve (a model file, a model directory,
+        or a file or model inside a listed model directory).
+        """
+        self._folder_path(folder)
+        name = normalize_name(name)
+        reason = unsafe_name_reason(name)
+        if reason is not None:
             raise ModelFileError(
-                f'"{name}" is not a valid name in {folder}/: {exc}; available: {self._listing(folder)}'
-            ) from None
-        is_model_file = path.is_file() and path.suffix.lower() in MODEL_EXTENSIONS
-        if not (is_model_file or is_model_directory(path)) or any(p.startswith(".") for p in name.split("/")):
+                f'"{name}" is not a valid name in {folder}/: {name!r} {reason}; '
+                f"available: {self._listing(folder)}"
+            )
+        path = self._listed_path(folder, name)
+        if path is None:
             raise ModelFileError(f'"{name}" not found in {folder}/; available: {self._listing(folder)}')
         return path
+
+    def _listed_path(self, folder: str, name: str) -> Path | None:
+        listed = self._listed(folder)
+        if name in listed:
+            return listed[name]
+        parts = name.split("/")
+        if any(part.startswith(".") for part in parts):
+            return None
+        for cut in range(len(parts) - 1, 0, -1):
+            holder = listed.get("/".join(parts[:cut]))
+            if holder is not None and holder.is_dir():
+                inner = holder.joinpath(*parts[cut:])
+                is_model = inner.is_file() or is_model_directory(inner)
+                return inner if is_model and inner.resolve().is_relative_to(holder.resolve()) else None
+        return None
 
     def sha256(self, path: Path | str) -> str:
         """The sha256 of a model file or directory in the store (from the index when fresh)."""
@@ -196,19 +229,20 @@ class ModelStore:
         ]
         if indexed_hits:
             named = [relative for relative in indexed_hits if relative.partition("/")[2] == name]
-            return self.root / (named or indexed_hits)[0]
+            return self._path_of((named or indexed_hits)[0])
         named_first = sorted(listed, key=lambda relative: (relative.partition("/")[2] != name, relative))
         for relative in named_first:
-            if size is not None and self._size(self.root / relative) != size:
+            if size is not None and self._size(self._path_of(relative)) != size:
                 continue
             if self._indexed(relative).sha256 == wanted:
-                return self.root / relative
+                return self._path_of(relative)
         raise ModelFileError(
             f"no model with sha256 {wanted} in {', '.join(f + '/' for f in folders) or 'the store'}"
             + (f" (a model named {name!r} was looked for too)" if name else "")
         )
 
     def _find_by_name(self, name: str, folders: list[str]) -> Path:
+        name = normalize_name(name)
         holders = [f for f in folders if name in self.names(f)]
         if len(holders) == 1:
             return self.resolve(holders[0], name)
@@ -219,7 +253,7 @@ class ModelStore:
         raise ModelFileError(f'"{name}" is in several folders ({", ".join(holders)}); name the folder')
 
     def _folder_path(self, folder: str) -> Path:
-        if unsafe_name_reason(folder) is not None or "/" in folder:
+        if not isinstance(folder, str) or unsafe_name_reason(folder) is not None or "/" in folder:
             raise ModelFileError(f"{folder!r} is not a model folder name")
         return self.root / folder
 
@@ -230,31 +264,42 @@ class ModelStore:
         return (shown + more) or "(none)"
 
     def _relative(self, path: Path) -> str:
+        """``folder/name`` of a model path the listing shows (a root path or an extra folder's)."""
         absolute = Path(os.path.abspath(path if path.is_absolute() else self.root / path))
-        if not absolute.is_relative_to(self.root):
+        inside = absolute.is_relative_to(self.root)
+        for folder in self.folders():
+            for base in self._bases(folder):
+                if absolute.is_relative_to(base) and absolute != base:
+                    inside = True
+                    name = absolute.relative_to(base).as_posix()
+                    if self._listed_path(folder, name) == absolute:
+                        return f"{folder}/{name}"
+        if not inside:
             raise ModelFileError(f"{path} is not inside the model store {self.root}")
-        relative = absolute.relative_to(self.root).as_posix()
-        try:
-            path_inside(self.root, relative)
-        except ValueError as exc:
-            raise ModelFileError(f"{path} is not a model in the store: {exc}") from None
         if not absolute.exists():
             raise ModelFileError(f"{path} does not exist in the model store {self.root}")
-        return relative
+        raise ModelFileError(f"{path} is not a model the store {self.root} lists")
+
+    def _path_of(self, relative: str) -> Path:
+        folder, _, name = relative.partition("/")
+        path = self._listed_path(folder, name)
+        if path is None:
+            raise ModelFileError(f"{relative} is not a model the store {self.root} lists")
+        return path
 
     def _indexed(self, relative: str) -> IndexEntry:
-        path = self.root / relative
+        path = self._path_of(relative)
         if path.is_dir():
-            return self._directory_entry(path)
+            return self._directory_entry(path, relative)
         stamp, size = file_stamp(path)
         return self._index.get_or_compute(relative, stamp, size, lambda: file_sha256(path))
 
-    def _directory_entry(self, directory: Path) -> IndexEntry:
+    def _directory_entry(self, directory: Path, relative: str) -> IndexEntry:
         files = directory_files(directory)
         lines = []
         total = 0
         for file_path in files:
-            file_relative = file_path.relative_to(self.root).as_posix()
+            file_relative = f"{relative}/{file_path.relative_to(directory).as_posix()}"
             inner = file_path.relative_to(directory).as_posix()
             stamp, size = file_stamp(file_path)
             entry = self._index.get_or_compute(file_relative, stamp, size, lambda p=file_path: file_sha256(p))
@@ -268,3 +313,29 @@ class ModelStore:
         if path.is_dir():
             return sum(p.stat().st_size for p in directory_files(path))
         return path.stat().st_size
+
+
+def _walk_models(base: Path) -> dict[str, Path]:
+    """Name → path of the model files and model directories under ``base`` (links followed, once each)."""
+    if not base.is_dir():
+        return {}
+    found: dict[str, Path] = {}
+    visited: set[Path] = set()
+    for directory, subdirs, files in os.walk(base, followlinks=True):
+        here = Path(directory)
+        real = here.resolve()
+        if real in visited:
+            subdirs[:] = []
+            continue
+        visited.add(real)
+        relative = here.relative_to(base).as_posix()
+        if here != base and is_model_directory(here):
+            found[relative] = here
+            subdirs[:] = []
+            continue
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for file_name in files:
+            path = here / file_name
+            if not file_name.startswith(".") and path.suffix.lower() in MODEL_EXTENSIONS and path.is_file():
+                found[file_name if here == base else f"{relative}/{file_name}"] = path
+    return found

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("workflow", help="workflow JSON file (API or UI format)")
     parser.add_argument("--models", required=True, help="ComfyUI-style models folder")
+    parser.add_argument("--extra-model-paths", metavar="YAML",
+                     help="ComfyUI extra_model_paths.yaml: more folders for each kind of model")
     parser.add_argument("--inputs", default="input", help="where LoadImage reads (default: ./input)")
     parser.add_argument("--out", help="where SaveImage writes during the runs (default: a temporary folder)")
     parser.add_argument("--remote", metavar="ADDR",
@@ -113,10 +115,10 @@ def plan_command(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> Profile:
+    from diffsplit.engine.extra_paths import open_store
     from diffsplit.engine.formats import load_workflow
     from diffsplit.engine.nodes.registry import default_registry
     from diffsplit.engine.remote_assign import check_address
-    from diffsplit.engine.store import ModelStore
     from diffsplit.engine.trace_workflow import output_recipe_source
     from diffsplit.profiles.link import parse_link
     from diffsplit.profiles.remote_model import parse_remote_speed
@@ -137,7 +139,7 @@ def _run(args: argparse.Namespace) -> Profile:
         emulate_link=args.emulate_link, tolerance=args.tolerance, device=_device(),
     )
     registry = default_registry()
-    store = ModelStore(Path(args.models))
+    store = open_store(args.models, args.extra_model_paths)
     workflow = load_workflow(Path(args.workflow), registry)
     workflow.validate(registry, store)
     recipes = output_recipe_source(workflow, registry, store)

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 from diffsplit.engine.errors import ModelFileError
+from diffsplit.engine.extra_paths import open_store
 from diffsplit.engine.nodes.registry import NodeRegistry, default_registry
-from diffsplit.engine.store import ModelStore
 from diffsplit.engine.wire_values import HintTable, WireValueError, from_wire, to_wire, walk_values
 from diffsplit.remote.builder import ModelBuilder
 from diffsplit.remote.cache import ModelCache
@@ -65,6 +65,7 @@ class WorkerConfig:
     """Everything ``diffsplit worker`` can be told."""
 
     models: Path
+    extra_model_paths: Path | None = None
     listen: str = "tcp://127.0.0.1:5555"
     cache_bytes: int = 8 << 30
     held_bytes: int = 256 << 20
@@ -137,7 +138,7 @@ class Worker:
             )
         self.config = config
         self.registry = registry if registry is not None else default_registry()
-        self.store = ModelStore(config.models)
+        self.store = open_store(config.models, config.extra_model_paths)
         self.cache = ModelCache(config.cache_bytes)
         self.builder = ModelBuilder(self.store, self.registry, self.cache)
         self.held = HeldValues(config.held_bytes)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import gzip
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+from diffsplit.engine.user_cache import cache_root
 from transformers import CLIPTokenizer
 
 TokenizerKind = Literal["clip_l", "clip_g"]
@@ -45,7 +45,6 @@ MERGES_HEADER = "#version: 0.2"
 MERGE_COUNT = VOCAB_SIZE - 2 * 256 - 2
 #: Bumped when the files written here change, so stale caches are rebuilt.
 FORMAT_VERSION = 1
-CACHE_ENV_VAR = "DIFFSPLIT_CACHE"
 
 
 @dataclass(frozen=True)
@@ -154,14 +153,6 @@ def write_tokenizer_files(dest: Path, kind: TokenizerKind) -> Path:
     _write_json(dest / "tokenizer_config.json", _tokenizer_config(kind))
     _write_json(dest / "special_tokens_map.json", _special_tokens_map(kind))
     return dest
-
-
-def cache_root() -> Path:
-    """The diffsplit user cache: ``$DIFFSPLIT_CACHE`` or ``~/.cache/diffsplit``."""
-    override = os.environ.get(CACHE_ENV_VAR)
-    if override:
-        return Path(override).expanduser()
-    return Path.home() / ".cache" / "diffsplit"
 
 
 def cached_tokenizer_dir(kind: TokenizerKind) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from diffsplit.engine.errors import ModelFileError
-from diffsplit.engine.store import INDEX_FILENAME, ModelStore, StoreEntry
+from diffsplit.engine.store import ModelStore, StoreEntry
 
 
 def sha(text: str) -> str:
@@ -52,7 +52,6 @@ def test_resolve_returns_paths_inside_the_store(root: Path) -> None:
         "sd/../../loras/style.safetensors",
         "/etc/passwd",
         "C:/x.safetensors",
-        "sd\\v15.ckpt",
         "base.safetensors\x00.txt",
         "",
         "./base.safetensors",
@@ -70,19 +69,105 @@ def test_resolve_rejects_escapes_and_unknown_names(root: Path, name: str) -> Non
     assert "available: base.safetensors, sd/v15.ckpt" in message
 
 
-def test_symlinks_leading_out_of_the_store_are_rejected_and_not_listed(root: Path, tmp_path: Path) -> None:
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "secret.safetensors").write_text("secret")
-    (root / "checkpoints" / "escape.safetensors").symlink_to(outside / "secret.safetensors")
-    (root / "checkpoints" / "escape_dir").symlink_to(outside, target_is_directory=True)
+def test_symlinks_the_owner_placed_are_listed_and_followed(root: Path, tmp_path: Path) -> None:
+    other_drive = tmp_path / "other-drive"
+    other_drive.mkdir()
+    (other_drive / "big.safetensors").write_text("big weights")
+    (other_drive / "nested").mkdir()
+    (other_drive / "nested" / "deep.safetensors").write_text("deep weights")
+    (root / "checkpoints" / "linked.safetensors").symlink_to(other_drive / "big.safetensors")
+    (root / "checkpoints" / "drive").symlink_to(other_drive, target_is_directory=True)
     (root / "checkpoints" / "alias.safetensors").symlink_to(root / "loras" / "style.safetensors")
+    (root / "checkpoints" / "loop").symlink_to(root / "checkpoints", target_is_directory=True)
     store = ModelStore(root)
-    assert store.names("checkpoints") == ["alias.safetensors", "base.safetensors", "sd/v15.ckpt"]
-    for name in ("escape.safetensors", "escape_dir/secret.safetensors"):
-        with pytest.raises(ModelFileError, match="outside"):
+    assert store.names("checkpoints") == [
+        "alias.safetensors", "base.safetensors", "drive/big.safetensors", "drive/nested/deep.safetensors",
+        "linked.safetensors", "sd/v15.ckpt",
+    ]
+    assert store.resolve("checkpoints", "linked.safetensors").read_text() == "big weights"
+    assert store.resolve("checkpoints", "drive/nested/deep.safetensors").read_text() == "deep weights"
+    assert store.sha256(store.resolve("checkpoints", "linked.safetensors")) == sha("big weights")
+    assert store.find(sha256=sha("deep weights")).read_text() == "deep weights"
+    # names from requests still resolve only through the listing
+    for name in ("drive/../drive/big.safetensors", str(other_drive / "big.safetensors"), "drive"):
+        with pytest.raises(ModelFileError):
             store.resolve("checkpoints", name)
-    assert store.resolve("checkpoints", "alias.safetensors").read_text() == "lora"
+
+
+def test_windows_separators_in_saved_names_are_read_as_slashes(root: Path) -> None:
+    store = ModelStore(root)
+    assert store.resolve("checkpoints", "sd\\v15.ckpt") == root / "checkpoints" / "sd" / "v15.ckpt"
+    expected = root / "checkpoints" / "sd" / "v15.ckpt"
+    assert store.find(name="sd\\v15.ckpt", folder="checkpoints") == expected
+    with pytest.raises(ModelFileError):
+        store.resolve("checkpoints", "..\\loras\\style.safetensors")
+
+
+def test_a_read_only_models_folder_works_and_is_never_written(root: Path) -> None:
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    for path in [root, *root.rglob("*")]:
+        if path.is_dir():
+            path.chmod(0o555)
+    try:
+        store = ModelStore(root)
+        assert store.sha256(root / "checkpoints" / "base.safetensors") == sha("base weights")
+        assert store.index_path.exists() and not store.index_path.is_relative_to(root)
+    finally:
+        for path in [root, *root.rglob("*")]:
+            if path.is_dir():
+                path.chmod(0o755)
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+
+
+def test_extra_model_paths_yaml_adds_folders(root: Path, tmp_path: Path) -> None:
+    from diffsplit.engine.extra_paths import load_extra_paths, open_store
+
+    webui = tmp_path / "webui"
+    (webui / "models" / "Lora").mkdir(parents=True)
+    (webui / "models" / "Lora" / "extra.safetensors").write_text("extra lora")
+    (webui / "models" / "LyCORIS").mkdir(parents=True)
+    (webui / "models" / "LyCORIS" / "lyco.safetensors").write_text("lyco")
+    (webui / "models" / "Lora" / "style.safetensors").write_text("shadowed")
+    (tmp_path / "encoders").mkdir()
+    (tmp_path / "encoders" / "te.safetensors").write_text("te")
+    config = tmp_path / "extra_model_paths.yaml"
+    config.write_text(
+        "a111:\n"
+        "    base_path: webui/\n"
+        "    loras: |\n"
+        "        models/Lora\n"
+        "        models/LyCORIS\n"
+        "comfyui:\n"
+        "    is_default: true\n"
+        f"    text_encoders: [{tmp_path / 'encoders'}]\n"
+    )
+    assert load_extra_paths(config) == {
+        "loras": [webui / "models" / "Lora", webui / "models" / "LyCORIS"], "clip": [tmp_path / "encoders"],
+    }
+    store = open_store(root, config)
+    assert store.names("loras") == ["extra.safetensors", "lyco.safetensors", "style.safetensors"]
+    assert store.resolve("loras", "style.safetensors") == root / "loras" / "style.safetensors"  # root first
+    assert store.resolve("loras", "lyco.safetensors").read_text() == "lyco"
+    assert "clip" in store.folders() and store.names("clip") == ["te.safetensors"]
+    found = store.find(sha256=sha("extra lora"), folder="loras")
+    expected = StoreEntry("loras", "extra.safetensors", sha("extra lora"), len("extra lora"))
+    assert store.entry(found) == expected
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("a: [1, 2]", "must map folder names"),
+    ("a:\n  loras: 3", "must be a path"),
+    ("a: {base_path: 3}", "base_path"),
+    ("- x", "expected sections"),
+    ("a: [", "not valid YAML"),
+])
+def test_malformed_extra_model_paths_are_named(tmp_path: Path, text: str, reason: str) -> None:
+    from diffsplit.engine.extra_paths import load_extra_paths
+
+    config = tmp_path / "extra_model_paths.yaml"
+    config.write_text(text)
+    with pytest.raises(ModelFileError, match=reason):
+        load_extra_paths(config)
 
 
 def test_bad_folder_names_are_rejected(root: Path) -> None:
@@ -96,8 +181,8 @@ def test_sha256_is_indexed_on_disk_and_reused(root: Path) -> None:
     store = ModelStore(root)
     model = root / "checkpoints" / "base.safetensors"
     assert store.sha256(model) == sha("base weights")
-    index_path = root / INDEX_FILENAME
-    assert store.index_path == index_path
+    index_path = store.index_path
+    assert not index_path.is_relative_to(root)  # the models folder is never written to
     document = json.loads(index_path.read_text())
     entry = document["entries"]["checkpoints/base.safetensors"]
     stat = model.stat()
@@ -129,7 +214,7 @@ def test_index_merges_entries_written_by_another_store_object(root: Path) -> Non
     first, second = ModelStore(root), ModelStore(root)
     first.sha256(root / "checkpoints" / "base.safetensors")
     second.sha256(root / "loras" / "style.safetensors")
-    entries = json.loads((root / INDEX_FILENAME).read_text())["entries"]
+    entries = json.loads(ModelStore(root).index_path.read_text())["entries"]
     assert set(entries) == {"checkpoints/base.safetensors", "loras/style.safetensors"}
 
 
@@ -138,7 +223,7 @@ def test_index_path_can_live_elsewhere(root: Path, tmp_path: Path) -> None:
     store = ModelStore(root, index_path=index_path)
     store.sha256(root / "loras" / "style.safetensors")
     assert "loras/style.safetensors" in json.loads(index_path.read_text())["entries"]
-    assert not (root / INDEX_FILENAME).exists()
+    assert not ModelStore(root).index_path.exists()
 
 
 def test_directory_digest_covers_relative_paths_and_hashes(root: Path) -> None:
@@ -200,7 +285,7 @@ def test_find_by_sha256_with_size_skips_hashing_other_sizes(root: Path) -> None:
     store = ModelStore(root)
     found = store.find(sha256=sha("lora"), size=len("lora"))
     assert found == root / "loras" / "style.safetensors"
-    entries = json.loads((root / INDEX_FILENAME).read_text())["entries"]
+    entries = json.loads(ModelStore(root).index_path.read_text())["entries"]
     assert set(entries) == {"loras/style.safetensors"}  # no other file had that size
 
 
