@@ -299,7 +299,7 @@ def _merge_into_copy(
             not_loaded.append(flat)
             continue
         if not patch.fits(weight.shape):
-            logger.warning("lora patch for %s does not fit weight of shape %s", name, tuple(weight.shape))
+            logger.debug("lora patch for %s does not fit weight of shape %s", name, tuple(weight.shape))
             not_loaded.append(flat)
             continue
         resolved[name] = patch
@@ -331,12 +331,15 @@ def apply_lora(
     lora: LoraWeights,
     strength_model: float,
     strength_clip: float,
+    *,
+    source: str = "LoRA",
 ) -> tuple[DiffusionModel | None, TextEncoders | None]:
     """ComfyUI's LoraLoader: new MODEL and CLIP with the LoRA merged at the given strengths.
 
     The inputs are never modified. A part whose strength is 0, that is None,
     or that the LoRA does not touch is returned as the same object. LoRA keys
-    that match no module are logged ("lora key not loaded").
+    that match no module or do not fit its weight are reported in one warning
+    line that starts with ``source`` (the node and the LoRA file).
     """
     not_loaded: list[str] = []
     new_model = model
@@ -361,7 +364,11 @@ def apply_lora(
         if any(new is not old for new, old in zip(encoders, clip.encoders, strict=True)):
             new_clip = dataclasses.replace(clip, encoders=tuple(encoders))
     if not_loaded:
-        logger.warning("lora key not loaded: %d keys, e.g. %s", len(not_loaded), ", ".join(not_loaded[:5]))
+        total = len(lora.unet) + len(lora.te1) + len(lora.te2)
+        logger.warning(
+            "%s: %d of %d keys did not load (the LoRA does not fit this model), e.g. %s",
+            source, len(not_loaded), total, ", ".join(not_loaded[:3]),
+        )
     return new_model, new_clip
 
 

@@ -40,7 +40,8 @@ def lora_loader(
     if strength_model == 0 and strength_clip == 0:
         return (model, clip)
     lora = load_lora(ctx.model_path("loras", lora_name))
-    new_model, new_clip = apply_lora(model, clip, lora, strength_model, strength_clip)
+    source = f"node {ctx.node_id} (LoraLoader): LoRA {lora_name!r}"
+    new_model, new_clip = apply_lora(model, clip, lora, strength_model, strength_clip, source=source)
     return (new_model, new_clip)
 
 
@@ -51,7 +52,8 @@ def lora_loader_model_only(
     if strength_model == 0:
         return (model,)
     lora = load_lora(ctx.model_path("loras", lora_name))
-    new_model, _ = apply_lora(model, None, lora, strength_model, 0.0)
+    source = f"node {ctx.node_id} (LoraLoaderModelOnly): LoRA {lora_name!r}"
+    new_model, _ = apply_lora(model, None, lora, strength_model, 0.0, source=source)
     return (new_model,)
 
 

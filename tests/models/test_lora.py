@@ -203,16 +203,20 @@ def test_unknown_keys_are_reported(sd15, sd15_lora: LoraWeights, caplog: pytest.
         model, _ = apply_lora(sd15.model, sd15.clip, lora, 1.0, 1.0)
     assert model is not sd15.model
     messages = [record.getMessage() for record in caplog.records]
-    assert any(
-        "lora key not loaded: 1 keys" in message and "no_such_module" in message for message in messages
-    )
+    assert len(messages) == 1
+    total = len(lora.unet) + len(lora.te1)
+    assert f"LoRA: 1 of {total} keys did not load" in messages[0] and "no_such_module" in messages[0]
 
 
-def test_sd15_lora_on_sdxl_reports_instead_of_failing(models_dir: Path, sd15_lora, caplog) -> None:
+def test_sd15_lora_on_sdxl_reports_in_one_line_instead_of_failing(models_dir: Path, sd15_lora, caplog):
     sdxl = load_checkpoint(models_dir / "checkpoints/tiny-sdxl.safetensors")
-    with caplog.at_level(logging.WARNING, logger="diffsplit.engine.models.lora"):
-        _, clip = apply_lora(sdxl.model, sdxl.clip, sd15_lora, 1.0, 1.0)
-    assert any("lora key not loaded" in record.getMessage() for record in caplog.records)
+    with caplog.at_level(logging.WARNING, logger="diffsplit.engine"):
+        source = "node 10 (LoraLoader): LoRA 'x'"
+        _, clip = apply_lora(sdxl.model, sdxl.clip, sd15_lora, 1.0, 1.0, source=source)
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith("node 10 (LoraLoader): LoRA 'x': ")
+    assert "keys did not load (the LoRA does not fit this model)" in messages[0]
     # Its CLIP-L patches fit SDXL's first text encoder; the second one is left alone.
     assert clip.encoders[0] is not sdxl.clip.encoders[0]
     assert clip.encoders[1] is sdxl.clip.encoders[1]
