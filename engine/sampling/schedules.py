@@ -9,7 +9,8 @@ the sigma of a fractional timestep (log-sigmas interpolated linearly).
 of one sampling run, ending in 0, like ComfyUI's ``calculate_sigmas``. Every
 scheduler gives ``steps + 1`` values except ``ddim_uniform``, which (exactly as
 ComfyUI) walks the training table with a stride of ``1000 // steps`` and so
-may give a few more when ``steps`` does not divide 1000.
+may give a few more when ``steps`` does not divide 1000, and ``beta``, which
+drops repeated timesteps and so may give fewer.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ SCHEDULER_NAMES: tuple[str, ...] = (
     "sgm_uniform",
     "simple",
     "ddim_uniform",
+    "beta",
+    "linear_quadratic",
+    "kl_optimal",
 )
 
 #: sigma used for "no lower bound" by percent_to_sigma(0.0) (ComfyUI's constant).
@@ -101,6 +105,12 @@ def sigmas(model_sampling: ModelSampling, scheduler_name: str, steps: int) -> to
         return _simple(schedule, steps)
     if scheduler_name == "ddim_uniform":
         return _ddim_uniform(schedule, steps)
+    if scheduler_name == "beta":
+        return beta_sigmas(schedule, steps)
+    if scheduler_name == "linear_quadratic":
+        return linear_quadratic_sigmas(schedule, steps)
+    if scheduler_name == "kl_optimal":
+        return kl_optimal_sigmas(steps, schedule.sigma_min, schedule.sigma_max)
     raise ValueError(f"unknown scheduler {scheduler_name!r}; known: {', '.join(SCHEDULER_NAMES)}")
 
 
@@ -116,6 +126,57 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
 def exponential_sigmas(steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
     """Sigmas uniform in log space from sigma_max to sigma_min, then a final 0."""
     values = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps).exp()
+    return _append_zero(values)
+
+
+def beta_sigmas(
+    schedule: DiscreteSchedule, steps: int, alpha: float = 0.6, beta: float = 0.6
+) -> torch.Tensor:
+    """ComfyUI's "beta" scheduler: training timesteps at the quantiles of a Beta(alpha, beta).
+
+    Timesteps ``rint(ppf(1 - i/steps) * 999)``; a timestep equal to the one
+    before it is dropped (so short runs may have fewer steps, as in ComfyUI).
+    """
+    from scipy.stats import beta as beta_distribution
+
+    last_index = len(schedule.sigmas) - 1
+    quantiles = 1 - torch.linspace(0, 1, steps + 1, dtype=torch.float64)[:-1].numpy()
+    timesteps = [round(float(t)) for t in beta_distribution.ppf(quantiles, alpha, beta) * last_index]
+    values: list[float] = []
+    previous = None
+    for timestep in timesteps:
+        if timestep != previous:
+            values.append(float(schedule.sigmas[int(timestep)]))
+        previous = timestep
+    return torch.tensor([*values, 0.0], dtype=torch.float32)
+
+
+def linear_quadratic_sigmas(
+    schedule: DiscreteSchedule, steps: int, threshold_noise: float = 0.025, linear_steps: int | None = None
+) -> torch.Tensor:
+    """ComfyUI's "linear_quadratic" scheduler (from Mochi): linear, then quadratic, times sigma_max."""
+    if steps == 1:
+        fractions = [1.0, 0.0]
+    else:
+        linear = steps // 2 if linear_steps is None else linear_steps
+        ramp = [i * threshold_noise / linear for i in range(linear)]
+        step_diff = linear - threshold_noise * steps
+        quadratic = steps - linear
+        quadratic_coef = step_diff / (linear * quadratic**2)
+        linear_coef = threshold_noise / linear - 2 * step_diff / quadratic**2
+        const = quadratic_coef * linear**2
+        curve = [quadratic_coef * i**2 + linear_coef * i + const for i in range(linear, steps)]
+        fractions = [1.0 - x for x in [*ramp, *curve, 1.0]]
+    sigma_max = torch.tensor(schedule.sigma_max, dtype=torch.float32)
+    return torch.tensor(fractions, dtype=torch.float32) * sigma_max
+
+
+def kl_optimal_sigmas(steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """ComfyUI's "kl_optimal" scheduler (Align Your Steps): uniform in arctan(sigma), then a final 0."""
+    if steps == 1:
+        return torch.tensor([sigma_max, 0.0], dtype=torch.float32)
+    fraction = torch.arange(steps, dtype=torch.float32).div_(steps - 1)
+    values = (fraction * math.atan(sigma_min) + (1 - fraction) * math.atan(sigma_max)).tan_()
     return _append_zero(values)
 
 

@@ -141,3 +141,38 @@ def test_bad_arguments_are_rejected() -> None:
         sigmas(SD, "linear", 10)
     with pytest.raises(ValueError, match="steps"):
         sigmas(SD, "normal", 0)
+
+
+def test_beta_takes_training_sigmas_at_beta_quantiles() -> None:
+    from scipy.stats import beta
+
+    values = sigmas(SD, "beta", 10)
+    assert float(values[0]) == pytest.approx(SCHEDULE.sigma_max)  # ppf(1) = 1: the last timestep
+    for i, value in enumerate(values[:-1].tolist()):
+        timestep = round(float(beta.ppf(1 - i / 10, 0.6, 0.6)) * 999)
+        assert value == pytest.approx(float(SCHEDULE.sigmas[timestep]))
+    # a symmetric Beta(0.6, 0.6) puts the middle quantile at the middle timestep
+    assert float(values[5]) == pytest.approx(float(SCHEDULE.sigmas[round(0.5 * 999)]))
+    # many steps on 1000 timesteps give repeated timesteps, which are dropped as in ComfyUI
+    dense = sigmas(SD, "beta", 900)
+    assert len(dense) < 901 and torch.all(dense[1:] < dense[:-1])
+
+
+def test_linear_quadratic_is_linear_then_quadratic_in_fractions_of_sigma_max() -> None:
+    values = sigmas(SD, "linear_quadratic", 8)
+    fractions = 1 - values / SCHEDULE.sigma_max
+    linear = fractions[:4]
+    assert torch.allclose(linear[1:] - linear[:-1], torch.full((3,), 0.025 / 4), atol=1e-6)
+    assert float(fractions[4]) == pytest.approx(0.025, abs=1e-6)  # the two parts meet at the threshold
+    steps = fractions[4:][1:] - fractions[4:][:-1]
+    second = steps[1:] - steps[:-1]
+    assert torch.allclose(second, second[0].expand_as(second), atol=1e-5) and float(second[0]) > 0
+    assert float(values[0]) == pytest.approx(SCHEDULE.sigma_max) and float(values[-1]) == 0
+
+
+def test_kl_optimal_is_uniform_in_arctan_sigma() -> None:
+    values = sigmas(SD, "kl_optimal", 6)
+    angles = torch.atan(values[:-1].double())
+    assert torch.allclose(angles[1:] - angles[:-1], (angles[1] - angles[0]).expand(5), atol=1e-6)
+    assert float(values[0]) == pytest.approx(SCHEDULE.sigma_max, rel=1e-5)
+    assert float(values[-2]) == pytest.approx(SCHEDULE.sigma_min, rel=1e-4)
