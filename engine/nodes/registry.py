@@ -20,6 +20,7 @@ from diffsplit.engine.nodes.base import NodeClass
 BUILTIN_NODE_MODULES: tuple[str, ...] = (
     "diffsplit.engine.nodes.loaders",
     "diffsplit.engine.nodes.conditioning",
+    "diffsplit.engine.nodes.conditioning_edits",
     "diffsplit.engine.nodes.latent",
     "diffsplit.engine.nodes.image",
     "diffsplit.engine.nodes.sampling",
