@@ -133,7 +133,7 @@ def test_inner_widgets_shown_on_the_subgraph_node_take_its_values(registry) -> N
     document["definitions"]["subgraphs"] = [sampler]
     outer = document["nodes"][4]
     outer["type"] = "aaaa-sampler"
-    outer["inputs"] = outer["inputs"][:4] + [_in("seed", "INT", None, widget=True)]
+    outer["inputs"] = [*outer["inputs"][:4], _in("seed", "INT", None, widget=True)]
     outer["outputs"] = [{"name": "LATENT", "type": "LATENT", "links": []}]
     outer["properties"] = {"proxyWidgets": [["1", "steps"], ["1", "cfg"]]}
     outer["widgets_values"] = [2, 3.5]

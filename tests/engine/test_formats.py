@@ -106,7 +106,9 @@ def test_ui_widgets_without_control_value_and_as_a_dict(toy, make_ui) -> None:
     assert load_workflow(document, toy.registry).node("1").inputs == {"seed": 1, "value": 7.0}
 
 
-@pytest.mark.parametrize("values", [["{x} and"], [], None, "absent"], ids=["short", "empty", "null", "absent"])
+@pytest.mark.parametrize(
+    "values", [["{x} and"], [], None, "absent"], ids=["short", "empty", "null", "absent"]
+)
 def test_ui_missing_widget_values_take_the_class_defaults(toy, make_ui, values) -> None:
     document = make_ui()
     if values == "absent":
