@@ -23,6 +23,7 @@ BUILTIN_NODE_MODULES: tuple[str, ...] = (
     "diffsplit.engine.nodes.conditioning_edits",
     "diffsplit.engine.nodes.latent",
     "diffsplit.engine.nodes.image",
+    "diffsplit.engine.nodes.compositing",
     "diffsplit.engine.nodes.sampling",
     "diffsplit.engine.nodes.controlnet",
 )
