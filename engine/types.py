@@ -104,3 +104,23 @@ class ControlHint:
     start_percent: float = 0.0
     end_percent: float = 1.0
     previous: ControlHint | None = None
+
+
+@dataclass(frozen=True)
+class NoiseSource:
+    """ComfyUI's NOISE (RandomNoise / DisableNoise): the seed of the start noise, or None for none."""
+
+    seed: int | None
+
+
+@dataclass(frozen=True, eq=False)
+class Guider:
+    """ComfyUI's GUIDER (CFGGuider / BasicGuider): a model, its conditioning and the CFG scale.
+
+    BasicGuider has no negative conditioning and a scale of 1.
+    """
+
+    model: DiffusionModel
+    positive: Any
+    negative: Any
+    cfg: float

@@ -22,7 +22,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffsplit.engine.types import ControlHint, ControlNet, DiffusionModel, TextEncoders, Vae
+from diffsplit.engine.sampling.samplers import Sampler, get_sampler
+from diffsplit.engine.types import (
+    ControlHint,
+    ControlNet,
+    DiffusionModel,
+    Guider,
+    NoiseSource,
+    TextEncoders,
+    Vae,
+)
 from diffsplit.transport.digest import content_digest
 from diffsplit.transport.errors import DiffsplitError
 
@@ -32,7 +41,10 @@ ZEROS = "$ds:zeros"
 HELD = "$ds:held"
 GENERATOR = "$ds:generator"
 OUTPUT = "$ds:output"
-MARKERS = frozenset({MODEL, CONTROL, ZEROS, HELD, GENERATOR, OUTPUT})
+SAMPLER = "$ds:sampler"
+NOISE = "$ds:noise"
+GUIDER = "$ds:guider"
+MARKERS = frozenset({MODEL, CONTROL, ZEROS, HELD, GENERATOR, OUTPUT, SAMPLER, NOISE, GUIDER})
 #: Limits on an all-zero tensor described by shape (the same as the envelope's defaults).
 MAX_ZEROS_BYTES = 2 << 30
 MAX_ZEROS_DIMS = 8
@@ -70,6 +82,17 @@ def to_wire(value: Any, recipe_of: RecipeOf, *, where: str) -> Any:
         return value
     if isinstance(value, ControlHint):
         return {CONTROL: _hint_to_wire(value, recipe_of, where)}
+    if isinstance(value, Sampler):
+        return {SAMPLER: value.name}
+    if isinstance(value, NoiseSource):
+        return {NOISE: value.seed}
+    if isinstance(value, Guider):
+        return {GUIDER: {
+            "model": {MODEL: _recipe_or_fail(value.model, recipe_of, f"{where}.model")},
+            "positive": to_wire(value.positive, recipe_of, where=f"{where}.positive"),
+            "negative": to_wire(value.negative, recipe_of, where=f"{where}.negative"),
+            "cfg": float(value.cfg),
+        }}
     if isinstance(value, torch.Generator):
         return {GENERATOR: {"device": str(value.device), "state": value.get_state()}}
     if _is_library_output(value):
@@ -169,6 +192,14 @@ def _from_wire(data: Any, build_model: BuildModel, held: Mapping[str, Any] | Non
                 return _generator(payload)
             if key == OUTPUT:
                 return _library_output(payload, build_model, held, hints)
+            if key == SAMPLER:
+                return _sampler(payload)
+            if key == NOISE:
+                if payload is not None and (type(payload) is not int or payload < 0):
+                    raise WireValueError(f"a noise seed must be an integer >= 0 or null, not {payload!r}")
+                return NoiseSource(payload)
+            if key == GUIDER:
+                return _guider(payload, build_model, held, hints)
             if key == HELD:
                 if held is None or payload not in held:
                     raise WireValueError(f"value {str(payload)[:12]}… is not held here")
@@ -262,3 +293,23 @@ def _library_output(payload: Mapping[str, Any], build_model: BuildModel, held: A
     if not (isinstance(cls, type) and issubclass(cls, BaseOutput)) or not isinstance(fields, dict):
         raise WireValueError(f"unknown result type {payload.get('type')!r}")
     return cls(**fields)
+
+
+def _sampler(name: Any) -> Sampler:
+    try:
+        return get_sampler(str(name))
+    except ValueError as exc:
+        raise WireValueError(str(exc)) from None
+
+
+def _guider(payload: Any, build_model: BuildModel, held: Any, hints: HintTable) -> Guider:
+    if not isinstance(payload, Mapping) or set(payload) != {"model", "positive", "negative", "cfg"}:
+        raise WireValueError("a guider is {model, positive, negative, cfg}")
+    model = _from_wire(payload["model"], build_model, held, hints)
+    if not isinstance(model, DiffusionModel):
+        raise WireValueError("a guider's recipe did not build a MODEL")
+    cfg = payload["cfg"]
+    if type(cfg) not in (int, float) or not math.isfinite(cfg):
+        raise WireValueError(f"a guider's cfg must be a finite number, not {cfg!r}")
+    return Guider(model, _from_wire(payload["positive"], build_model, held, hints),
+                  _from_wire(payload["negative"], build_model, held, hints), float(cfg))

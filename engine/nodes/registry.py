@@ -25,6 +25,7 @@ BUILTIN_NODE_MODULES: tuple[str, ...] = (
     "diffsplit.engine.nodes.image",
     "diffsplit.engine.nodes.compositing",
     "diffsplit.engine.nodes.sampling",
+    "diffsplit.engine.nodes.custom_sampling",
     "diffsplit.engine.nodes.controlnet",
 )
 

@@ -91,11 +91,36 @@ def sample_latent(
     sampler = get_sampler(sampler_name)
     sigmas = ksampler_sigmas(model.sampling, scheduler, sampler, steps, denoise)
     sigmas = slice_sigmas(sigmas, start_step, last_step, force_full_denoise)
+    output, _ = sample_with_sigmas(
+        model, sigmas, sampler, seed=seed, add_noise=add_noise, cfg=cfg, positive=positive,
+        negative=negative, latent=latent, progress=progress,
+    )
+    return output
+
+
+def sample_with_sigmas(
+    model: DiffusionModel,
+    sigmas: torch.Tensor,
+    sampler: Sampler,
+    *,
+    seed: int,
+    add_noise: bool,
+    cfg: float,
+    positive: Sequence[Sequence[Any]],
+    negative: Sequence[Sequence[Any]],
+    latent: Mapping[str, Any],
+    progress: ProgressFn | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One sampler run over given ``sigmas`` (KSampler and SamplerCustom share it).
+
+    Returns the sampled LATENT and the LATENT of the last denoised prediction
+    (SamplerCustom's ``denoised_output``; the input latent when there is no step).
+    """
     result = dict(latent)
     latent_image = latent["samples"].float()
     if len(sigmas) == 0:
         result["samples"] = latent_image.clone()
-        return result
+        return result, {**result, "samples": latent_image.clone()}
     if add_noise:
         noise = prepare_noise(latent_image, seed, latent.get("batch_index"))
     else:
@@ -114,15 +139,17 @@ def sample_latent(
 
     x = latent_image + noise * start_noise_scale(model.sampling, float(sigmas[0]))
     total = len(sigmas) - 1
+    last_denoised = [latent_image]
 
     def on_step(step: int, x_now: torch.Tensor, denoised: torch.Tensor) -> None:
+        last_denoised[0] = denoised
         if progress is not None:
             progress(step + 1, total)
 
     with torch.no_grad():
         samples = sampler.function(denoise_fn, x, sigmas, generator=seeded_generator(seed), callback=on_step)
     result["samples"] = samples.float().cpu()
-    return result
+    return result, {**result, "samples": last_denoised[0].float().cpu()}
 
 
 def start_noise_scale(model_sampling: ModelSampling, sigma: float) -> float:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from diffsplit.engine.example_workflows import write_example_inputs
+from diffsplit.engine.nodes.registry import NodeRegistry, default_registry
 
 from diffsplit.demo import local_worker
 
@@ -16,6 +17,12 @@ def worker_address(models_dir: Path) -> Iterator[str]:
     """A worker daemon in a child process serving the tiny model set."""
     with local_worker(models_dir) as address:
         yield address
+
+
+@pytest.fixture(scope="session")
+def registry() -> NodeRegistry:
+    """The built-in node classes."""
+    return default_registry()
 
 
 @pytest.fixture(scope="session")

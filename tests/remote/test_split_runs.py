@@ -15,16 +15,11 @@ from diffsplit.engine.example_workflows import (
 )
 from diffsplit.engine.executor import Executor, RunResult
 from diffsplit.engine.formats import load_workflow
-from diffsplit.engine.nodes.registry import NodeRegistry, default_registry
+from diffsplit.engine.nodes.registry import NodeRegistry
 from diffsplit.engine.offload import RemoteRunner
 from diffsplit.engine.remote_assign import assign_remotes
 from diffsplit.engine.store import ModelStore
 from diffsplit.engine.trace_workflow import output_recipe_source
-
-
-@pytest.fixture(scope="module")
-def registry() -> NodeRegistry:
-    return default_registry()
 
 
 def run_workflow(
