@@ -27,6 +27,7 @@ BUILTIN_NODE_MODULES: tuple[str, ...] = (
     "diffsplit.engine.nodes.sampling",
     "diffsplit.engine.nodes.custom_sampling",
     "diffsplit.engine.nodes.controlnet",
+    "diffsplit.engine.nodes.primitives",
 )
 
 _MAX_LISTED_NAMES = 40

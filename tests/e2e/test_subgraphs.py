@@ -182,3 +182,13 @@ def test_set_changes_are_in_the_embedded_ui_workflow(run_cli, tmp_path, models_d
                     "--inputs", inputs_dir, "--out", tmp_path / "b")
     assert again.exit_code == 0, again.stderr
     assert (png_pixels(again.saved[0]) == png_pixels(run.saved[0])).all()
+
+
+def test_primitive_value_nodes_feed_widget_inputs(registry, run_workflow) -> None:
+    document = sd15_workflow(lora=False, seed=42, steps=3)
+    reference = run_workflow(document).outputs["6"][0]["samples"]
+    document["40"] = {"class_type": "PrimitiveInt", "inputs": {"value": 42}}
+    document["41"] = {"class_type": "PrimitiveString", "inputs": {"value": "a red fox"}}
+    document["6"]["inputs"]["seed"] = ["40", 0]
+    document["3"]["inputs"]["text"] = ["41", 0]
+    assert torch.equal(run_workflow(document).outputs["6"][0]["samples"], reference)
