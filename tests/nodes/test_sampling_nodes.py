@@ -237,4 +237,4 @@ def test_unknown_sampler_is_a_workflow_error(sd15: DiffusionModel) -> None:
     with pytest.raises(WorkflowError, match=r"sampler_name.*unknown sampler 'euler_a'"):
         _ksampler(sd15, sampler_name="euler_a")
     with pytest.raises(WorkflowError, match="scheduler"):
-        _ksampler(sd15, scheduler="beta")
+        _ksampler(sd15, scheduler="betta")
