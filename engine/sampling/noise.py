@@ -7,12 +7,10 @@
   callable ``(sigma, sigma_next) -> Tensor`` shaped like the latent.
   :class:`GaussianNoiseSampler` draws ``randn`` from a CPU generator, the stream
   ComfyUI's ``default_noise_sampler`` uses when it is given the seed (it is
-  seeded with the same seed as the start noise). :class:`BrownianNoiseSampler`
+  seeded with the same seed as the start noise). :class:`BrownianTreeNoiseSampler`
   returns normalised increments ``(W(sigma_next) - W(sigma)) / sqrt|sigma_next - sigma|``
-  of one Brownian path over sigma, sampled lazily with Brownian bridges, so
-  nested and adjacent intervals are consistent as with k-diffusion's
-  ``BrownianTreeNoiseSampler`` (same law, not the same numbers: that one uses
-  torchsde's tree).
+  of one Brownian path over sigma from torchsde's ``BrownianTree``, built and
+  seeded as ComfyUI builds it, so SDE samplers match ComfyUI seed for seed.
 
 Drawing on the CPU makes the numbers independent of the device that samples,
 so a step run on a remote GPU sees the same noise as the local run.
@@ -20,7 +18,7 @@ so a step run on a remote GPU sees the same noise as the local run.
 
 from __future__ import annotations
 
-import bisect
+import warnings
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -75,48 +73,39 @@ class GaussianNoiseSampler:
         return noise.to(self._device)
 
 
-class BrownianNoiseSampler:
-    """Normalised increments of one Brownian path W over sigma (W(0) = 0), sampled lazily.
+class BrownianTreeNoiseSampler:
+    """k-diffusion's (and so ComfyUI's) Brownian-tree noise: torchsde's ``BrownianTree`` over sigma.
 
-    The first query at a time beyond every known point extends the path with an
-    independent increment; a query between two known points draws from the
-    Brownian bridge between them. All draws come from ``generator`` on the CPU,
-    so a run is reproducible from the seed.
+    As ComfyUI builds it for ``dpmpp_sde``, ``dpmpp_2m_sde`` and
+    ``dpmpp_3m_sde``: one tree on the CPU from ``sigma_min`` (the smallest
+    sigma above 0) to ``sigma_max``, ``w0`` zeros like the latent, entropy the
+    sampling seed. A query returns ``(W(sigma_next) - W(sigma)) / sqrt|sigma_next
+    - sigma|``, the same numbers ComfyUI draws for that seed.
     """
 
-    def __init__(self, like: torch.Tensor, generator: torch.Generator) -> None:
-        self._shape = like.shape
-        self._device = like.device
-        self._dtype = like.dtype
-        self._generator = generator
-        self._times: list[float] = [0.0]
-        self._values: list[torch.Tensor] = [torch.zeros(like.shape, dtype=torch.float64)]
+    def __init__(self, like: torch.Tensor, sigma_min: float, sigma_max: float, seed: int) -> None:
+        import torchsde
+
+        # torchsde warns when a query lands a float32 rounding past the tree's end (ComfyUI logs the same)
+        warnings.filterwarnings("ignore", message="Should have t[ab]<=t1", module="torchsde")
+        self._device, self._dtype = like.device, like.dtype
+        low, high = sorted((float(sigma_min), float(sigma_max)))
+        start = torch.zeros(like.shape, dtype=like.dtype, device="cpu")
+        self._tree = torchsde.BrownianTree(torch.tensor(low), start, torch.tensor(high), entropy=seed)
+
+    @classmethod
+    def for_run(
+        cls, like: torch.Tensor, sigmas: torch.Tensor, generator: torch.Generator
+    ) -> BrownianTreeNoiseSampler:
+        """The tree of one sampling run over ``sigmas``, seeded with the generator's seed."""
+        positive = sigmas[sigmas > 0]
+        return cls(like, float(positive.min()), float(sigmas.max()), int(generator.initial_seed()))
 
     def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-        """``(W(sigma_next) - W(sigma)) / sqrt(|sigma_next - sigma|)``: a standard normal sample."""
-        start, end = float(sigma), float(sigma_next)
-        if start == end:
-            return torch.zeros(self._shape, dtype=self._dtype, device=self._device)
-        increment = self._value_at(end) - self._value_at(start)
-        normalised = increment / abs(end - start) ** 0.5
-        return normalised.to(dtype=self._dtype, device=self._device)
-
-    def _value_at(self, time: float) -> torch.Tensor:
-        if time < 0:
-            raise ValueError(f"Brownian noise is defined for sigma >= 0, got {time}")
-        position = bisect.bisect_left(self._times, time)
-        if position < len(self._times) and self._times[position] == time:
-            return self._values[position]
-        left_time, left_value = self._times[position - 1], self._values[position - 1]
-        draw = torch.randn(self._shape, dtype=torch.float64, generator=self._generator, device="cpu")
-        if position == len(self._times):
-            value = left_value + (time - left_time) ** 0.5 * draw
-        else:
-            right_time, right_value = self._times[position], self._values[position]
-            fraction = (time - left_time) / (right_time - left_time)
-            mean = left_value + fraction * (right_value - left_value)
-            std = ((time - left_time) * (right_time - time) / (right_time - left_time)) ** 0.5
-            value = mean + std * draw
-        self._times.insert(position, time)
-        self._values.insert(position, value)
-        return value
+        """The normalised increment between the two sigmas (a standard normal sample)."""
+        start = torch.as_tensor(sigma).detach().cpu().float()
+        end = torch.as_tensor(sigma_next).detach().cpu().float()
+        sign = 1.0 if start < end else -1.0
+        low, high = (start, end) if start < end else (end, start)
+        increment = self._tree(low, high) * sign
+        return (increment / (end - start).abs().sqrt()).to(device=self._device, dtype=self._dtype)

@@ -7,8 +7,10 @@ schedule, ``generator`` the CPU generator stochastic samplers draw their extra
 noise from (seeded with the sampling seed, as ComfyUI does; ``None`` means a
 generator seeded with 0), and ``callback(step, x, denoised)`` is called once per
 step. Update rules follow k-diffusion with ComfyUI's defaults (eta = 1,
-s_noise = 1, no churn). ``dpmpp_sde`` and ``dpmpp_2m_sde`` use a Brownian path
-noise sampler with the law of k-diffusion's Brownian tree but not its numbers.
+s_noise = 1, no churn). The SDE samplers draw from torchsde's Brownian tree
+seeded with the sampling seed, as ComfyUI does; their ``_gpu`` variants are the
+same samplers (noise is always drawn on the CPU here, so they match the CPU
+variants bit for bit rather than ComfyUI's CUDA trees).
 
 :func:`get_sampler` returns a :class:`Sampler`: the function plus the two
 ComfyUI quirks the caller needs (``dpm_2``/``uni_pc`` compute one extra step
@@ -25,6 +27,7 @@ from typing import Protocol
 
 import torch
 from diffsplit.engine.sampling.deterministic import sample_dpm_2, sample_dpmpp_2m, sample_euler, sample_heun
+from diffsplit.engine.sampling.multistep import sample_dpmpp_3m_sde, sample_lms
 from diffsplit.engine.sampling.stochastic import (
     sample_ddpm,
     sample_dpm_2_ancestral,
@@ -75,10 +78,15 @@ _SAMPLERS: MappingProxyType[str, Sampler] = MappingProxyType(
             Sampler("heun", sample_heun),
             Sampler("dpm_2", sample_dpm_2, discards_penultimate_sigma=True),
             Sampler("dpm_2_ancestral", sample_dpm_2_ancestral, discards_penultimate_sigma=True),
+            Sampler("lms", sample_lms),
             Sampler("dpmpp_2s_ancestral", sample_dpmpp_2s_ancestral),
             Sampler("dpmpp_sde", sample_dpmpp_sde),
+            Sampler("dpmpp_sde_gpu", sample_dpmpp_sde),
             Sampler("dpmpp_2m", sample_dpmpp_2m),
             Sampler("dpmpp_2m_sde", sample_dpmpp_2m_sde),
+            Sampler("dpmpp_2m_sde_gpu", sample_dpmpp_2m_sde),
+            Sampler("dpmpp_3m_sde", sample_dpmpp_3m_sde),
+            Sampler("dpmpp_3m_sde_gpu", sample_dpmpp_3m_sde),
             Sampler("ddpm", sample_ddpm),
             Sampler("lcm", sample_lcm),
             Sampler("ddim", sample_euler, random_inpaint_noise=True),

@@ -2,8 +2,8 @@
 
 Extra noise comes from ``generator`` (a CPU generator; the KSampler seeds it
 with the sampling seed, as ComfyUI does): independent ``randn`` draws for the
-ancestral samplers, DDPM and LCM; a Brownian path over sigma for ``dpmpp_sde``
-and ``dpmpp_2m_sde`` (k-diffusion's Brownian-tree law, not its numbers).
+ancestral samplers, DDPM and LCM; torchsde's Brownian tree over sigma, seeded
+with the sampling seed as ComfyUI seeds it, for ``dpmpp_sde`` and ``dpmpp_2m_sde``.
 ComfyUI's defaults: eta = 1, s_noise = 1, r = 1/2, the midpoint 2M-SDE variant.
 """
 
@@ -21,7 +21,7 @@ from diffsplit.engine.sampling.deterministic import (
     sigma_of,
     to_d,
 )
-from diffsplit.engine.sampling.noise import BrownianNoiseSampler, GaussianNoiseSampler
+from diffsplit.engine.sampling.noise import BrownianTreeNoiseSampler, GaussianNoiseSampler
 
 if TYPE_CHECKING:
     from diffsplit.engine.sampling.samplers import DenoiseFn, StepCallback
@@ -110,7 +110,9 @@ def sample_dpmpp_sde(
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++ (stochastic, r = 1/2), with Brownian-path noise."""
-    noise = BrownianNoiseSampler(x, generator_or_default(generator))
+    if len(sigmas) <= 1:
+        return x
+    noise = BrownianTreeNoiseSampler.for_run(x, sigmas, generator_or_default(generator))
     for i in range(len(sigmas) - 1):
         denoised = denoise_fn(x, sigmas[i])
         notify(callback, i, x, denoised)
@@ -140,7 +142,9 @@ def sample_dpmpp_2m_sde(
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) SDE, midpoint variant, with Brownian-path noise."""
-    noise = BrownianNoiseSampler(x, generator_or_default(generator))
+    if len(sigmas) <= 1:
+        return x
+    noise = BrownianTreeNoiseSampler.for_run(x, sigmas, generator_or_default(generator))
     old_denoised = None
     h_last = None
     for i in range(len(sigmas) - 1):

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from diffsplit.engine.sampling.noise import (
-    BrownianNoiseSampler,
+    BrownianTreeNoiseSampler,
     GaussianNoiseSampler,
     prepare_noise,
     seeded_generator,
@@ -25,14 +25,18 @@ from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 MEAN, STD = 0.7, 0.5
 SD = ModelSampling()
-ODE_SAMPLERS = ("euler", "heun", "dpm_2", "dpmpp_2m", "ddim", "uni_pc", "uni_pc_bh2")
-HIGHER_ORDER = ("heun", "dpm_2", "dpmpp_2m", "uni_pc", "uni_pc_bh2")
+ODE_SAMPLERS = ("euler", "heun", "dpm_2", "lms", "dpmpp_2m", "ddim", "uni_pc", "uni_pc_bh2")
+HIGHER_ORDER = ("heun", "dpm_2", "lms", "dpmpp_2m", "uni_pc", "uni_pc_bh2")
 SDE_SAMPLERS = (
     "euler_ancestral",
     "dpm_2_ancestral",
     "dpmpp_2s_ancestral",
     "dpmpp_sde",
     "dpmpp_2m_sde",
+    "dpmpp_sde_gpu",
+    "dpmpp_2m_sde_gpu",
+    "dpmpp_3m_sde",
+    "dpmpp_3m_sde_gpu",
     "ddpm",
 )
 
@@ -133,8 +137,10 @@ def test_sampler_registry() -> None:
     assert not get_sampler("euler").discards_penultimate_sigma
     assert get_sampler("ddim").random_inpaint_noise
     assert get_sampler("ddim").function is get_sampler("euler").function
-    with pytest.raises(ValueError, match="unknown sampler 'lms'"):
-        get_sampler("lms")
+    with pytest.raises(ValueError, match="unknown sampler 'lmz'"):
+        get_sampler("lmz")
+    for name in ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"):  # noise is drawn on the CPU either way
+        assert get_sampler(f"{name}_gpu").function is get_sampler(name).function
 
 
 def test_prepare_noise_is_comfyui_start_noise() -> None:
@@ -155,22 +161,36 @@ def test_batch_index_gives_each_latent_its_own_noise() -> None:
     assert torch.equal(swapped, batch_of_two.flip(0))
 
 
+def test_brownian_tree_is_torchsdes_tree_seeded_as_comfyui_seeds_it() -> None:
+    import torchsde
+
+    like = torch.zeros(1, 4, 16, 16)
+    sigmas = torch.tensor([14.6, 8.0, 2.0, 0.5, 0.0])
+    noise = BrownianTreeNoiseSampler.for_run(like, sigmas, seeded_generator(5))
+    # ComfyUI: BrownianTree(sigma_min, zeros_like(x), sigma_max, entropy=seed); query sorted, sign flipped
+    tree = torchsde.BrownianTree(torch.tensor(0.5), torch.zeros(1, 4, 16, 16), torch.tensor(14.6), entropy=5)
+    expected = -tree(torch.tensor(2.0), torch.tensor(8.0)) / torch.tensor(6.0).sqrt()
+    torch.testing.assert_close(noise(torch.tensor(8.0), torch.tensor(2.0)), expected, rtol=0, atol=0)
+
+
 def test_brownian_increments_add_up_over_adjacent_intervals() -> None:
     like = torch.zeros(1, 4, 16, 16)
-    noise = BrownianNoiseSampler(like, seeded_generator(5))
+    sigmas = torch.tensor([10.0, 0.1, 0.0])
+    noise = BrownianTreeNoiseSampler.for_run(like, sigmas, seeded_generator(5))
     long = noise(torch.tensor(8.0), torch.tensor(2.0)) * 6**0.5
     first = noise(torch.tensor(8.0), torch.tensor(5.0)) * 3**0.5
     second = noise(torch.tensor(5.0), torch.tensor(2.0)) * 3**0.5
-    torch.testing.assert_close(first + second, long)
+    torch.testing.assert_close(first + second, long, rtol=1e-4, atol=1e-4)
     assert float(long.std() / 6**0.5) == pytest.approx(1.0, abs=0.1)
-    repeat = BrownianNoiseSampler(like, seeded_generator(5))(torch.tensor(8.0), torch.tensor(2.0))
-    assert torch.equal(repeat * 6**0.5, long)
+    repeat = BrownianTreeNoiseSampler.for_run(like, sigmas, seeded_generator(5))
+    assert torch.equal(repeat(torch.tensor(8.0), torch.tensor(2.0)) * 6**0.5, long)
+    other = BrownianTreeNoiseSampler.for_run(like, sigmas, seeded_generator(6))
+    assert not torch.equal(other(torch.tensor(8.0), torch.tensor(2.0)) * 6**0.5, long)
 
 
-def test_brownian_bridge_draws_have_unit_variance() -> None:
+def test_brownian_draws_have_unit_variance() -> None:
     like = torch.zeros(1, 4, 64, 64)
-    noise = BrownianNoiseSampler(like, seeded_generator(6))
-    noise(torch.tensor(10.0), torch.tensor(0.5))
+    noise = BrownianTreeNoiseSampler.for_run(like, torch.tensor([10.0, 0.5, 0.0]), seeded_generator(6))
     inner = noise(torch.tensor(4.0), torch.tensor(3.0))
     assert float(inner.mean()) == pytest.approx(0.0, abs=0.05)
     assert float(inner.std()) == pytest.approx(1.0, abs=0.05)
