@@ -149,6 +149,8 @@ _DENOISE = InputSpec("denoise", "FLOAT", default=1.0, min=0.0, max=1.0, step=0.0
 _SIGMA_MAX = InputSpec("sigma_max", "FLOAT", default=14.614642, min=0.0, max=5000.0, step=0.01)
 _SIGMA_MIN = InputSpec("sigma_min", "FLOAT", default=0.0291675, min=0.0, max=5000.0, step=0.01)
 _OUTPUTS = (OutputSpec("output", "LATENT"), OutputSpec("denoised_output", "LATENT"))
+_NOISE_SEED = InputSpec("noise_seed", "INT", default=0, min=0, max=MAX_SEED, control_after_generate=True)
+_CFG = InputSpec("cfg", "FLOAT", default=8.0, min=0.0, max=100.0, step=0.1)
 
 NODES: tuple[NodeClass, ...] = (
     NodeClass(
@@ -205,7 +207,7 @@ NODES: tuple[NodeClass, ...] = (
     ),
     NodeClass(
         "RandomNoise",
-        (InputSpec("noise_seed", "INT", default=0, min=0, max=MAX_SEED, control_after_generate=True),),
+        (_NOISE_SEED,),
         (OutputSpec("NOISE", "NOISE"),),
         random_noise,
         category="sampling/custom_sampling/noise",
@@ -223,7 +225,7 @@ NODES: tuple[NodeClass, ...] = (
             InputSpec("model", "MODEL"),
             InputSpec("positive", "CONDITIONING"),
             InputSpec("negative", "CONDITIONING"),
-            InputSpec("cfg", "FLOAT", default=8.0, min=0.0, max=100.0, step=0.1),
+            _CFG,
         ),
         (OutputSpec("GUIDER", "GUIDER"),),
         cfg_guider,
@@ -241,8 +243,8 @@ NODES: tuple[NodeClass, ...] = (
         (
             InputSpec("model", "MODEL"),
             InputSpec("add_noise", "BOOLEAN", default=True),
-            InputSpec("noise_seed", "INT", default=0, min=0, max=MAX_SEED, control_after_generate=True),
-            InputSpec("cfg", "FLOAT", default=8.0, min=0.0, max=100.0, step=0.1),
+            _NOISE_SEED,
+            _CFG,
             InputSpec("positive", "CONDITIONING"),
             InputSpec("negative", "CONDITIONING"),
             InputSpec("sampler", "SAMPLER"),
