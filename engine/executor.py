@@ -31,6 +31,7 @@ from diffsplit.engine.errors import EngineError, NodeFailed, WorkflowError
 from diffsplit.engine.execution_cache import ExecutionCache, node_signatures
 from diffsplit.engine.execution_context import ImageSaver, ProgressCallback, RunContext
 from diffsplit.engine.graph import Link, Node, Workflow, node_sort_key
+from diffsplit.engine.layout import contiguous_value
 from diffsplit.engine.nodes.base import NodeClass, NodeContext
 from diffsplit.engine.nodes.registry import NodeRegistry
 from diffsplit.engine.store import ModelStore, path_inside
@@ -301,4 +302,6 @@ class Executor:
             raise NodeFailed(
                 node.id, node_class.name, f"returned {got}; expected a tuple of {len(node_class.outputs)}"
             )
-        return _Completed(tuple(outputs), wall_s, tuple(context.saved))
+        memo: dict[int, Any] = {}  # one layout for every output (what the wire delivers), aliasing kept
+        outputs = tuple(contiguous_value(output, memo) for output in outputs)
+        return _Completed(outputs, wall_s, tuple(context.saved))

@@ -87,7 +87,7 @@ class BrownianTreeNoiseSampler:
         import torchsde
 
         # torchsde warns when a query lands a float32 rounding past the tree's end (ComfyUI logs the same)
-        warnings.filterwarnings("ignore", message="Should have t[ab]<=t1", module="torchsde")
+        warnings.filterwarnings("ignore", message="Should have t[ab][<>]=t[01]", module="torchsde")
         self._device, self._dtype = like.device, like.dtype
         low, high = sorted((float(sigma_min), float(sigma_max)))
         start = torch.zeros(like.shape, dtype=like.dtype, device="cpu")
