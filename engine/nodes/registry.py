@@ -24,6 +24,7 @@ BUILTIN_NODE_MODULES: tuple[str, ...] = (
     "diffsplit.engine.nodes.latent",
     "diffsplit.engine.nodes.image",
     "diffsplit.engine.nodes.compositing",
+    "diffsplit.engine.nodes.preprocessors",
     "diffsplit.engine.nodes.sampling",
     "diffsplit.engine.nodes.custom_sampling",
     "diffsplit.engine.nodes.controlnet",

@@ -143,3 +143,17 @@ def test_shared_controlnet_hint_on_worker_equals_local(
     split, _ = run_workflow(document, models_dir, tmp_path / "split", inputs_dir, registry,
                             remote=[f"KSampler={worker_address}", f"VAEDecode={worker_address}"])
     assert_same_outputs(local, split, ["6", "7"])
+
+
+def test_canny_and_two_controlnets_on_worker_equal_local(
+    worker_address: str, models_dir: Path, tmp_path: Path, inputs_dir: Path, registry: NodeRegistry
+) -> None:
+    document = advanced_controlnet_workflow(chain=True)
+    document["14"] = {"class_type": "Canny", "inputs": {
+        "image": ["10", 0], "low_threshold": 0.2, "high_threshold": 0.6}}
+    local, _ = run_workflow(document, models_dir, tmp_path / "local", inputs_dir, registry)
+    assert float(local.outputs["14"][0].sum()) > 0  # the edges image has edges
+    split, runner = run_workflow(document, models_dir, tmp_path / "split", inputs_dir, registry,
+                                 remote=[f"KSampler={worker_address}", f"Canny={worker_address}"])
+    assert_same_outputs(local, split, ["14", "6", "7"])
+    assert set(runner.stats) == {"6", "14"}
