@@ -50,7 +50,7 @@ import pytest
 import torch
 from diffsplit.engine.models import ldm_keys
 from diffsplit.engine.models.checkpoint import CheckpointParts, load_checkpoint, save_checkpoint
-from diffsplit.engine.models.tiny import reinitialize, tiny_checkpoint_parts
+from diffsplit.engine.models.tiny import reinitialize, tiny_checkpoint_parts, tiny_unet_config
 from diffsplit.engine.types import DiffusionModel
 from diffsplit.tracer.owned_memory import is_owned
 from diffusers import UNet2DConditionModel
@@ -61,16 +61,7 @@ ROUNDS = 7
 CHECKPOINTS = ("tiny-sd15", "sd15-wide")
 
 #: The tiny set's SD1.5 UNet, 6x wider (54M parameters instead of 1.6M); CLIP-L and VAE as in tiny-sd15.
-WIDE_UNET = {
-    "block_out_channels": (192, 384),
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "layers_per_block": 2,
-    "cross_attention_dim": 64,
-    "attention_head_dim": 8,
-    "sample_size": 8,
-    "norm_num_groups": 32,
-}
+WIDE_UNET = {**tiny_unet_config("sd15"), "block_out_channels": (192, 384)}
 
 _PEAK_SCRIPT = """
 import gc, json, sys

@@ -190,15 +190,13 @@ class ModelStore:
 
     def sha256(self, path: Path | str) -> str:
         """The sha256 of a model file or directory in the store (from the index when fresh)."""
-        return self._indexed(self._relative(Path(path))).sha256
+        return self._indexed(*self._located(Path(path))).sha256
 
     def entry(self, path: Path | str) -> StoreEntry:
         """Folder, name, sha256 and size of a model file or directory in the store."""
-        relative = self._relative(Path(path))
+        relative, located = self._located(Path(path))
         folder, _, name = relative.partition("/")
-        if not name:
-            raise ModelFileError(f"{path} is a store folder, not a model in one")
-        indexed = self._indexed(relative)
+        indexed = self._indexed(relative, located)
         return StoreEntry(folder=folder, name=name, sha256=indexed.sha256, bytes=indexed.bytes)
 
     def find(
@@ -221,21 +219,22 @@ class ModelStore:
         if sha256 is None:
             return self._find_by_name(str(name), folders)
         wanted = sha256.lower()
-        listed = {f"{f}/{n}" for f in folders for n in self.names(f)}
+        listed = {f"{f}/{n}": path for f in folders for n, path in self._listed(f).items()}  # one walk
         indexed_hits = [
             relative
             for relative, entry in sorted(self._index.fresh_entries().items())
-            if entry.sha256 == wanted and relative in listed and self._indexed(relative).sha256 == wanted
+            if entry.sha256 == wanted and relative in listed
+            and self._indexed(relative, listed[relative]).sha256 == wanted
         ]
         if indexed_hits:
             named = [relative for relative in indexed_hits if relative.partition("/")[2] == name]
-            return self._path_of((named or indexed_hits)[0])
+            return listed[(named or indexed_hits)[0]]
         named_first = sorted(listed, key=lambda relative: (relative.partition("/")[2] != name, relative))
         for relative in named_first:
-            if size is not None and self._size(self._path_of(relative)) != size:
+            if size is not None and self._size(listed[relative]) != size:
                 continue
-            if self._indexed(relative).sha256 == wanted:
-                return self._path_of(relative)
+            if self._indexed(relative, listed[relative]).sha256 == wanted:
+                return listed[relative]
         raise ModelFileError(
             f"no model with sha256 {wanted} in {', '.join(f + '/' for f in folders) or 'the store'}"
             + (f" (a model named {name!r} was looked for too)" if name else "")
@@ -263,8 +262,8 @@ class ModelStore:
         more = f", … ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
         return (shown + more) or "(none)"
 
-    def _relative(self, path: Path) -> str:
-        """``folder/name`` of a model path the listing shows (a root path or an extra folder's)."""
+    def _located(self, path: Path) -> tuple[str, Path]:
+        """``folder/name`` of a model path the listing shows (root or extra folder), and the path."""
         absolute = Path(os.path.abspath(path if path.is_absolute() else self.root / path))
         inside = absolute.is_relative_to(self.root)
         for folder in self.folders():
@@ -273,22 +272,15 @@ class ModelStore:
                     inside = True
                     name = absolute.relative_to(base).as_posix()
                     if self._listed_path(folder, name) == absolute:
-                        return f"{folder}/{name}"
+                        return f"{folder}/{name}", absolute
         if not inside:
             raise ModelFileError(f"{path} is not inside the model store {self.root}")
         if not absolute.exists():
             raise ModelFileError(f"{path} does not exist in the model store {self.root}")
         raise ModelFileError(f"{path} is not a model the store {self.root} lists")
 
-    def _path_of(self, relative: str) -> Path:
-        folder, _, name = relative.partition("/")
-        path = self._listed_path(folder, name)
-        if path is None:
-            raise ModelFileError(f"{relative} is not a model the store {self.root} lists")
-        return path
-
-    def _indexed(self, relative: str) -> IndexEntry:
-        path = self._path_of(relative)
+    def _indexed(self, relative: str, path: Path) -> IndexEntry:
+        """The index entry of the listed model ``relative`` at ``path`` (hashed when stale)."""
         if path.is_dir():
             return self._directory_entry(path, relative)
         stamp, size = file_stamp(path)

@@ -66,7 +66,8 @@ class TinyModelSet:
         return tuple(getattr(self, f.name) for f in fields(self) if f.name != "root")
 
 
-def _unet_config(family: ModelFamily) -> dict[str, object]:
+def tiny_unet_config(family: ModelFamily) -> dict[str, object]:
+    """The UNet config of the tiny set's ``family`` (real block layout, few channels)."""
     if family == "sd15":
         return {
             "block_out_channels": (32, 64),
@@ -183,7 +184,7 @@ def reinitialize(module: torch.nn.Module, generator: torch.Generator) -> torch.n
 def tiny_checkpoint_parts(family: ModelFamily, seed: int = 0) -> CheckpointParts:
     """In-memory tiny model, text encoders and VAE of ``family`` (as a checkpoint holds them)."""
     with torch.random.fork_rng(devices=[]):
-        unet = UNet2DConditionModel(**_unet_config(family))
+        unet = UNet2DConditionModel(**tiny_unet_config(family))
         if family == "sd15":
             encoders: tuple[torch.nn.Module, ...] = (CLIPTextModel(_clip_config("clip_l")),)
             tokenizers = (clip_tokenizer("clip_l"),)
