@@ -8,17 +8,26 @@ frame, per thread, and only the *outermost* watched call is reported: a
 call. Marked nodes are reported at any depth outside loaders (a loader inside a
 node is still recorded).
 
+Recorders share one profile function (:class:`_ProfileHub`): a recorder
+entered inside another one's block adds its watched calls to the shared
+function, so nested traces each see every call they watch, and leaving the
+inner block restores the outer recorder alone. A profile function that was
+already installed (another profiler written in Python) is called first for
+every event and is back when the last recorder stops; one that cannot be
+chained (a C profiler such as cProfile) makes recording refuse with
+:class:`ProfilerConflict` instead of silently displacing it. Line tracers
+(``sys.settrace``: debuggers, coverage) are untouched.
+
 While a torch module runs its forward (the UNet inside a sampler loop), the
 profile function is switched off for that thread and switched back on by a
 forward hook on that module, registered with ``always_call=True`` (so also
 when the forward raises) and removed when recording stops: model code never
 loads models, and this keeps the overhead of a traced sampler loop small.
-Inside an outermost loader call, a lighter profile function only waits for
-that call's return (nothing nested in a loader is recorded). A ``@loader`` or ``@node`` called from inside a
-module's forward is therefore not seen.
-
-The previous profile functions (this thread's and the one given to new
-threads) are restored when recording stops, also when the traced code raised.
+Inside a call that is an outermost loader call for every active recorder, a
+lighter profile function only waits for that call's return (nothing nested in
+a loader is recorded). A ``@loader`` or ``@node`` called from inside a
+module's forward is therefore not seen. Both shortcuts are off while a
+chained profiler runs, so it sees every event.
 """
 
 from __future__ import annotations
@@ -28,15 +37,21 @@ import sys
 import threading
 import traceback
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import CodeType, FrameType, TracebackType
 from typing import Any, Protocol
 
 import torch
+from diffsplit.tracer.errors import TracerError
 from diffsplit.tracer.known_loaders import ResolvedFunction
 
 _RETURN_OPCODES = frozenset(dis.opmap[name] for name in ("RETURN_VALUE", "RETURN_CONST") if name in dis.opmap)
 _MODULE_CALL_CODE: CodeType = torch.nn.Module._wrapped_call_impl.__code__
+ProfileFunction = Callable[[FrameType, str, Any], Any]
+
+
+class ProfilerConflict(TracerError):
+    """Another profiler that cannot be chained holds ``sys.setprofile``; recording refuses to displace it."""
 
 
 class CallListener(Protocol):
@@ -85,7 +100,175 @@ class _ThreadState(threading.local):
     def __init__(self) -> None:
         self.stack: list[tuple[FrameType, object | None, bool]] = []
         self.depth = 0
+
+
+class _PauseState(threading.local):
+    def __init__(self) -> None:
         self.paused: torch.nn.Module | None = None
+
+
+Entries = tuple[tuple["CallRecorder", ResolvedFunction], ...]
+
+
+class _ProfileHub:
+    """The profile function shared by the active recorders of this process."""
+
+    def __init__(self, previous: Any, previous_threads: Any) -> None:
+        self.previous = previous
+        self.previous_threads = previous_threads
+        self.chained: ProfileFunction | None = previous if callable(previous) else None
+        self.recorders: list[CallRecorder] = []
+        self._by_id: dict[int, Entries] = {}
+        self._pause = _PauseState()
+        self._resume_hooks: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
+        self._call_event, self._return_event = _event_names()
+        self.profile: ProfileFunction = self._make_profile()
+
+    # --- membership -------------------------------------------------------------------------
+
+    def add(self, recorder: CallRecorder) -> None:
+        self.recorders.append(recorder)
+        self._rebuild()
+
+    def remove(self, recorder: CallRecorder) -> None:
+        self.recorders.remove(recorder)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        by_id: dict[int, list[tuple[CallRecorder, ResolvedFunction]]] = {}
+        for recorder in self.recorders:
+            for code, function in recorder.watched.items():
+                by_id.setdefault(id(code), []).append((recorder, function))
+        self._by_id.clear()  # updated in place: threads running the current function see the change
+        self._by_id.update({key: tuple(entries) for key, entries in by_id.items()})
+        self.profile = self._make_profile()
+        sys.setprofile(self.profile)
+        threading.setprofile(self.profile)
+
+    def close(self) -> None:
+        for handle in list(self._resume_hooks.values()):
+            handle.remove()
+        self._resume_hooks.clear()
+        self._pause.paused = None
+        if sys.getprofile() in (self.profile, None):
+            sys.setprofile(self.previous)
+        threading.setprofile(self.previous_threads)
+
+    @property
+    def shortcuts(self) -> bool:
+        """Whether pausing in forwards and skipping the inside of loaders are allowed."""
+        return self.chained is None
+
+    # --- the profile function -----------------------------------------------------------------
+
+    def _make_profile(self) -> ProfileFunction:
+        # Keyed by id: hashing a code object costs ~0.4 µs, far more than the rest of this function.
+        lookup = self._by_id.get
+        by_id = self._by_id
+        enter = self._enter
+        leave = self._leave
+        pause = self._pause_in
+        pausing = self.shortcuts and all(r.pause_in_module_calls for r in self.recorders)
+        module_call = id(_MODULE_CALL_CODE) if pausing else None
+        call, ret = self._call_event, self._return_event
+        chained = self.chained
+
+        def profile(frame: FrameType, event: str, arg: Any) -> None:
+            if event is call:
+                key = id(frame.f_code)
+                entries = lookup(key)
+                if entries is not None:
+                    enter(frame, entries)
+                elif key == module_call:
+                    pause(frame)
+            elif event is ret:
+                entries = lookup(id(frame.f_code))
+                if entries is not None:
+                    leave(frame, entries, arg)
+
+        def chained_profile(frame: FrameType, event: str, arg: Any) -> None:
+            chained(frame, event, arg)
+            profile(frame, event, arg)
+
+        function = profile if chained is None else chained_profile
+        innermost = self.recorders[-1].listener if self.recorders else None
+        function.diffsplit_listener = innermost  # type: ignore[attr-defined]  # read by active_listener()
+        del by_id
+        return function
+
+    def _hand_back(self) -> None:
+        """A thread still running a stale profile function after recording stopped gets its old one back."""
+        sys.setprofile(self.previous_threads)
+
+    def _enter(self, frame: FrameType, entries: Entries) -> None:
+        if not self.recorders:
+            self._hand_back()
+            return
+        for recorder, function in entries:
+            recorder.entered(frame, function)
+        if self.shortcuts and all(recorder.inside_loader for recorder in self.recorders):
+            sys.setprofile(self._await_return(frame, entries))
+
+    def _leave(self, frame: FrameType, entries: Entries, value: Any) -> None:
+        for recorder, _ in entries:
+            recorder.left(frame, value)
+
+    def _await_return(self, target: FrameType, entries: Entries) -> ProfileFunction:
+        """A profile function for the inside of an outermost loader call: it only waits for its return."""
+        ret = self._return_event
+
+        def inner(frame: FrameType, event: str, arg: Any) -> None:
+            if frame is target and event is ret:
+                sys.setprofile(self.profile if self.recorders else self.previous)
+                self._leave(frame, entries, arg)
+
+        return inner
+
+    def _pause_in(self, frame: FrameType) -> None:
+        if not self.recorders:
+            self._hand_back()
+            return
+        module = frame.f_locals.get("self")
+        if isinstance(module, torch.nn.Module) and self._pause.paused is None:
+            if module not in self._resume_hooks:
+                # Stays registered until recording stops: removing it from inside the hook would
+                # break torch's iteration over the module's hooks when the forward raised.
+                self._resume_hooks[module] = module.register_forward_hook(self._resume, always_call=True)
+            self._pause.paused = module
+            sys.setprofile(None)
+
+    def _resume(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self._pause.paused is module:
+            self._pause.paused = None
+            if self.recorders:
+                sys.setprofile(self.profile)
+
+
+_hub_lock = threading.Lock()
+_hubs: list[_ProfileHub] = []  # at most one: the hub of the recorders active now
+
+
+def _join(recorder: CallRecorder) -> _ProfileHub:
+    with _hub_lock:
+        if not _hubs:
+            current = sys.getprofile()
+            if current is not None and not callable(current):
+                raise ProfilerConflict(
+                    f"another profiler ({type(current).__name__}) is active on this thread and cannot be "
+                    "shared; diffsplit's tracer needs sys.setprofile: stop that profiler before tracing"
+                )
+            _hubs.append(_ProfileHub(current, threading.getprofile()))
+        hub = _hubs[0]
+        hub.add(recorder)
+        return hub
+
+
+def _part(recorder: CallRecorder, hub: _ProfileHub) -> None:
+    with _hub_lock:
+        hub.remove(recorder)
+        if not hub.recorders:
+            hub.close()
+            _hubs.clear()
 
 
 class CallRecorder:
@@ -101,131 +284,54 @@ class CallRecorder:
         *,
         pause_in_module_calls: bool = True,
     ) -> None:
-        self._watched = dict(watched)
-        self._listener = listener
-        self._pause_in_module_calls = pause_in_module_calls
+        self.watched: Mapping[CodeType, ResolvedFunction] = dict(watched)
+        self.listener = listener
+        self.pause_in_module_calls = pause_in_module_calls
         self._state = _ThreadState()
-        self._active = False
-        self._previous: tuple[Any, Any] | None = None
-        self._resume_hooks: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
-        self._call_event, self._return_event = _event_names()
-        self._profile = self._make_profile()
-        self._profile.diffsplit_listener = listener  # lets active_listener() find the trace from the hook
+        self._hub: _ProfileHub | None = None
         self.errors: list[str] = []
 
     @property
     def active(self) -> bool:
         """Whether the recorder is installed."""
-        return self._active
+        return self._hub is not None
 
-    def _make_profile(self) -> Any:
-        # Keyed by id: hashing a code object costs ~0.4 µs, far more than the rest of this function.
-        by_id = {id(code): function for code, function in self._watched.items()}
-        lookup = by_id.get
-        enter = self._enter
-        leave = self._leave
-        pause = self._pause
-        module_call = id(_MODULE_CALL_CODE) if self._pause_in_module_calls else None
-
-        call, ret = self._call_event, self._return_event
-
-        def profile(frame: FrameType, event: str, arg: Any) -> None:
-            if event is call:
-                key = id(frame.f_code)
-                function = lookup(key)
-                if function is not None:
-                    enter(frame, function)
-                elif key == module_call:
-                    pause(frame)
-            elif event is ret and id(frame.f_code) in by_id:
-                leave(frame, arg)
-
-        return profile
+    @property
+    def inside_loader(self) -> bool:
+        """Whether this thread is inside an outermost loader call of this recorder."""
+        return self._state.depth > 0
 
     def __enter__(self) -> CallRecorder:
-        if self._active:
+        if self._hub is not None:
             raise RuntimeError("this recorder is already recording")
-        self._previous = (sys.getprofile(), threading.getprofile())
-        try:
-            self._active = True
-            threading.setprofile(self._profile)
-            sys.setprofile(self._profile)
-        except BaseException:
-            self._stop()
-            raise
+        self._hub = _join(self)
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._stop()
-
-    def _stop(self) -> None:
-        self._active = False
-        previous, previous_threads = self._previous or (None, None)
-        if sys.getprofile() in (self._profile, None):  # a recorder entered later and still active stays
-            sys.setprofile(previous)
-        threading.setprofile(previous_threads)
-        for handle in list(self._resume_hooks.values()):
-            handle.remove()
-        self._resume_hooks.clear()
+        hub, self._hub = self._hub, None
+        if hub is not None:
+            _part(self, hub)
         self._state.stack.clear()
         self._state.depth = 0
-        self._state.paused = None
 
-    def _pause(self, frame: FrameType) -> None:
-        if not self._active:  # a thread started while recording: hand it back its old profile
-            sys.setprofile(self._previous[1] if self._previous else None)
-            return
-        module = frame.f_locals.get("self")
-        if isinstance(module, torch.nn.Module) and self._state.paused is None:
-            if module not in self._resume_hooks:
-                # Stays registered until recording stops: removing it from inside the hook would
-                # break torch's iteration over the module's hooks when the forward raised.
-                self._resume_hooks[module] = module.register_forward_hook(self._resume, always_call=True)
-            self._state.paused = module
-            sys.setprofile(None)
-
-    def _resume(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        state = self._state
-        if state.paused is module:
-            state.paused = None
-            if self._active:
-                sys.setprofile(self._profile)
-
-    def _enter(self, frame: FrameType, function: ResolvedFunction) -> None:
-        if not self._active:  # a thread started while recording: hand it back its old profile
-            sys.setprofile(self._previous[1] if self._previous else None)
-            return
+    def entered(self, frame: FrameType, function: ResolvedFunction) -> None:
+        """The hub saw a call of a code this recorder watches."""
         state = self._state
         counts = function.role == "call"
         token = None
         if state.depth == 0:
             try:
-                token = self._listener.call_started(function, function.arguments(frame.f_locals))
+                token = self.listener.call_started(function, function.arguments(frame.f_locals))
             except Exception:
                 self.errors.append(f"while recording {function.qualname}: {traceback.format_exc(limit=4)}")
         state.stack.append((frame, token, counts))
         if counts:
             state.depth += 1
-            if state.depth == 1:
-                sys.setprofile(self._await_return(frame))
 
-    def _await_return(self, target: FrameType) -> Any:
-        """A profile function for the inside of an outermost loader call: it only waits for its return.
-
-        Nothing nested in a loader is recorded, so this skips the lookup on every event.
-        """
-        ret = self._return_event
-
-        def inner(frame: FrameType, event: str, arg: Any) -> None:
-            if frame is target and event is ret:
-                sys.setprofile(self._profile if self._active else None)
-                self._leave(frame, arg)
-
-        return inner
-
-    def _leave(self, frame: FrameType, value: Any) -> None:
+    def left(self, frame: FrameType, value: Any) -> None:
+        """The hub saw the return of a code this recorder watches."""
         stack = self._state.stack
         if not any(entry[0] is frame for entry in reversed(stack)):
             return  # entered before recording started
@@ -242,15 +348,15 @@ class CallRecorder:
 
     def _finish(self, token: object, value: Any, raised: bool) -> None:
         try:
-            self._listener.call_finished(token, value, raised)
+            self.listener.call_finished(token, value, raised)
         except Exception:
             self.errors.append(f"while recording a result: {traceback.format_exc(limit=4)}")
 
 
 def active_listener() -> Any | None:
-    """The listener (a trace's session) of the recorder active on this thread, or None.
+    """The listener (a trace's session) of the innermost recorder active on this thread, or None.
 
-    Read from the interpreter's profile hook, so no global state is kept; inside a
-    torch module forward (where recording pauses) this is None.
+    Read from the interpreter's profile hook; inside a torch module forward or a
+    loader call (where recording pauses) this is None.
     """
     return getattr(sys.getprofile(), "diffsplit_listener", None)

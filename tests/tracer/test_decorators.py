@@ -102,3 +102,14 @@ def test_a_loader_returning_an_already_traced_object_keeps_its_history(models_di
         pipe = cached_pipeline(folder)
     steps = recorded.recipe(pipe.text_encoder).steps
     assert [step.op for step in steps] == ["user.loader", "torch.to"]
+
+
+def test_nested_traces_both_record_the_inner_calls(models_dir: Path) -> None:
+    folder = str(models_dir / "diffusers" / "tiny-sd15")
+    with tracing() as outer:
+        with tracing() as inner:
+            pipe = StableDiffusionPipeline.from_pretrained(folder)
+        pipe.unet.to(torch.float64)
+    assert [call.op for call in inner.calls] == ["diffusers.from_pretrained"]
+    assert [call.op for call in outer.calls] == ["diffusers.from_pretrained", "torch.to"]
+    assert inner.recipe(pipe.unet).steps[0].op == outer.recipe(pipe.unet).steps[0].op

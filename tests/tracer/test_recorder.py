@@ -174,3 +174,87 @@ def test_a_recorder_cannot_be_entered_twice() -> None:
     recorder = CallRecorder(watched(load_part), Listener())
     with recorder, pytest.raises(RuntimeError), recorder:
         pass
+
+
+def test_nested_recorders_both_see_the_calls_they_watch() -> None:
+    outer, inner = Listener(), Listener()
+    with CallRecorder(watched(load_part), outer):
+        load_part("before")
+        with CallRecorder(watched(load_part, load_thing), inner):
+            load_thing("both")
+        load_part("after")
+    assert [call[2] for call in outer.calls] == ["BEFORE", "BOTH", "AFTER"]
+    assert [call[0] for call in inner.calls] == ["load_thing"]
+    assert sys.getprofile() is None
+
+
+def test_leaving_the_outer_block_first_keeps_the_inner_recorder_recording() -> None:
+    outer, inner = Listener(), Listener()
+    first = CallRecorder(watched(load_part), outer)
+    second = CallRecorder(watched(load_part), inner)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    load_part("inner only")
+    second.__exit__(None, None, None)
+    load_part("nobody")
+    assert outer.calls == [] and [call[2] for call in inner.calls] == ["INNER ONLY"]
+    assert sys.getprofile() is None
+
+
+def test_a_python_profiler_already_installed_keeps_seeing_every_event() -> None:
+    events: list[tuple[str, str]] = []
+
+    def other_profiler(frame: Any, event: str, arg: Any) -> None:
+        if event in ("call", "return"):
+            events.append((frame.f_code.co_name, event))
+
+    listener = Listener()
+    sys.setprofile(other_profiler)
+    try:
+        with CallRecorder(watched(load_thing), listener):
+            load_thing("x")
+            CallsLoaderInForward()(torch.ones(1))
+        restored = sys.getprofile()
+    finally:
+        sys.setprofile(None)
+    assert restored is other_profiler
+    assert [call[0] for call in listener.calls] == ["load_thing"]
+    names = [name for name, event in events if event == "call"]
+    assert "load_part" in names and "forward" in names  # inside a loader and inside a module forward
+    assert names.count("load_part") == 2
+
+
+def test_a_profiler_that_cannot_be_chained_makes_recording_refuse() -> None:
+    import cProfile
+
+    from diffsplit.tracer.recorder import ProfilerConflict
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        with pytest.raises(ProfilerConflict, match="Profile"), CallRecorder(watched(load_part), Listener()):
+            pass
+        still_profiling = sys.getprofile()
+    finally:
+        profiler.disable()
+    assert still_profiling is profiler
+
+
+def test_a_line_tracer_such_as_a_debugger_keeps_working_while_recording() -> None:
+    lines: list[int] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is load_part.__code__ and event == "line":
+            lines.append(frame.f_lineno)
+        return tracer
+
+    listener = Listener()
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        with CallRecorder(watched(load_part), listener):
+            load_part("traced")
+    finally:
+        sys.settrace(previous)
+    assert lines and [call[2] for call in listener.calls] == ["TRACED"]
