@@ -18,6 +18,17 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an int of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (kept true to the README)."""
     parser = argparse.ArgumentParser(
@@ -83,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ZeroMQ endpoint to bind (default tcp://127.0.0.1:5555)")
     worker.add_argument("--cache-gb", type=float, default=8.0, help="model cache budget in GiB (default 8)")
     worker.add_argument("--slots", type=int, default=1, help="nodes run at once (default 1)")
+    worker.add_argument("--threads", type=_positive_int, default=None,
+                        help="CPU threads per job (default: each job runs with its client's thread count, "
+                        "so results equal the client's local run)")
     worker.add_argument("--max-queue", type=int, default=16,
                         help="requests waiting beyond the slots before Overloaded (default 16)")
     worker.add_argument("--allow-upload", action="store_true",

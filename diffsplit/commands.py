@@ -141,7 +141,7 @@ def worker(args: argparse.Namespace) -> int:
         models=Path(args.models), listen=args.listen,
         extra_model_paths=Path(args.extra_model_paths) if args.extra_model_paths else None,
         cache_bytes=int(args.cache_gb * (1 << 30)),
-        slots=args.slots, max_queue=args.max_queue, allow_upload=args.allow_upload,
+        slots=args.slots, max_queue=args.max_queue, allow_upload=args.allow_upload, threads=args.threads,
         trust_code=args.trust_code, curve=curve,
         grace_s=args.grace, settings=Settings(heartbeat_interval=args.heartbeat,
                                              heartbeat_timeout=args.heartbeat_timeout),

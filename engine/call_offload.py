@@ -24,6 +24,8 @@ from diffsplit.engine.wire_values import WireValueError, from_wire, to_wire, wal
 from diffsplit.tracer.errors import NotOffloadable
 from diffsplit.tracer.recorder import active_listener
 from diffsplit.transport.auth import ClientCurve, client_curve_from_environment
+from diffsplit.transport.compute_threads import HEADER_KEY as THREADS_KEY
+from diffsplit.transport.compute_threads import client_threads
 from diffsplit.transport.errors import TransportError
 from diffsplit.transport.protocol import Settings
 from diffsplit.transport.sockets import Client
@@ -84,7 +86,7 @@ def run_function_remotely(
         hint = "" if session is not None else " (no trace is active: call it inside diffsplit.tracing())"
         raise OffloadError(f"cannot run {function.__qualname__} remotely: {exc}{hint}") from exc
     header = {"op": "run_function", "function": torch.frombuffer(bytearray(code), dtype=torch.uint8),
-              "args": wire_args, "kwargs": wire_kwargs}
+              "args": wire_args, "kwargs": wire_kwargs, THREADS_KEY: client_threads()}
     with Client(address, settings=settings or Settings(), curve=curve) as client:
         return _exchange(client, header, args, kwargs, timeout_s)
 
@@ -127,7 +129,7 @@ class CallSender:
         except WireValueError as exc:
             raise OffloadError(f"cannot offload this call: {exc}") from exc
         header = {"op": "call", "target": dict(self.target), "method": method,
-                  "args": wire_args, "kwargs": wire_kwargs}
+                  "args": wire_args, "kwargs": wire_kwargs, THREADS_KEY: client_threads()}
         return _exchange(self._connection(), header, args, kwargs, self.timeout_s)
 
     def close(self) -> None:

@@ -34,6 +34,8 @@ from diffsplit.engine.wire_values import (
 )
 from diffsplit.tracer.fingerprint import fingerprint
 from diffsplit.transport.auth import ClientCurve, client_curve_from_environment
+from diffsplit.transport.compute_threads import HEADER_KEY as THREADS_KEY
+from diffsplit.transport.compute_threads import client_threads
 from diffsplit.transport.digest import content_digest
 from diffsplit.transport.envelope import describe
 from diffsplit.transport.errors import TransportError
@@ -228,6 +230,7 @@ class RemoteRunner:
             "inputs": inputs,
             "hold": hold,
             "uses_held": uses_held,
+            THREADS_KEY: client_threads(),
         }
         if self.timeout_s is not None:
             header["deadline_s"] = self.timeout_s

@@ -43,6 +43,7 @@ from diffsplit.remote.held import HeldValues
 from diffsplit.remote.uploads import UploadReceiver
 from diffsplit.tracer.objects import is_pipeline
 from diffsplit.transport.auth import ServerCurve
+from diffsplit.transport.compute_threads import BadThreadCount, intra_op_threads, requested_threads
 from diffsplit.transport.digest import content_digest
 from diffsplit.transport.errors import MessageTooLarge, TransportError, UnsupportedType
 from diffsplit.transport.protocol import Settings
@@ -75,6 +76,8 @@ class WorkerConfig:
     trust_code: bool = False
     max_upload_bytes: int = 16 << 30
     grace_s: float = 30.0
+    #: intra-op CPU threads per job; None runs each job with the count its client states (split == local)
+    threads: int | None = None
     settings: Settings = field(default_factory=Settings)
     curve: ServerCurve | None = None
 
@@ -244,7 +247,8 @@ class Worker:
                 raise Overloaded("the worker is shutting down")
             run = {"run_node": self._run_node, "call": self._run_call, "run_function": self._run_function,
                    "upload": self._upload}
-            reply = run[request.op](request, job.received)
+            with intra_op_threads(self._threads_for(request)):
+                reply = run[request.op](request, job.received)
         except RemoteError as exc:
             self._reply_error(request, exc)
         except ModelFileError as exc:
@@ -258,6 +262,14 @@ class Worker:
             with self._running_lock:
                 self._running.pop(request.request_id, None)
             self._in_flight.release()
+
+    def _threads_for(self, request: Request) -> int | None:
+        if self.config.threads is not None:
+            return self.config.threads
+        try:
+            return requested_threads(request.header)
+        except BadThreadCount as exc:
+            raise BadRequest(str(exc)) from None
 
     def _run_node(self, request: Request, received: float) -> dict[str, Any]:
         started = time.monotonic()
