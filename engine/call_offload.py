@@ -1,9 +1,9 @@
 """Offloading plain diffusers code: a module's forward or a whole pipeline call runs on a worker.
 
-``offload_module(module, recipe, to=...)`` replaces ``module.forward`` with a
-proxy (an instance attribute, removed again by ``restore()``), so the
-pipeline's own code keeps calling ``self.unet(...)`` and each call runs on the
-worker. ``OffloadedPipeline`` sends whole pipeline calls. Arguments travel like
+``ModuleOffload`` replaces ``module.forward`` (or, under accelerate hooks,
+the ``_old_forward`` they call) with a proxy of the same signature, put back
+by ``restore()``, so the pipeline's own code keeps calling ``self.unet(...)``
+and each call runs on the worker. ``OffloadedPipeline`` sends whole pipeline calls. Arguments travel like
 node inputs (tensors as frames, CPU generators as their state, which is copied
 back after the call so the local generator advances exactly as it would have);
 the target travels as its recipe, never as weights. PIL results are made on
@@ -12,6 +12,7 @@ this side from the worker's numpy output, as diffusers itself does.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 from collections.abc import Mapping
@@ -155,24 +156,56 @@ def _no_model_results(recipe: Mapping[str, Any]) -> Any:
     raise OffloadError("the worker returned a model object; offload a step that returns data")
 
 
+#: Marks a forward replaced by :class:`ModuleOffload` (offloading it twice is refused).
+_OFFLOADED_MARK = "__diffsplit_offloaded__"
+_MISSING = object()
+
+
+def _forward_slot(module: torch.nn.Module) -> str:
+    """The attribute holding the forward that actually computes.
+
+    accelerate's hooks (``device_map``, ``enable_model_cpu_offload()``) replace
+    ``module.forward`` by a wrapper that moves weights, calls
+    ``module._old_forward`` and moves results; replacing ``_old_forward`` keeps
+    that wrapper (and whatever it does before and after) in place.
+    """
+    if getattr(module, "_hf_hook", None) is not None and "_old_forward" in vars(module):
+        return "_old_forward"
+    return "forward"
+
+
 class ModuleOffload:
-    """A module whose forward runs on a worker until :meth:`restore` (also a context manager)."""
+    """A module whose forward runs on a worker until :meth:`restore` (also a context manager).
+
+    The proxy keeps the original forward's signature (``inspect.signature``
+    sees through it); ``restore()`` puts back exactly what was there, also when
+    accelerate hooks wrap the module.
+    """
 
     def __init__(self, module: torch.nn.Module, sender: CallSender) -> None:
-        if "forward" in vars(module):
-            raise OffloadError(f"{type(module).__name__}.forward is already replaced (offloaded twice?)")
+        slot = _forward_slot(module)
+        current = getattr(module, slot)
+        if getattr(current, _OFFLOADED_MARK, False):
+            raise OffloadError(f"{type(module).__name__}.forward is already offloaded")
         self.module = module
         self.sender = sender
+        self._slot = slot
+        self._previous = vars(module).get(slot, _MISSING)
 
+        @functools.wraps(current)
         def remote_forward(*args: Any, **kwargs: Any) -> Any:
             return sender.call("forward", args, kwargs)
 
-        module.forward = remote_forward
+        setattr(remote_forward, _OFFLOADED_MARK, True)
+        setattr(module, slot, remote_forward)
 
     def restore(self) -> None:
         """Run the module locally again and close the connection."""
-        if "forward" in vars(self.module):
-            del self.module.forward
+        if getattr(vars(self.module).get(self._slot), _OFFLOADED_MARK, False):
+            if self._previous is _MISSING:
+                delattr(self.module, self._slot)
+            else:
+                setattr(self.module, self._slot, self._previous)
         self.sender.close()
 
     def __enter__(self) -> ModuleOffload:

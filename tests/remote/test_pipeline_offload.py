@@ -72,3 +72,61 @@ def test_untraced_plain_pipeline_offloads_from_its_folder(models_dir: Path, work
     with diffsplit.offload(pipe, "unet", to=worker_address):
         split = generate(pipe, seed=3)
     np.testing.assert_array_equal(local, split)
+
+
+def test_the_offloaded_forward_keeps_the_original_signature(traced_pipeline, worker_address: str) -> None:
+    import inspect
+
+    pipe, trace = traced_pipeline
+    before = inspect.signature(pipe.unet.forward)
+    with diffsplit.offload(pipe, "unet", to=worker_address, trace=trace):
+        assert inspect.signature(pipe.unet.forward) == before
+        assert "encoder_hidden_states" in inspect.signature(pipe.unet.forward).parameters
+
+
+def test_offload_composes_with_enable_model_cpu_offload_and_restores_exactly(
+    models_dir: Path, worker_address: str
+) -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(models_dir / "diffusers" / "tiny-sd15")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_model_cpu_offload(device="cpu")
+    unet = pipe.unet
+    local = generate(pipe)  # diffusers hooks the modules again after each call
+    inner_forward = vars(unet)["_old_forward"]
+    with diffsplit.offload(pipe, "unet", to=worker_address):
+        assert vars(unet)["_old_forward"] is not inner_forward and unet._hf_hook is not None
+        split = generate(pipe)
+    assert vars(unet)["_old_forward"] is inner_forward and unet._hf_hook is not None
+    np.testing.assert_array_equal(local, split)
+    np.testing.assert_array_equal(generate(pipe), local)
+
+
+def test_an_accelerate_hook_still_runs_around_the_remote_forward(
+    models_dir: Path, worker_address: str
+) -> None:
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    class CountingHook(ModelHook):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.calls += 1
+            return args, kwargs
+
+    pipe = StableDiffusionPipeline.from_pretrained(models_dir / "diffusers" / "tiny-sd15")
+    pipe.set_progress_bar_config(disable=True)
+    hook = CountingHook()
+    add_hook_to_module(pipe.unet, hook)
+    local = generate(pipe)
+    local_calls, hook.calls = hook.calls, 0
+    inner_forward = vars(pipe.unet)["_old_forward"]
+    with diffsplit.offload(pipe, "unet", to=worker_address):
+        split = generate(pipe)
+        with pytest.raises(OffloadError, match="already offloaded"):
+            diffsplit.offload(pipe, "unet", to=worker_address)
+    assert hook.calls == local_calls > 0
+    np.testing.assert_array_equal(local, split)
+    assert vars(pipe.unet)["_old_forward"] is inner_forward
+    remove_hook_from_module(pipe.unet)
+    np.testing.assert_array_equal(generate(pipe), local)
