@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: venv demo test bench lint clean chromium
+.PHONY: venv demo test bench lint typecheck clean chromium
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# mypy --strict on transport/ and tracer/ (STRICT_PACKAGES="engine remote" to see the others)
+typecheck: $(STAMP)
+	.ci/typecheck
 
 clean:
 	rm -rf $(VENV) demo-output build *.egg-info

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,3 +31,26 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
     write_tiny_models(root, seed=0)
     return root
+
+
+#: How long a test's threads get to finish after it before they count as leaked.
+_THREAD_GRACE_S = 5.0
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves a diffsplit thread running (an unclosed Client, Server, runner or pool).
+
+    Every Client and Server owns an I/O thread and a ZeroMQ context; a thread
+    still alive after the test means one of them was not closed.
+    """
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + _THREAD_GRACE_S
+    while True:
+        leaked = [t for t in threading.enumerate()
+                  if t not in before and t.is_alive() and t.name.startswith("diffsplit")]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not leaked, f"threads left running: {sorted(t.name for t in leaked)}"

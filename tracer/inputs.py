@@ -127,7 +127,7 @@ def used_parts(value: Any, called: set[int], *, depth: int = 0) -> tuple[str, ..
         return ("",) if any(id(module) in called for module in value.modules()) else ()
     if depth >= _USED_DEPTH:
         return ()
-    used = []
+    used: list[str] = []
     for name, part in parts(value):
         used.extend(join_path(name, inner) for inner in used_parts(part, called, depth=depth + 1))
     return tuple(used)

@@ -61,7 +61,6 @@ class HistoryEvent:
     swap_name: str | None = None
     swap_value: ObjectRef | None = None
     swap_state: WeightSnapshot | None = None
-    swap_state: WeightSnapshot | None = None
 
     @property
     def scope(self) -> str:

@@ -186,11 +186,15 @@ class _ProfileHub:
                 if entries is not None:
                     leave(frame, entries, arg)
 
-        def chained_profile(frame: FrameType, event: str, arg: Any) -> None:
-            chained(frame, event, arg)
-            profile(frame, event, arg)
+        function: ProfileFunction = profile
+        if chained is not None:
+            other: ProfileFunction = chained
 
-        function = profile if chained is None else chained_profile
+            def chained_profile(frame: FrameType, event: str, arg: Any) -> None:
+                other(frame, event, arg)
+                profile(frame, event, arg)
+
+            function = chained_profile
         innermost = self.recorders[-1].listener if self.recorders else None
         function.diffsplit_listener = innermost  # type: ignore[attr-defined]  # read by active_listener()
         del by_id

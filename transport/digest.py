@@ -78,9 +78,14 @@ def base_value(obj: Any) -> Any:
     """
     if isinstance(obj, Mapping):
         return dict(obj)
-    for base in (list, tuple, int, float):
-        if isinstance(obj, base):
-            return base(obj)
+    if isinstance(obj, list):
+        return list(obj)
+    if isinstance(obj, tuple):
+        return tuple(obj)
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
     if isinstance(obj, str):
         return str.__str__(obj)
     if isinstance(obj, bytearray | memoryview):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import socket as stdsocket
 import threading
 import time
@@ -104,7 +105,7 @@ class IOThread:
                     next_tick = now + self._tick
                 backlog = self._flush()
                 wait = _BACKLOG_POLL_MS if backlog else max(0.0, next_tick - time.monotonic()) * 1000
-                events = dict(poller.poll(wait))
+                events = dict(poller.poll(math.ceil(wait)))
                 if self._wake_r.fileno() in events:
                     self._drain_wake()
                 if self._sock in events:

@@ -62,7 +62,7 @@ def error_message(request_id: str | None, kind: str, message: str) -> list[bytes
 
 def open_socket(context: zmq.Context[Any], kind: int, limits: Limits) -> zmq.Socket[Any]:
     """A socket with linger 0 whose peers may not send frames over ``limits.max_total_bytes``."""
-    sock = context.socket(kind)
+    sock: zmq.Socket[Any] = context.socket(kind)
     sock.linger = 0
     sock.setsockopt(zmq.MAXMSGSIZE, limits.max_total_bytes)  # libzmq drops peers that send more
     return sock

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import zmq
 from diffsplit.transport.auth import ServerCurve, configure_server
@@ -129,7 +129,7 @@ class Server:
             self._inbox.put(_CLOSED)  # wake the next waiter too
             failure = self._io.failure
             raise TransportError("server closed" + (f" (I/O failed: {failure!r})" if failure else ""))
-        return item
+        return cast(Request, item)
 
     def reply(self, request: Request, header: Mapping[str, Any]) -> None:
         """Send the final reply (``header["op"]``, default ``"result"``; not progress/heartbeat).
@@ -214,7 +214,8 @@ class Server:
         if not self.is_authenticated:
             return None
         try:
-            return frame.get("User-Id") or None
+            user = frame.get("User-Id")
+            return user if isinstance(user, str) and user else None
         except zmq.ZMQError:
             return None
 

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import zmq
 from diffsplit.transport.auth import ClientCurve, configure_client
@@ -143,7 +143,7 @@ class Client:
             with self._lock:
                 self._waiting.pop(request_id, None)
             if kind == "final":
-                return value
+                return cast(dict[str, Any], value)
             raise value
 
     def request(

@@ -114,7 +114,7 @@ def _numpy_bytes(a: np.ndarray, kind: int) -> TensorBytes:
         raise UnsupportedTensor(f"numpy dtype {a.dtype}")
     if not a.flags.c_contiguous:
         a = np.array(a, order="C")  # not ascontiguousarray: that turns 0-dim into 1-dim
-    return TensorBytes(kind, name, tuple(a.shape), memoryview(a.reshape(-1).view(np.uint8)))
+    return TensorBytes(kind, name, tuple(a.shape), a.reshape(-1).view(np.uint8).data)
 
 
 def _address(data: memoryview) -> int:
@@ -138,7 +138,7 @@ def _aligned_buffer(data: memoryview) -> memoryview:
     start = -raw.ctypes.data % ALIGNMENT
     block = raw[start : start + len(data)]
     block[:] = np.frombuffer(data, dtype=np.uint8)
-    return memoryview(block)
+    return block.data
 
 
 def from_bytes(kind: int, dtype: str, shape: tuple[int, ...], data: memoryview) -> Any:
