@@ -16,6 +16,8 @@ from diffsplit import __version__
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+#: 128 + SIGINT, as shells report a Ctrl-C
+EXIT_INTERRUPTED = 130
 
 
 def _positive_int(text: str) -> int:
@@ -140,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     from diffsplit import commands
+    from diffsplit.engine.errors import Interrupted
     from diffsplit.transport.errors import DiffsplitError
 
     handler = {
@@ -153,16 +156,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     }[args.command]
     try:
         return handler(args)
+    except (KeyboardInterrupt, Interrupted):
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except DiffsplitError as exc:
         print(f"diffsplit {args.command}: error: {exc}", file=sys.stderr)
+        remote = _remote_traceback(exc)
+        if remote:
+            if args.verbose:
+                print(f"the worker's traceback:\n{remote.rstrip()}", file=sys.stderr)
+            else:
+                print("(run with -v to see the worker's traceback)", file=sys.stderr)
         return EXIT_FAILED
     except OSError as exc:  # a file the user named cannot be written or read: one line, no traceback
         logging.getLogger(__name__).debug("%s failed", args.command, exc_info=True)
         print(f"diffsplit {args.command}: error: {_describe_os_error(exc)}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+
+def _remote_traceback(exc: BaseException) -> str:
+    """The worker's traceback carried by ``exc`` or an exception it was raised from, else ""."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = getattr(seen, "remote_traceback", "")
+        if text:
+            return str(text)
+        seen = seen.__cause__
+    return ""
 
 
 def _describe_os_error(exc: OSError) -> str:

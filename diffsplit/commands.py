@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -152,6 +153,10 @@ def worker(args: argparse.Namespace) -> int:
             signal.signal(signum, lambda *_: daemon.stop())
     print(f"diffsplit worker listening on {daemon.endpoint} (models: {config.models})", flush=True)
     daemon.serve()
+    if daemon.busy:  # a job inside one long step: its thread cannot be joined, so skip interpreter teardown
+        print("diffsplit worker stopped (a job was still inside a step)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(0)
     print("diffsplit worker stopped", file=sys.stderr, flush=True)
     return 0
 

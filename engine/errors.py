@@ -53,3 +53,12 @@ class NodeFailed(EngineError):
         self.class_type = class_type
         self.reason = reason
         super().__init__(f"node {node_id} ({class_type}) failed: {reason}")
+
+
+class Interrupted(EngineError):
+    """The run was stopped (Ctrl-C): running nodes stopped at their next step, remote ones were cancelled."""
+
+    def __init__(self, node_id: str | None = None) -> None:
+        self.node_id = node_id
+        where = f" at node {node_id}" if node_id is not None else ""
+        super().__init__(f"interrupted{where}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffsplit.engine.errors import EngineError, ModelFileError
+from diffsplit.engine.errors import EngineError, Interrupted, ModelFileError
 from diffsplit.engine.format_api import save_api_format
 from diffsplit.engine.graph import Workflow
 from diffsplit.engine.store import path_inside, unsafe_name_reason
@@ -114,8 +114,11 @@ class RunContext:
         progress: ProgressCallback | None,
         saver: ImageSaver,
         workflow: Workflow,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.node_id = node_id
+        #: set when the run is interrupted: the node stops at its next progress report
+        self.cancel = cancel if cancel is not None else threading.Event()
         self._store = store
         self._inputs_dir = inputs_dir
         self._output_dir = output_dir
@@ -153,7 +156,13 @@ class RunContext:
         return self._output_dir
 
     def progress(self, step: int, total: int) -> None:
-        """Forward a progress report to the executor's callback, tagged with this node's id."""
+        """Forward a progress report to the executor's callback, tagged with this node's id.
+
+        Raises Interrupted when the run was interrupted: every step of a
+        sampler reports progress, so it stops at its next step.
+        """
+        if self.cancel.is_set():
+            raise Interrupted(self.node_id)
         if self._progress is not None:
             self._progress(self.node_id, step, total)
 

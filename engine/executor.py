@@ -20,14 +20,16 @@ runner sends labelled nodes to a worker and delegates the rest to the default.
 from __future__ import annotations
 
 import heapq
+import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffsplit.engine.errors import EngineError, NodeFailed, WorkflowError
+from diffsplit.engine.errors import EngineError, Interrupted, NodeFailed, WorkflowError
 from diffsplit.engine.execution_cache import ExecutionCache, node_signatures
 from diffsplit.engine.execution_context import ImageSaver, ProgressCallback, RunContext
 from diffsplit.engine.graph import Link, Node, Workflow, node_sort_key
@@ -36,6 +38,10 @@ from diffsplit.engine.nodes.base import NodeClass, NodeContext
 from diffsplit.engine.nodes.registry import NodeRegistry
 from diffsplit.engine.store import ModelStore, path_inside
 from diffsplit.engine.validation import required_class, validate_workflow
+
+log = logging.getLogger(__name__)
+#: How often stopping nodes are checked after Ctrl-C.
+_STOP_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -226,47 +232,62 @@ class Executor:
         cache: ExecutionCache | None,
         node_runner: NodeRunner,
     ) -> dict[str, _Completed]:
-        """Run ``to_run`` as inputs become ready; the first failure stops new submissions."""
-        consumers = workflow.dependents()
-        waiting = {node_id: len(workflow.dependencies(node_id) & to_run) for node_id in to_run}
-        ready = [(node_sort_key(node_id), node_id) for node_id, count in waiting.items() if count == 0]
-        heapq.heapify(ready)
-        values = dict(available)
-        completed: dict[str, _Completed] = {}
-        failure: NodeFailed | None = None
+        """Run ``to_run`` as inputs become ready; the first failure stops new submissions.
+
+        Ctrl-C (KeyboardInterrupt in this thread) sets the run's cancel event:
+        running nodes stop at their next step (remote ones are cancelled on
+        their worker), and once they have, Interrupted is raised; a second
+        Ctrl-C while they stop does not abandon them.
+        """
+        schedule = _Schedule.start(workflow, to_run, available)
+        cancel = threading.Event()
         with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="diffsplit-node") as pool:
-            running: dict[Future[_Completed], str] = {}
-            while running or (ready and failure is None):
-                while ready and failure is None and len(running) < self.max_workers:
-                    _, node_id = heapq.heappop(ready)
-                    call, context = self._call(workflow, workflow.nodes[node_id], values)
-                    running[pool.submit(self._run_one, call, context, node_runner)] = node_id
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in sorted(done, key=lambda f: node_sort_key(running[f])):
-                    node_id = running.pop(future)
-                    try:
-                        result = future.result()
-                    except NodeFailed as exc:
-                        failure = failure or exc
-                        continue
-                    completed[node_id] = result
-                    values[node_id] = result.outputs
-                    signature = signatures.get(node_id)
-                    if cache is not None and signature is not None and not self._is_output(workflow, node_id):
-                        cache.put(signature, result.outputs)
-                    for consumer in consumers[node_id] & to_run:
-                        waiting[consumer] -= 1
-                        if waiting[consumer] == 0:
-                            heapq.heappush(ready, (node_sort_key(consumer), consumer))
+            try:
+                failure = self._drive(schedule, signatures, cache, node_runner, pool, cancel)
+            except KeyboardInterrupt:
+                cancel.set()
+                _wait_for_running(schedule.running)
+                raise Interrupted() from None
         if failure is not None:
             raise failure
-        return completed
+        return schedule.completed
+
+    def _drive(
+        self,
+        schedule: _Schedule,
+        signatures: Mapping[str, str | None],
+        cache: ExecutionCache | None,
+        node_runner: NodeRunner,
+        pool: ThreadPoolExecutor,
+        cancel: threading.Event,
+    ) -> NodeFailed | None:
+        """Submit ready nodes and collect finished ones until nothing runs; the first failure."""
+        workflow, running = schedule.workflow, schedule.running
+        failure: NodeFailed | None = None
+        while running or (schedule.ready and failure is None):
+            while schedule.ready and failure is None and len(running) < self.max_workers:
+                _, node_id = heapq.heappop(schedule.ready)
+                call, context = self._call(workflow, workflow.nodes[node_id], schedule.values, cancel)
+                running[pool.submit(self._run_one, call, context, node_runner)] = node_id
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: node_sort_key(running[f])):
+                node_id = running.pop(future)
+                try:
+                    result = future.result()
+                except NodeFailed as exc:
+                    failure = failure or exc
+                    continue
+                signature = signatures.get(node_id)
+                if cache is not None and signature is not None and not self._is_output(workflow, node_id):
+                    cache.put(signature, result.outputs)
+                schedule.finished(node_id, result)
+        return failure
 
     def _is_output(self, workflow: Workflow, node_id: str) -> bool:
         return self.registry[workflow.nodes[node_id].class_type].output_node
 
     def _call(
-        self, workflow: Workflow, node: Node, values: Mapping[str, tuple[Any, ...]]
+        self, workflow: Workflow, node: Node, values: Mapping[str, tuple[Any, ...]], cancel: threading.Event
     ) -> tuple[NodeCall, RunContext]:
         inputs = {
             name: values[value.node_id][value.output_index] if isinstance(value, Link) else value
@@ -281,6 +302,7 @@ class Executor:
             progress=self.progress,
             saver=self._saver,
             workflow=workflow,
+            cancel=cancel,
         )
         return NodeCall(node, self.registry[node.class_type], inputs, context, workflow), context
 
@@ -290,7 +312,7 @@ class Executor:
         started = time.perf_counter()
         try:
             outputs = node_runner(call)
-        except NodeFailed:
+        except (NodeFailed, Interrupted):
             raise
         except Exception as exc:
             raise NodeFailed(node.id, node_class.name, f"{type(exc).__name__}: {exc}") from exc
@@ -305,3 +327,46 @@ class Executor:
         memo: dict[int, Any] = {}  # one layout for every output (what the wire delivers), aliasing kept
         outputs = tuple(contiguous_value(output, memo) for output in outputs)
         return _Completed(outputs, wall_s, tuple(context.saved))
+
+
+@dataclass
+class _Schedule:
+    """The state of one run: what is ready, running, waiting for inputs, and done."""
+
+    workflow: Workflow
+    to_run: set[str]
+    values: dict[str, tuple[Any, ...]]
+    waiting: dict[str, int]
+    ready: list[tuple[Any, str]]
+    consumers: Mapping[str, frozenset[str]]
+    running: dict[Future[_Completed], str] = field(default_factory=dict)
+    completed: dict[str, _Completed] = field(default_factory=dict)
+
+    @classmethod
+    def start(
+        cls, workflow: Workflow, to_run: set[str], available: Mapping[str, tuple[Any, ...]]
+    ) -> _Schedule:
+        """The schedule before anything ran: nodes with no inputs to wait for are ready."""
+        waiting = {node_id: len(workflow.dependencies(node_id) & to_run) for node_id in to_run}
+        ready = [(node_sort_key(node_id), node_id) for node_id, count in waiting.items() if count == 0]
+        heapq.heapify(ready)
+        return cls(workflow, to_run, dict(available), waiting, ready, workflow.dependents())
+
+    def finished(self, node_id: str, result: _Completed) -> None:
+        """Record a node's outputs and make the consumers whose inputs are now all there ready."""
+        self.completed[node_id] = result
+        self.values[node_id] = result.outputs
+        for consumer in self.consumers[node_id] & self.to_run:
+            self.waiting[consumer] -= 1
+            if self.waiting[consumer] == 0:
+                heapq.heappush(self.ready, (node_sort_key(consumer), consumer))
+
+
+def _wait_for_running(running: Mapping[Future[Any], str]) -> None:
+    """Wait until every running node has stopped; a second Ctrl-C meanwhile does not abandon them."""
+    pending = set(running)
+    while pending:
+        try:
+            _, pending = wait(pending, timeout=_STOP_POLL_S)
+        except KeyboardInterrupt:
+            log.warning("still stopping: waiting for %d node(s) to reach their next step", len(pending))

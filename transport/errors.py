@@ -35,5 +35,9 @@ class RequestTimeout(TransportError, TimeoutError):
     """A request got no final reply before its deadline (the peer was alive)."""
 
 
+class RequestCancelled(TransportError):
+    """The caller cancelled a request while waiting for its reply (the server was told)."""
+
+
 class Rejected(TransportError):
     """The peer could not read a message we sent (limits or version differ)."""

@@ -21,7 +21,7 @@ from typing import Any, cast
 import zmq
 from diffsplit.transport.auth import ClientCurve, configure_client
 from diffsplit.transport.envelope import decode, encode
-from diffsplit.transport.errors import PeerGone, Rejected, RequestTimeout, TransportError
+from diffsplit.transport.errors import PeerGone, Rejected, RequestCancelled, RequestTimeout, TransportError
 from diffsplit.transport.iothread import IOThread
 from diffsplit.transport.protocol import (
     DEFAULT_SETTINGS,
@@ -36,6 +36,9 @@ from diffsplit.transport.protocol import (
 from diffsplit.transport.server import Request, Server
 
 __all__ = ["Client", "Request", "Server", "Settings"]
+
+#: How often a waiting request checks its cancel event.
+_CANCEL_POLL_S = 0.1
 
 
 @dataclass
@@ -114,8 +117,12 @@ class Client:
         request_id: str,
         timeout: float | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> dict[str, Any]:
         """Wait for the final reply of ``request_id``; progress messages go to ``on_progress``.
+
+        When ``cancel`` is set while waiting, the request is cancelled on the
+        server (it stops at its next step) and RequestCancelled is raised.
 
         Raises PeerGone when the server falls silent for ``heartbeat_timeout``,
         RequestTimeout after ``timeout`` seconds (the request is then cancelled),
@@ -132,8 +139,12 @@ class Client:
             if remaining is not None and remaining <= 0:
                 self.cancel(request_id)
                 raise RequestTimeout(f"no reply to {request_id} from {self.endpoint} within {timeout} s")
+            if cancel is not None and cancel.is_set():
+                self.cancel(request_id)
+                raise RequestCancelled(f"request {request_id} to {self.endpoint} was cancelled")
+            wait_s = remaining if cancel is None else min(_CANCEL_POLL_S, remaining or _CANCEL_POLL_S)
             try:
-                kind, value = waiting.inbox.get(timeout=remaining)
+                kind, value = waiting.inbox.get(timeout=wait_s)
             except queue.Empty:
                 continue
             if kind == OP_PROGRESS:
