@@ -29,7 +29,7 @@ from diffsplit.tracer.fingerprint import fingerprint
 from diffsplit.tracer.known_loaders import OPS
 from diffsplit.tracer.objects import get_path
 from diffsplit.tracer.owned_memory import own_weights
-from diffsplit.tracer.recipe import FILE_TAG, RECIPE_TAG, FileRef, Recipe, Step, tagged
+from diffsplit.tracer.recipe import FileRef, Recipe, Step
 from diffsplit.transport.errors import DiffsplitError
 
 FileResolver = Callable[[FileRef], Path]
@@ -150,18 +150,16 @@ class Builder:
         return value
 
     def _decode(self, value: Any, key: str | None = None) -> Any:
-        tag = tagged(value)
-        if tag is not None:
-            kind, payload = tag
-            if kind == FILE_TAG:
-                return str(self.resolve_file(FileRef.from_dict(payload)))
-            if kind == RECIPE_TAG:
-                return self.build(Recipe.from_dict(payload))
+        """A frozen step argument as the call gets it: files as local paths, recipes built."""
+        if isinstance(value, FileRef):
+            return str(self.resolve_file(value))
+        if isinstance(value, Recipe):
+            return self.build(value)
         if key in _DTYPE_KEYWORDS and isinstance(value, str):
             if value not in ALLOWED_DTYPES:
                 raise RecipeError(f"unknown dtype {value!r}")
             return ALLOWED_DTYPES[value]
-        if isinstance(value, list):
+        if isinstance(value, tuple):
             return [self._decode(item) for item in value]
         if isinstance(value, Mapping):
             return {name: self._decode(item, name) for name, item in value.items()}
@@ -220,9 +218,8 @@ class Builder:
         files: dict[tuple[str, str], Path] = {}
         inputs: dict[str, Any] = {}
         for name, value in step.kwargs.items():
-            tag = tagged(value)
-            if tag is not None and tag[0] == FILE_TAG:
-                ref = FileRef.from_dict(tag[1])
+            if isinstance(value, FileRef):
+                ref = value
                 spec = node_class.input(name)
                 folder = spec.model_folder if spec is not None and spec.model_folder else ""
                 files[(folder, ref.name)] = self.resolve_file(ref)

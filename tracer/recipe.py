@@ -3,12 +3,17 @@
 A recipe is a list of steps (loader calls, then mutator calls on what they
 built), an attribute path that selects the object inside what was built, and
 a fingerprint of the object's weights. Files are named by store-relative name,
-sha256 and size, never by a local path. Step arguments are JSON values, where a
-few tagged objects carry what JSON cannot:
+sha256 and size, never by a local path.
+
+Recipes are values: deeply immutable and hashable. A step's arguments are
+frozen when it is made (mappings become :class:`FrozenMap`, lists tuples), and
+the tagged objects of the plain form become objects, so a recipe is parsed
+once, when it comes off the wire or out of a file, and its digests are
+computed once. In the plain (JSON) form, tagged objects carry what JSON cannot:
 
 - ``{"$file": {...}}``: a :class:`FileRef` (the worker passes its own path);
-- ``{"$recipe": {...}}``: a nested recipe (a model argument, e.g. ``vae=`` or a
-  graph loader's ``model`` input), built first;
+- ``{"$recipe": {...}}``: a nested :class:`Recipe` (a model argument, e.g.
+  ``vae=`` or a graph loader's ``model`` input), built first;
 - ``{"$dtype": "float16"}`` never appears: dtypes travel as plain names
   (``"float16"``) under the ``dtype``/``torch_dtype`` keywords.
 
@@ -27,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterator, Mapping
@@ -62,6 +68,38 @@ def paths_overlap(first: str, second: str) -> bool:
     a, b = split_path(first), split_path(second)
     shorter = min(len(a), len(b))
     return a[:shorter] == b[:shorter]
+
+
+class FrozenMap(Mapping[str, Any]):
+    """An immutable, hashable mapping of string keys to frozen values (a step's keyword arguments)."""
+
+    __slots__ = ("_hash", "_items")
+
+    def __init__(self, items: Mapping[str, Any] | None = None) -> None:
+        self._items: dict[str, Any] = dict(items or {})
+        self._hash: int | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash(tuple(sorted(self._items.items())))
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, FrozenMap):
+            return self._items == other._items
+        return isinstance(other, Mapping) and self._items == dict(other)
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._items!r})"
 
 
 @dataclass(frozen=True)
@@ -140,6 +178,13 @@ class Step:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     on: str | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "args", tuple(freeze(value) for value in self.args))
+        if not isinstance(self.kwargs, Mapping):
+            raise RecipeError(f"recipe step {self.op!r}: kwargs must be a mapping")
+        frozen = {str(key): freeze(value) for key, value in self.kwargs.items()}
+        object.__setattr__(self, "kwargs", FrozenMap(frozen))
+
     @property
     def is_mutator(self) -> bool:
         """Whether the step acts on the value built so far (instead of building a new one)."""
@@ -155,9 +200,9 @@ class Step:
         if self.file is not None:
             data["file"] = self.file.to_dict()
         if self.args:
-            data["args"] = [_thaw(value) for value in self.args]
+            data["args"] = [thaw(value) for value in self.args]
         if self.kwargs:
-            data["kwargs"] = {key: _thaw(value) for key, value in self.kwargs.items()}
+            data["kwargs"] = {key: thaw(value) for key, value in self.kwargs.items()}
         return data
 
     @classmethod
@@ -177,7 +222,7 @@ class Step:
             cls=data.get("cls"),
             file=FileRef.from_dict(data["file"]) if data.get("file") is not None else None,
             args=tuple(args),
-            kwargs=dict(kwargs),
+            kwargs=kwargs,
             on=data.get("on"),
         )
 
@@ -206,18 +251,27 @@ class Recipe:
             raise RecipeError(f"a recipe must start with a loader, not the mutator {self.steps[0].op!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (JSON-ready)."""
-        data: dict[str, Any] = {"v": self.v, "steps": [step.to_dict() for step in self.steps]}
+        """Plain data (JSON-ready); a new dict each call (the recipe itself never changes)."""
+        data: dict[str, Any] = {"v": self.v, "steps": json.loads(self._steps_json)}
         if self.select:
             data["select"] = self.select
         if self.fingerprint is not None:
             data["fingerprint"] = self.fingerprint
         return data
 
+    @functools.cached_property
+    def _steps_json(self) -> str:
+        """The canonical JSON of the steps, made once."""
+        return canonical_json([step.to_dict() for step in self.steps])
+
+    @functools.cached_property
+    def _canonical(self) -> str:
+        return canonical_json(self.to_dict())
+
     def to_json(self, *, indent: int | None = None) -> str:
         """The recipe as JSON text (canonical when ``indent`` is None)."""
         if indent is None:
-            return canonical_json(self.to_dict())
+            return self._canonical
         return json.dumps(self.to_dict(), sort_keys=True, indent=indent)
 
     @classmethod
@@ -250,20 +304,28 @@ class Recipe:
             raise RecipeError(f"a recipe is not valid JSON: {exc}") from None
         return cls.from_dict(data)
 
-    def digest(self) -> str:
-        """sha256 of the canonical JSON of version, steps and select (the worker's cache key).
-
-        The fingerprint is left out: it is derived from the steps, and a recipe
-        made without running anything (a dry trace) has none.
-        """
+    @functools.cached_property
+    def _digest(self) -> str:
         data = self.to_dict()
         data.pop("fingerprint", None)
         return hashlib.sha256(canonical_json(data).encode()).hexdigest()
 
+    @functools.cached_property
+    def _build_digest(self) -> str:
+        data = {"v": self.v, "steps": json.loads(self._steps_json)}
+        return hashlib.sha256(canonical_json(data).encode()).hexdigest()
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of version, steps and select (the worker's cache key).
+
+        The fingerprint is left out: it is derived from the steps, and a recipe
+        made without running anything (a dry trace) has none. Computed once.
+        """
+        return self._digest
+
     def build_digest(self) -> str:
         """sha256 of version and steps only: recipes that differ only in ``select`` build the same thing."""
-        data = {"v": self.v, "steps": [step.to_dict() for step in self.steps]}
-        return hashlib.sha256(canonical_json(data).encode()).hexdigest()
+        return self._build_digest
 
     def size_bytes(self) -> int:
         """Size of the canonical JSON in bytes."""
@@ -313,25 +375,47 @@ def tagged(value: Any) -> tuple[str, Any] | None:
 
 
 def _files_in(value: Any) -> Iterator[FileRef]:
-    tag = tagged(value)
-    if tag is not None:
-        kind, payload = tag
-        if kind == FILE_TAG:
-            yield FileRef.from_dict(payload)
-        else:
-            yield from Recipe.from_dict(payload).files()
+    if isinstance(value, FileRef):
+        yield value
+    elif isinstance(value, Recipe):
+        yield from value.files()
     elif isinstance(value, Mapping):
         for item in value.values():
             yield from _files_in(item)
-    elif isinstance(value, list | tuple):
+    elif isinstance(value, tuple):
         for item in value:
             yield from _files_in(item)
 
 
-def _thaw(value: Any) -> Any:
-    """A JSON value with tuples turned into lists and mappings into dicts."""
+#: Plain values a step argument may hold besides containers, files and recipes.
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def freeze(value: Any) -> Any:
+    """A step argument as an immutable, hashable value: tagged objects become FileRef / Recipe objects."""
+    if isinstance(value, (FileRef, Recipe, *_SCALARS)):
+        return value
+    tag = tagged(value)
+    if tag is not None:
+        kind, payload = tag
+        if not isinstance(payload, Mapping):
+            raise RecipeError(f"a {kind} argument must be an object, not {type(payload).__name__}")
+        return FileRef.from_dict(payload) if kind == FILE_TAG else Recipe.from_dict(payload)
     if isinstance(value, Mapping):
-        return {str(key): _thaw(item) for key, item in value.items()}
+        return FrozenMap({str(key): freeze(item) for key, item in value.items()})
     if isinstance(value, list | tuple):
-        return [_thaw(item) for item in value]
+        return tuple(freeze(item) for item in value)
+    raise RecipeError(f"a recipe argument cannot be a {type(value).__name__}")
+
+
+def thaw(value: Any) -> Any:
+    """The plain (JSON) form of a frozen step argument: objects become tagged mappings."""
+    if isinstance(value, FileRef):
+        return file_value(value)
+    if isinstance(value, Recipe):
+        return recipe_value(value)
+    if isinstance(value, Mapping):
+        return {str(key): thaw(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [thaw(item) for item in value]
     return value

@@ -9,25 +9,23 @@ mutators back to its loader). Only the last link shows a sha256.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from diffsplit.tracer.inputs import InputExplanation
-from diffsplit.tracer.recipe import RECIPE_TAG, FileRef, Recipe, Step, tagged
+from diffsplit.tracer.recipe import FileRef, Recipe, Step
 
 _MAX_TEXT = 40
 
 
 def _value_text(value: Any, with_sha: bool = False) -> str:
-    tag = tagged(value)
-    if tag is not None:
-        kind, payload = tag
-        if kind == RECIPE_TAG:
-            return "…"
-        ref = FileRef.from_dict(payload)
-        return ref.short() if with_sha else ref.name
-    if isinstance(value, list):
+    if isinstance(value, Recipe):
+        return "…"
+    if isinstance(value, FileRef):
+        return value.short() if with_sha else value.name
+    if isinstance(value, tuple):
         return "[" + ", ".join(_value_text(item, with_sha) for item in value) + "]"
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return "{…}"
     text = repr(value)
     return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 1] + "…"
@@ -58,8 +56,7 @@ def describe_step(step: Step, *, with_sha: bool = False) -> str:
         shown.append(step.file.short() if with_sha else step.file.name)
     shown.extend(_value_text(value, with_sha) for value in step.args)
     for key, value in step.kwargs.items():
-        tag = tagged(value)
-        if tag is not None and tag[0] == RECIPE_TAG:
+        if isinstance(value, Recipe):
             continue
         text = _value_text(value, with_sha)
         shown.append(text if step.op == "comfy.node" else f"{key}={text}")
@@ -69,9 +66,8 @@ def describe_step(step: Step, *, with_sha: bool = False) -> str:
 
 def _first_nested(step: Step) -> Recipe | None:
     for value in (*step.args, *step.kwargs.values()):
-        tag = tagged(value)
-        if tag is not None and tag[0] == RECIPE_TAG:
-            return Recipe.from_dict(tag[1])
+        if isinstance(value, Recipe):
+            return value
     return None
 
 

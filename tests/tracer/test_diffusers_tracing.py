@@ -11,7 +11,7 @@ from diffsplit.engine.rebuild import build, store_resolver
 from diffsplit.engine.store import ModelStore
 from diffsplit.tracer.errors import NotOffloadable
 from diffsplit.tracer.fingerprint import fingerprint
-from diffsplit.tracer.recipe import FileRef, Recipe, tagged
+from diffsplit.tracer.recipe import FileRef, Recipe
 from diffsplit.tracer.session import trace, tracing
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -43,7 +43,8 @@ def test_unet_recipe_is_base_plus_lora_plus_adapters(sd15_lora_run: Any, store: 
     assert with_lora.file is not None and with_lora.file.folder == "loras"
     assert with_lora.file.sha256 == store.sha256(store.resolve("loras", "tiny-sd15-lora.safetensors"))
     assert dict(with_lora.kwargs) == {"adapter_name": "style"}
-    assert dict(adapters.kwargs) == {"adapter_names": ["style"], "adapter_weights": [0.7]}
+    assert dict(adapters.kwargs) == {"adapter_names": ("style",), "adapter_weights": (0.7,)}
+    assert adapters.to_dict()["kwargs"] == {"adapter_names": ["style"], "adapter_weights": [0.7]}
     assert recipe.select == "unet"
     assert recipe.fingerprint == fingerprint(sd15_lora_run.pipe.unet)
 
@@ -111,9 +112,9 @@ def test_a_model_passed_to_from_pretrained_becomes_a_nested_recipe(
         pipe = StableDiffusionPipeline.from_pretrained(sd15(models_dir), vae=vae)
         pipe.to(torch.float64)
     recipe = recorded.recipe(pipe)
-    nested = tagged(recipe.steps[0].kwargs["vae"])
-    assert nested is not None and nested[0] == "$recipe"
-    assert Recipe.from_dict(nested[1]).steps[0].kwargs == {"subfolder": "vae"}
+    nested = recipe.steps[0].kwargs["vae"]
+    assert isinstance(nested, Recipe) and nested.steps[0].kwargs == {"subfolder": "vae"}
+    assert recipe.steps[0].to_dict()["kwargs"]["vae"] == {"$recipe": nested.to_dict()}
     assert [step.op for step in recipe.steps[1:]] == ["torch.to"]
     rebuilt = build(recipe, store_resolver(store))
     assert rebuilt.vae.dtype == torch.float64

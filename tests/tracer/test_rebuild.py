@@ -148,7 +148,7 @@ def test_user_loaders_run_only_when_allowed(models_dir: Path, store: ModelStore)
     recipe = recorded.recipe(unet)
     (step,) = recipe.steps
     assert step.op == "user.loader" and step.cls.endswith(":load_unet_folder")
-    assert step.args[0]["$file"]["name"] == "tiny-sd15"
+    assert step.args[0].name == "tiny-sd15"
     assert [record.op for record in recorded.calls] == ["user.loader"]
     with pytest.raises(RecipeError, match="not among the loaders"):
         build(recipe, store_resolver(store))

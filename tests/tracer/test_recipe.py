@@ -148,3 +148,27 @@ def test_tagged_values_round_trip() -> None:
     ref = FileRef(name="x.safetensors", sha256=SHA_A, bytes=5)
     assert FileRef.from_dict(file_value(ref)["$file"]) == ref
     assert ref.short() == f"x.safetensors sha256:{SHA_A[:8]}…"
+
+
+def test_recipes_are_deeply_immutable_hashable_values() -> None:
+    ref = FileRef(name="a.safetensors", sha256="a" * 64, bytes=3, folder="loras")
+    loader = Step(op="comfy.node", cls="CheckpointLoaderSimple", kwargs={"ckpt_name": file_value(ref)})
+    inner = Recipe(steps=(loader,))
+    kwargs = {"model": recipe_value(inner), "names": ["x", {"y": [1, 2]}], "lora_name": file_value(ref)}
+    data = {"op": "comfy.node", "cls": "LoraLoader", "kwargs": kwargs}
+    outer = Recipe(steps=(Step.from_dict(data),), select="0")
+    step = outer.steps[0]
+    assert isinstance(step.kwargs["model"], Recipe) and step.kwargs["model"] == inner
+    assert step.kwargs["lora_name"] == ref and step.kwargs["names"] == ("x", {"y": (1, 2)})
+    with pytest.raises(TypeError):
+        step.kwargs["names"] = ()  # type: ignore[index]
+    again = Recipe.from_dict(outer.to_dict())
+    assert again == outer and hash(again) == hash(outer) and len({outer, again}) == 1
+    assert outer.to_dict()["steps"][0] == data
+    outer.to_dict()["steps"].clear()  # a caller's copy: the recipe keeps its steps
+    assert outer.digest() == again.digest() and outer.files() == (ref,)
+
+
+def test_a_step_argument_that_is_not_plain_data_is_refused() -> None:
+    with pytest.raises(RecipeError, match="cannot be a object"):
+        Step(op="comfy.node", kwargs={"x": object()})

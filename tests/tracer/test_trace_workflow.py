@@ -12,15 +12,15 @@ from diffsplit.engine.nodes.registry import NodeRegistry
 from diffsplit.engine.store import ModelStore
 from diffsplit.engine.trace_workflow import trace_workflow
 from diffsplit.engine.types import DiffusionModel
-from diffsplit.tracer.recipe import Recipe, tagged
+from diffsplit.tracer.recipe import Recipe
 
 from tests.tracer.conftest import graph_workflow
 
 
 def nested(recipe: Recipe, name: str) -> Recipe:
-    tag = tagged(recipe.steps[0].kwargs[name])
-    assert tag is not None and tag[0] == "$recipe"
-    return Recipe.from_dict(tag[1])
+    value = recipe.steps[0].kwargs[name]
+    assert isinstance(value, Recipe)
+    return value
 
 
 def test_every_input_gets_a_category(graph_run: Any) -> None:
@@ -47,12 +47,12 @@ def test_lora_recipe_carries_its_checkpoint(graph_run: Any, store: ModelStore) -
     (step,) = recipe.steps
     assert (step.op, step.cls) == ("comfy.node", "LoraLoader")
     assert step.kwargs["strength_model"] == 0.8
-    assert tagged(step.kwargs["lora_name"])[1]["name"] == "tiny-sd15-lora.safetensors"
+    assert step.kwargs["lora_name"].name == "tiny-sd15-lora.safetensors"
     base = nested(recipe, "model")
     assert base.select == "0" and base.steps[0].cls == "CheckpointLoaderSimple"
-    checkpoint = tagged(base.steps[0].kwargs["ckpt_name"])[1]
-    assert checkpoint["folder"] == "checkpoints"
-    assert checkpoint["sha256"] == store.sha256(store.resolve("checkpoints", "tiny-sd15.safetensors"))
+    checkpoint = base.steps[0].kwargs["ckpt_name"]
+    assert checkpoint.folder == "checkpoints"
+    assert checkpoint.sha256 == store.sha256(store.resolve("checkpoints", "tiny-sd15.safetensors"))
     assert nested(recipe, "clip").select == "1"
     assert recipe.size_bytes() <= 4096
 
@@ -60,7 +60,7 @@ def test_lora_recipe_carries_its_checkpoint(graph_run: Any, store: ModelStore) -
 def test_vae_override_clip_skip_and_controlnet_recipes(graph_run: Any) -> None:
     traced = graph_run.trace
     override = traced.node("12").input("vae").model.recipe
-    assert [(step.cls, step.kwargs["vae_name"]["$file"]["name"]) for step in override.steps] == [
+    assert [(step.cls, step.kwargs["vae_name"].name) for step in override.steps] == [
         ("VAELoader", "tiny-vae.safetensors")
     ]
     checkpoint_vae = traced.node("8").input("vae").model.recipe
