@@ -20,7 +20,7 @@ from typing import Any, cast
 
 import zmq
 from diffsplit.transport.auth import ClientCurve, configure_client
-from diffsplit.transport.envelope import decode, encode
+from diffsplit.transport.envelope import EnvelopeStats, decode, describe, encode
 from diffsplit.transport.errors import PeerGone, Rejected, RequestCancelled, RequestTimeout, TransportError
 from diffsplit.transport.iothread import IOThread
 from diffsplit.transport.protocol import (
@@ -45,7 +45,17 @@ _CANCEL_POLL_S = 0.1
 class _Waiting:
     inbox: queue.SimpleQueue[tuple[str, Any]]
     sent_at: float
+    sent: EnvelopeStats
     done: bool = False  # a final reply or an error is in the inbox
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """A final reply and the sizes of both messages, as the encoder made and the socket received them."""
+
+    reply: dict[str, Any]
+    sent: EnvelopeStats
+    received: EnvelopeStats
 
 
 class Client:
@@ -103,7 +113,7 @@ class Client:
         with self._lock:
             if request_id in self._waiting:
                 raise ValueError(f"request id {request_id!r} is already outstanding")
-            self._waiting[request_id] = _Waiting(queue.SimpleQueue(), time.monotonic())
+            self._waiting[request_id] = _Waiting(queue.SimpleQueue(), time.monotonic(), describe(parts))
         try:
             self._io.post(parts)
         except TransportError:
@@ -119,6 +129,16 @@ class Client:
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> dict[str, Any]:
+        """The final reply of ``request_id`` (see :meth:`exchange_result`)."""
+        return self.exchange_result(request_id, timeout, on_progress, cancel).reply
+
+    def exchange_result(
+        self,
+        request_id: str,
+        timeout: float | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Exchange:
         """Wait for the final reply of ``request_id``; progress messages go to ``on_progress``.
 
         When ``cancel`` is set while waiting, the request is cancelled on the
@@ -154,7 +174,8 @@ class Client:
             with self._lock:
                 self._waiting.pop(request_id, None)
             if kind == "final":
-                return cast(dict[str, Any], value)
+                reply, received = value
+                return Exchange(cast(dict[str, Any], reply), waiting.sent, received)
             raise value
 
     def request(
@@ -162,6 +183,12 @@ class Client:
     ) -> dict[str, Any]:
         """``submit`` then ``result``."""
         return self.result(self.submit(header), timeout, **kwargs)
+
+    def exchange(
+        self, header: Mapping[str, Any], timeout: float | None = None, **kwargs: Any
+    ) -> Exchange:
+        """``submit`` then ``exchange_result``: the reply with both messages' sizes."""
+        return self.exchange_result(self.submit(header), timeout, **kwargs)
 
     def cancel(self, request_id: str) -> None:
         """Forget a request and tell the server (a late reply is dropped)."""
@@ -211,9 +238,11 @@ class Client:
             waiting = self._waiting.get(request_id) if isinstance(request_id, str) else None
             if waiting is None or waiting.done:
                 return  # a late reply to a cancelled or timed-out request
-            if op != OP_PROGRESS:
+            if op == OP_PROGRESS:
+                waiting.inbox.put((OP_PROGRESS, header))
+            else:
                 waiting.done = True
-            waiting.inbox.put((OP_PROGRESS if op == OP_PROGRESS else "final", header))
+                waiting.inbox.put(("final", (header, describe(frames, self.settings.limits))))
 
     def _on_tick(self, now: float) -> None:
         timeout = self.settings.heartbeat_timeout

@@ -280,3 +280,30 @@ def test_closed_server_stops_recv() -> None:
     srv.close()
     with pytest.raises(TransportError, match="closed"):
         srv.recv(timeout=0.01)
+
+
+def test_a_cancel_event_set_while_waiting_cancels_on_the_server(hang_server) -> None:
+    from diffsplit.transport.errors import RequestCancelled
+
+    srv, received = hang_server
+    cancel = threading.Event()
+    with Client(srv.endpoint, settings=FAST) as c:
+        request_id = c.submit({"op": "hang"})
+        wait_for(received)
+        threading.Timer(0.2, cancel.set).start()
+        with pytest.raises(RequestCancelled):
+            c.result(request_id, timeout=WAIT, cancel=cancel)
+        assert received[0].cancelled.wait(WAIT)
+
+
+def test_an_exchange_reports_the_sizes_of_both_messages_as_they_crossed(client: Client) -> None:
+    from diffsplit.transport.envelope import describe
+
+    payload = {"latent": torch.randn(1, 4, 32, 32), "text": "x" * 100}
+    exchange = client.exchange({"op": "echo", "payload": payload, "request_id": "fixed-id"}, timeout=WAIT)
+    assert torch.equal(exchange.reply["echo"]["latent"], payload["latent"])
+    sent = describe({"op": "echo", "payload": payload, "request_id": "fixed-id"})
+    assert exchange.sent == sent and exchange.sent.tensor_bytes == 4 * 4 * 32 * 32
+    reply = {"op": "result", "echo": payload, "request_id": "fixed-id"}
+    assert exchange.received.tensor_bytes == describe(reply).tensor_bytes
+    assert abs(exchange.received.wire_bytes - describe(reply).wire_bytes) < 64  # + the server's own fields
