@@ -100,3 +100,46 @@ def two_branch_workflow() -> dict[str, Any]:
     workflow["17"] = {"class_type": "VAEDecode", "inputs": {"samples": ["16", 0], "vae": ["1", 2]}}
     workflow["18"] = {"class_type": "SaveImage", "inputs": {"images": ["17", 0], "filename_prefix": "b"}}
     return workflow
+
+
+def separate_files_workflow(
+    family: str, *, separate: bool = True, swap_clips: bool = False, weight_dtype: str = "default",
+    seed: int = 7, steps: int = 3,
+) -> dict[str, Any]:
+    """Text-to-image from the tiny set's separate files (``family`` sd15 or sdxl), or from its checkpoint.
+
+    ``separate``: UNETLoader + CLIPLoader (SD 1.5) / DualCLIPLoader (SDXL, CLIP-G first with
+    ``swap_clips``) + VAELoader; else CheckpointLoaderSimple. Node ids match, so outputs compare.
+    """
+    if separate:
+        clips = [f"tiny-{family}-clip-l.safetensors", f"tiny-{family}-clip-g.safetensors"]
+        clip_loader = (
+            {"class_type": "CLIPLoader", "inputs": {"clip_name": "tiny-clip-l.safetensors",
+                                                    "type": "stable_diffusion"}}
+            if family == "sd15" else
+            {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": clips[swap_clips],
+                                                        "clip_name2": clips[not swap_clips], "type": "sdxl"}}
+        )  # fmt: skip
+        loaders: dict[str, Any] = {
+            "1": {"class_type": "UNETLoader", "inputs": {"unet_name": f"tiny-{family}-unet.safetensors",
+                                                         "weight_dtype": weight_dtype}},
+            "2": clip_loader,
+            "9": {"class_type": "VAELoader", "inputs": {"vae_name": f"tiny-{family}-vae.safetensors"}},
+        }  # fmt: skip
+        model, clip, vae = ["1", 0], ["2", 0], ["9", 0]
+    else:
+        loaders = {"1": {"class_type": "CheckpointLoaderSimple",
+                         "inputs": {"ckpt_name": f"tiny-{family}.safetensors"}}}  # fmt: skip
+        model, clip, vae = ["1", 0], ["1", 1], ["1", 2]
+    return {
+        **loaders,
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": clip}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": clip}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {
+            "model": model, "seed": seed, "steps": steps, "cfg": 6.0, "sampler_name": "euler",
+            "scheduler": "normal", "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
+            "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": vae}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": family}},
+    }

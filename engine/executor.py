@@ -35,6 +35,7 @@ from diffsplit.engine.execution_context import ImageSaver, ProgressCallback, Run
 from diffsplit.engine.graph import Link, Node, Workflow, node_sort_key
 from diffsplit.engine.layout import contiguous_value
 from diffsplit.engine.nodes.base import NodeClass, NodeContext
+from diffsplit.engine.nodes.prompt_embeddings import embedding_stamp
 from diffsplit.engine.nodes.registry import NodeRegistry
 from diffsplit.engine.store import ModelStore, path_inside
 from diffsplit.engine.validation import required_class, validate_workflow
@@ -164,8 +165,14 @@ class Executor:
         )
 
     def _file_stamp(self, node: Node, name: str, value: Any) -> str | None:
-        """Path, size and mtime of a model or input file named by a literal input (None otherwise)."""
-        spec = self.registry.get(node.class_type).input(name)
+        """Path, size and mtime of a model or input file named by a literal input (None otherwise).
+
+        A prompt's ``embedding:`` names count as the files they name.
+        """
+        node_class = self.registry.get(node.class_type)
+        spec = node_class.input(name)
+        if spec is not None and spec.type == "STRING" and isinstance(value, str) and self.store is not None:
+            return embedding_stamp(node_class, value, self.store.resolve)
         if spec is None or spec.type != "COMBO" or not isinstance(value, str) or spec.choices is not None:
             return None
         try:

@@ -11,7 +11,10 @@ What the conversion does (it follows what the editor sends to the ComfyUI server
   (newer editors) is read by input name. ``sample_``-prefixed sampler names of
   older files are read without the prefix.
 - Subgraphs (``definitions.subgraphs``, nested ones too) are flattened first:
-  inner nodes get ids ``"<outer>:<inner>"``.
+  inner nodes get ids ``"<outer>:<inner>"``. Legacy group nodes
+  (``workflow>NAME`` / ``workflow/NAME``, defined in ``extra.groupNodes``) are
+  expanded next, inner node ``i`` as ``"<outer>:<i>"``
+  (:mod:`~diffsplit.engine.format_group_nodes`).
 - A widget converted to an input keeps its ``widgets_values`` slot; when it has a
   link, the link wins.
 - ``PrimitiveNode``: its value (``widgets_values[0]``) replaces the link in every
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from diffsplit.engine.errors import WorkflowError
+from diffsplit.engine.format_group_nodes import expand_group_nodes
 from diffsplit.engine.format_subgraphs import flatten_subgraphs
 from diffsplit.engine.graph import Link, Node, Workflow
 
@@ -86,13 +90,18 @@ _SHAPE_ERRORS = (TypeError, AttributeError, KeyError, IndexError, ValueError)
 def parse_ui_format(document: Mapping[str, Any], registry: NodeRegistry) -> Workflow:
     """The workflow described by a UI-format document; node classes come from ``registry``.
 
-    Subgraphs are flattened first (:mod:`~diffsplit.engine.format_subgraphs`);
+    Subgraphs are flattened first (:mod:`~diffsplit.engine.format_subgraphs`),
+    then group nodes expanded (:mod:`~diffsplit.engine.format_group_nodes`);
     the workflow keeps the document as it was saved.
     """
     try:
         flat = flatten_subgraphs(document)
     except _SHAPE_ERRORS as exc:
         raise WorkflowError(f"malformed subgraph definitions ({type(exc).__name__}: {exc})") from exc
+    try:
+        flat = expand_group_nodes(flat, registry)
+    except _SHAPE_ERRORS as exc:
+        raise WorkflowError(f"malformed group node definitions ({type(exc).__name__}: {exc})") from exc
     return _UiConverter(flat, registry, saved=document).workflow()
 
 

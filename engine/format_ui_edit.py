@@ -10,7 +10,9 @@ document with one widget value changed where the editor keeps it:
   editor writes it, missing slots filled with the class's defaults);
 - when the input is fed by a PrimitiveNode that feeds nothing else, in that
   primitive's value (the node's own slot would lose to the link);
-- for a node inside a subgraph (id ``"20:2:1"``), in the subgraph's definition.
+- for a node inside a subgraph (id ``"20:2:1"``), in the subgraph's definition;
+- for a node inside a legacy group node (id ``"37:1"``), in the group node's
+  ``widgets_values`` (:mod:`~diffsplit.engine.format_group_edit`; needs the registry).
 
 Inputs that are links to other nodes are not widgets: the document is returned
 unchanged for them.
@@ -22,21 +24,28 @@ import copy
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from diffsplit.engine.format_group_edit import set_group_widget
 from diffsplit.engine.format_subgraphs import subgraph_definitions
 
 if TYPE_CHECKING:
     from diffsplit.engine.nodes.base import NodeClass
+    from diffsplit.engine.nodes.registry import NodeRegistry
 
 _CONTROL_WORDS = frozenset({"fixed", "increment", "decrement", "randomize"})
 
 
 def set_widget_value(
-    document: Mapping[str, Any], node_id: str, node_class: NodeClass, input_name: str, value: Any
+    document: Mapping[str, Any], node_id: str, node_class: NodeClass, input_name: str, value: Any,
+    registry: NodeRegistry | None = None,
 ) -> dict[str, Any]:
     """A copy of ``document`` with ``input_name`` of node ``node_id`` set to ``value`` (see module doc)."""
     edited = copy.deepcopy(dict(document))
-    graph, raw = _find(edited, node_id.split(":"))
+    path = node_id.split(":")
+    graph, raw = _find(edited, path)
     if raw is None or graph is None:
+        group = _find(edited, path[:-1])[1] if len(path) > 1 and path[-1].isdecimal() else None
+        if group is not None and registry is not None:  # an inner node of a legacy group node
+            set_group_widget(edited, group, int(path[-1]), input_name, value, registry)
         return edited
     primitive = _sole_primitive(graph, raw, input_name)
     if primitive is not None:

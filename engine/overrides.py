@@ -83,7 +83,7 @@ def _with_saved_form_updated(
         return workflow
     from diffsplit.engine.format_ui_edit import set_widget_value
 
-    edited = set_widget_value(saved, node_id, registry[node.class_type], input_name, value)
+    edited = set_widget_value(saved, node_id, registry[node.class_type], input_name, value, registry=registry)
     return dataclasses.replace(workflow, extra={**workflow.extra, "workflow": edited})
 
 

@@ -1,7 +1,11 @@
 """A ComfyUI-style models folder, with names that never escape it and an on-disk sha256 index.
 
 Layout: ``<root>/checkpoints``, ``loras``, ``vae``, ``clip``, ``controlnet``,
-``diffusers``, ``embeddings``, ``upscale_models`` (other folders work too).
+``diffusers``, ``embeddings``, ``upscale_models``, ``text_encoders``,
+``diffusion_models``, ``configs`` (other folders work too). As in ComfyUI,
+``text_encoders`` and ``clip`` list one set of models (both directories), and so
+do ``diffusion_models`` and ``unet`` (:data:`FOLDER_GROUPS`); ``configs`` lists
+``.yaml`` files.
 A model is either a weight file (``.safetensors .ckpt .pt .pth .bin .sft``) or a
 *model directory*: a directory holding ``model_index.json`` (a diffusers
 pipeline) or ``config.json`` (one diffusers/transformers model), listed as one
@@ -30,6 +34,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.store_index import HashIndex, IndexEntry, file_stamp
@@ -45,8 +50,23 @@ MODEL_FOLDERS: tuple[str, ...] = (
     "diffusers",
     "embeddings",
     "upscale_models",
+    "text_encoders",
+    "diffusion_models",
+    "unet",
+    "configs",
+    "clip_vision",
 )
 MODEL_EXTENSIONS: frozenset[str] = frozenset({".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft"})
+#: ComfyUI folder names that list the same models, with the directories searched in ComfyUI's order
+#: (``text_encoders`` is also the legacy ``clip``; ``diffusion_models`` also the legacy ``unet``).
+FOLDER_GROUPS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "text_encoders": ("text_encoders", "clip"),
+    "clip": ("text_encoders", "clip"),
+    "diffusion_models": ("unet", "diffusion_models"),
+    "unet": ("unet", "diffusion_models"),
+})  # fmt: skip
+#: Folders whose files are not weights: ComfyUI's ``configs`` lists LDM ``.yaml`` configs.
+FOLDER_EXTENSIONS: Mapping[str, frozenset[str]] = MappingProxyType({"configs": frozenset({".yaml"})})
 MODEL_DIRECTORY_MARKERS: tuple[str, ...] = ("model_index.json", "config.json")
 _MAX_LISTED = 30
 
@@ -95,6 +115,11 @@ def path_inside(root: Path, name: str, *, boundary: Path | None = None) -> Path:
     if not candidate.resolve().is_relative_to(limit.resolve()):
         raise ValueError(f"{name!r} leads outside {limit} through a symbolic link")
     return candidate
+
+
+def folder_group(folder: str) -> tuple[str, ...]:
+    """The folder names whose directories list the models of ``folder`` (itself, or its ComfyUI group)."""
+    return FOLDER_GROUPS.get(folder, (folder,))
 
 
 def is_model_directory(path: Path) -> bool:
@@ -146,13 +171,16 @@ class ModelStore:
     def _listed(self, folder: str) -> dict[str, Path]:
         """Name → path of every model in ``folder``; the root's folder wins over extra ones."""
         found: dict[str, Path] = {}
+        extensions = FOLDER_EXTENSIONS.get(folder, MODEL_EXTENSIONS)
         for base in self._bases(folder):
-            for name, path in _walk_models(base).items():
+            for name, path in _walk_models(base, extensions).items():
                 found.setdefault(name, path)
         return found
 
     def _bases(self, folder: str) -> list[Path]:
-        return [self._folder_path(folder), *self.extra_folders.get(folder, ())]
+        group = folder_group(folder)
+        roots = [self._folder_path(name) for name in group]
+        return [*roots, *(path for name in group for path in self.extra_folders.get(name, ()))]
 
     def resolve(self, folder: str, name: str) -> Path:
         """The path of model ``name`` in ``folder``; a ModelFileError listing what exists otherwise.
@@ -243,7 +271,7 @@ class ModelStore:
     def _find_by_name(self, name: str, folders: list[str]) -> Path:
         name = normalize_name(name)
         holders = [f for f in folders if name in self.names(f)]
-        if len(holders) == 1:
+        if len({self.resolve(f, name) for f in holders}) == 1:  # one folder, or one group (clip, unet)
             return self.resolve(holders[0], name)
         if not holders:
             if len(folders) == 1:
@@ -307,8 +335,11 @@ class ModelStore:
         return path.stat().st_size
 
 
-def _walk_models(base: Path) -> dict[str, Path]:
-    """Name → path of the model files and model directories under ``base`` (links followed, once each)."""
+def _walk_models(base: Path, extensions: frozenset[str] = MODEL_EXTENSIONS) -> dict[str, Path]:
+    """Name → path of the model files (with ``extensions``) and model directories under ``base``.
+
+    Links are followed, each directory once.
+    """
     if not base.is_dir():
         return {}
     found: dict[str, Path] = {}
@@ -328,6 +359,6 @@ def _walk_models(base: Path) -> dict[str, Path]:
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
         for file_name in files:
             path = here / file_name
-            if not file_name.startswith(".") and path.suffix.lower() in MODEL_EXTENSIONS and path.is_file():
+            if not file_name.startswith(".") and path.suffix.lower() in extensions and path.is_file():
                 found[file_name if here == base else f"{relative}/{file_name}"] = path
     return found

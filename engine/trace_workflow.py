@@ -33,6 +33,7 @@ from diffsplit.engine.types import (
     INTERMEDIATE_TYPES,
     MODEL_TYPES,
     NORMAL_TYPES,
+    ClipVision,
     ControlNet,
     DiffusionModel,
     TextEncoders,
@@ -47,7 +48,7 @@ from diffsplit.tracer.report import input_lines
 from diffsplit.tracer.session import Session
 
 #: The engine's model classes, for input categories.
-ENGINE_MODEL_TYPES: tuple[type, ...] = (DiffusionModel, TextEncoders, Vae, ControlNet)
+ENGINE_MODEL_TYPES: tuple[type, ...] = (DiffusionModel, TextEncoders, Vae, ControlNet, ClipVision)
 #: Makes the executor for a traced run.
 ExecutorFactory = Callable[[], Executor]
 

@@ -10,7 +10,14 @@ the transport can send them as-is:
   entries carry ``width, height, crop_w, crop_h, target_width, target_height``
   (refiner: ``aesthetic_score``); ControlNetApply adds ``"control": ControlHint``;
   ConditioningSetArea adds ``"area": (h, w, y, x)`` in latent units and ``"strength"``.
+  InstructPixToPixConditioning adds ``"concat_latent_image"``: ``Tensor[B,4,h,w]``, the VAE's
+  latent *unscaled* as in ComfyUI (an 8-channel UNet takes it beside the noisy latent).
+  GLIGENTextBoxApply adds ``"gligen": ("position", GligenModel, [(pooled, h, w, y, x), ...])``
+  (box in latent units; the GLIGEN model is an ``nn.Module``, sent as its recipe).
 - IMAGE: ``Tensor[B,H,W,C]`` float32 in [0, 1]; MASK: ``Tensor[B,H,W]`` float32 in [0, 1].
+- CLIP_VISION_OUTPUT: ``{"image_embeds": Tensor[B,P], "last_hidden_state": Tensor[B,T,W],
+  "penultimate_hidden_states": Tensor[B,T,W]}`` float32; unCLIPConditioning appends
+  ``{"clip_vision_output", "strength", "noise_augmentation"}`` to an entry's ``"unclip_conditioning"`` list.
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ ModelFamily = Literal["sd15", "sdxl", "sdxl_refiner"]
 
 #: ComfyUI type names whose values are models (sent as recipes, never as weights).
 MODEL_TYPES: frozenset[str] = frozenset(
-    {"MODEL", "CLIP", "VAE", "CONTROL_NET", "CLIP_VISION", "UPSCALE_MODEL"}
+    {"MODEL", "CLIP", "VAE", "CONTROL_NET", "CLIP_VISION", "UPSCALE_MODEL", "GLIGEN"}
 )
 #: ComfyUI type names whose values are tensors or tensor containers.
-INTERMEDIATE_TYPES: frozenset[str] = frozenset({"LATENT", "CONDITIONING", "IMAGE", "MASK"})
+INTERMEDIATE_TYPES: frozenset[str] = frozenset(
+    {"LATENT", "CONDITIONING", "IMAGE", "MASK", "CLIP_VISION_OUTPUT"}
+)
 #: ComfyUI type names of plain values carried inline.
 NORMAL_TYPES: frozenset[str] = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
 
@@ -91,6 +100,32 @@ class ControlNet:
 
 
 @dataclass(frozen=True, eq=False)
+class UpscaleModel:
+    """ComfyUI ``UPSCALE_MODEL``: an image-to-image network and what spandrel's descriptor says of it.
+
+    ``model`` maps ``[1, input_channels, H, W]`` in [0, 1] to ``[1, output_channels,
+    scale*H, scale*W]``; inputs are padded (reflect) to at least ``min_size`` and a
+    multiple of ``size_multiple`` first, and the padding is cut from the result.
+    """
+
+    model: torch.nn.Module
+    architecture: str
+    scale: int
+    input_channels: int = 3
+    output_channels: int = 3
+    min_size: int = 0
+    size_multiple: int = 1
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class ClipVision:
+    """ComfyUI ``CLIP_VISION``: a transformers CLIPVisionModelWithProjection (image size in its config)."""
+
+    model: torch.nn.Module
+
+
+@dataclass(frozen=True, eq=False)
 class ControlHint:
     """What ControlNetApply attaches to a conditioning entry under ``"control"``.
 
@@ -115,12 +150,17 @@ class NoiseSource:
 
 @dataclass(frozen=True, eq=False)
 class Guider:
-    """ComfyUI's GUIDER (CFGGuider / BasicGuider): a model, its conditioning and the CFG scale.
+    """ComfyUI's GUIDER (CFGGuider / BasicGuider / DualCFGGuider): a model, its conditioning, the scales.
 
-    BasicGuider has no negative conditioning and a scale of 1.
+    BasicGuider has no negative conditioning and a scale of 1. DualCFGGuider
+    sets ``middle`` (its ``cond2``): ``cfg`` scales positive against middle and
+    ``cfg_middle`` middle against negative (``nested``: ComfyUI's "nested" style).
     """
 
     model: DiffusionModel
     positive: Any
     negative: Any
     cfg: float
+    middle: Any = None
+    cfg_middle: float = 1.0
+    nested: bool = False

@@ -1,7 +1,7 @@
 """Node input and output values <-> data the envelope can carry.
 
 The envelope carries plain data and tensors. Node values also hold models
-(MODEL, CLIP, VAE, CONTROL_NET) and, inside CONDITIONING, ControlNet hints
+(MODEL, CLIP, VAE, CONTROL_NET, CLIP_VISION) and, inside CONDITIONING, ControlNet hints
 that hold a model. Models never travel: each becomes its recipe (a dict), and
 the receiving side builds or finds the model from it. Two more forms save
 bytes: an all-zero tensor travels as its shape and dtype (an empty latent),
@@ -24,12 +24,14 @@ import numpy as np
 import torch
 from diffsplit.engine.sampling.samplers import Sampler, get_sampler
 from diffsplit.engine.types import (
+    ClipVision,
     ControlHint,
     ControlNet,
     DiffusionModel,
     Guider,
     NoiseSource,
     TextEncoders,
+    UpscaleModel,
     Vae,
 )
 from diffsplit.transport.digest import content_digest
@@ -63,7 +65,9 @@ class WireValueError(DiffsplitError):
 
 def is_model_value(value: Any) -> bool:
     """Whether a value is a model (recipe on the wire) rather than data."""
-    if isinstance(value, torch.nn.Module | DiffusionModel | TextEncoders | Vae | ControlNet):
+    if isinstance(value, torch.nn.Module | DiffusionModel | TextEncoders | Vae | ControlNet | ClipVision):
+        return True
+    if isinstance(value, UpscaleModel):
         return True
     if isinstance(getattr(value, "components", None), dict):  # a diffusers pipeline
         return True
@@ -87,12 +91,16 @@ def to_wire(value: Any, recipe_of: RecipeOf, *, where: str) -> Any:
     if isinstance(value, NoiseSource):
         return {NOISE: value.seed}
     if isinstance(value, Guider):
-        return {GUIDER: {
+        guider = {
             "model": {MODEL: _recipe_or_fail(value.model, recipe_of, f"{where}.model")},
             "positive": to_wire(value.positive, recipe_of, where=f"{where}.positive"),
             "negative": to_wire(value.negative, recipe_of, where=f"{where}.negative"),
             "cfg": float(value.cfg),
-        }}
+        }
+        if value.middle is not None:  # DualCFGGuider
+            guider.update(middle=to_wire(value.middle, recipe_of, where=f"{where}.middle"),
+                          cfg_middle=float(value.cfg_middle), nested=bool(value.nested))
+        return {GUIDER: guider}
     if isinstance(value, torch.Generator):
         return {GENERATOR: {"device": str(value.device), "state": value.get_state()}}
     if _is_library_output(value):
@@ -302,14 +310,24 @@ def _sampler(name: Any) -> Sampler:
         raise WireValueError(str(exc)) from None
 
 
+_GUIDER_KEYS = frozenset({"model", "positive", "negative", "cfg"})
+_DUAL_GUIDER_KEYS = _GUIDER_KEYS | {"middle", "cfg_middle", "nested"}
+
+
 def _guider(payload: Any, build_model: BuildModel, held: Any, hints: HintTable) -> Guider:
-    if not isinstance(payload, Mapping) or set(payload) != {"model", "positive", "negative", "cfg"}:
-        raise WireValueError("a guider is {model, positive, negative, cfg}")
+    if not isinstance(payload, Mapping) or set(payload) not in (_GUIDER_KEYS, _DUAL_GUIDER_KEYS):
+        raise WireValueError("a guider is {model, positive, negative, cfg} (+ {middle, cfg_middle, nested})")
     model = _from_wire(payload["model"], build_model, held, hints)
     if not isinstance(model, DiffusionModel):
         raise WireValueError("a guider's recipe did not build a MODEL")
-    cfg = payload["cfg"]
-    if type(cfg) not in (int, float) or not math.isfinite(cfg):
-        raise WireValueError(f"a guider's cfg must be a finite number, not {cfg!r}")
+    scales = [payload["cfg"], payload.get("cfg_middle", 1.0)]
+    for cfg in scales:
+        if type(cfg) not in (int, float) or not math.isfinite(cfg):
+            raise WireValueError(f"a guider's cfg must be a finite number, not {cfg!r}")
+    if type(payload.get("nested", False)) is not bool:
+        raise WireValueError("a guider's 'nested' must be true or false")
+    middle = payload.get("middle")
     return Guider(model, _from_wire(payload["positive"], build_model, held, hints),
-                  _from_wire(payload["negative"], build_model, held, hints), float(cfg))
+                  _from_wire(payload["negative"], build_model, held, hints), float(scales[0]),
+                  middle=None if middle is None else _from_wire(middle, build_model, held, hints),
+                  cfg_middle=float(scales[1]), nested=payload.get("nested", False))

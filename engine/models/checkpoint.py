@@ -110,7 +110,7 @@ def _strip(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, tupl
 
 
 @contextlib.contextmanager
-def _reading(path: Path, what: str) -> Iterator[None]:
+def reading(path: Path, what: str) -> Iterator[None]:
     """Prefix inference errors with the file and the component being read."""
     try:
         yield
@@ -136,16 +136,16 @@ def infer_checkpoint_configs(
     configs: dict[str, dict[str, Any]] = {}
     pooled_dim = None
     for slot in text_slots(family):
-        with _reading(path, f"text encoder '{slot.prefix}*'"):
+        with reading(path, f"text encoder '{slot.prefix}*'"):
             sub = _strip(shapes, slot.prefix)
             if slot.kind == "clip_l":
                 configs["clip_l"] = infer.infer_clip_l_config(sub)
             else:
                 configs["clip_g"] = infer.infer_open_clip_config(sub)
                 pooled_dim = configs["clip_g"]["projection_dim"]
-    with _reading(path, f"UNet '{UNET_PREFIX}*'"):
+    with reading(path, f"UNet '{UNET_PREFIX}*'"):
         configs["unet"] = infer.infer_unet_config(_strip(shapes, UNET_PREFIX), family, pooled_dim=pooled_dim)
-    with _reading(path, f"VAE '{LDM_VAE_PREFIX}*'"):
+    with reading(path, f"VAE '{LDM_VAE_PREFIX}*'"):
         configs["vae"] = infer.infer_vae_config(_strip(shapes, LDM_VAE_PREFIX), family)
     return configs
 
@@ -187,7 +187,7 @@ def load_checkpoint(path: Path, *, dtype: torch.dtype = torch.float32) -> Checkp
 
     path = Path(path)
     with open_tensor_file(path) as source:
-        with _reading(path, "checkpoint"):
+        with reading(path, "checkpoint"):
             family = detect_family(source.shapes)
         configs = infer_checkpoint_configs(source.shapes, family, path)
         encoders = []
@@ -304,7 +304,7 @@ def load_vae(path: Path, *, dtype: torch.dtype = torch.float32, scaling_factor: 
     path = Path(path)
     with open_tensor_file(path) as source:
         layout = find_layout(source, "vae")
-        with _reading(path, "VAE"):
+        with reading(path, "VAE"):
             shapes = _standalone_shapes(source, layout.prefix, layout.diffusers, vae_key_rules)
             config = infer.infer_vae_config(shapes, "sd15")
         if scaling_factor is not None:
@@ -328,7 +328,7 @@ def load_controlnet(path: Path, *, dtype: torch.dtype = torch.float32) -> Contro
     path = Path(path)
     with open_tensor_file(path) as source:
         layout = find_layout(source, "controlnet")
-        with _reading(path, "ControlNet"):
+        with reading(path, "ControlNet"):
             shapes = _standalone_shapes(source, layout.prefix, layout.diffusers, controlnet_key_rules)
             config = infer.infer_controlnet_config(shapes)
         config.update(infer.read_overrides(source.metadata, "controlnet"))

@@ -1,8 +1,9 @@
 """A tiny, seeded, random-weight model set in the real architectures and file layouts.
 
 ``write_tiny_models(root)`` writes a ComfyUI-style models folder: single-file
-SD 1.5 / SDXL / SDXL-refiner checkpoints with the original key names, a VAE,
-a ControlNet, two kohya LoRAs, and diffusers folders of SD 1.5 and SDXL that
+SD 1.5 / SDXL / SDXL-refiner checkpoints with the original key names, a VAE, a CLIP vision model,
+a ControlNet, two kohya LoRAs, a 2x ESRGAN upscale model, two textual-inversion embeddings,
+and diffusers folders of SD 1.5 and SDXL that
 hold the same weights as the single files. The architectures follow the real
 families' rules (SD 1.x: 8 heads; SDXL: 64 channels per head; CLIP: hidden/64
 heads; 32 norm groups) with the real 49,408-token CLIP vocabulary, at tens
@@ -24,6 +25,16 @@ from types import MappingProxyType
 import torch
 from diffsplit.engine.models.checkpoint import CheckpointParts, save_checkpoint, save_controlnet, save_vae
 from diffsplit.engine.models.lora import LoraPatch, LoraWeights, flat_module_name, save_lora
+from diffsplit.engine.models.tiny_clip_vision import TINY_CLIP_VISION_FILE, write_tiny_clip_vision
+from diffsplit.engine.models.tiny_embeddings import (
+    SD15_EMBEDDING_FILE,
+    SDXL_EMBEDDING_FILE,
+    write_tiny_embeddings,
+)
+from diffsplit.engine.models.tiny_gligen import TINY_GLIGEN_FILE, write_tiny_gligen
+from diffsplit.engine.models.tiny_ip2p import TINY_IP2P_FILE, write_tiny_ip2p
+from diffsplit.engine.models.tiny_split_files import SplitFilePaths, write_split_files
+from diffsplit.engine.models.tiny_upscale import TINY_ESRGAN_FILE, write_tiny_esrgan
 from diffsplit.engine.models.tokenizers import clip_tokenizer, write_tokenizer_files
 from diffsplit.engine.types import ControlNet, DiffusionModel, ModelFamily, TextEncoders, Vae
 from diffusers import (
@@ -60,6 +71,21 @@ class TinyModelSet:
     sd15_controlnet: Path
     sd15_diffusers: Path
     sdxl_diffusers: Path
+    clip_vision: Path
+    sd15_gligen: Path
+    sd15_embedding: Path
+    sdxl_embedding: Path
+    upscale_esrgan: Path
+    sd15_ip2p_checkpoint: Path
+    # the SD 1.5 / SDXL checkpoints split into separate files (tiny_split_files)
+    sd15_unet: Path
+    sdxl_unet: Path
+    sd15_clip_l: Path
+    sdxl_clip_l: Path
+    sdxl_clip_g: Path
+    sd15_vae: Path
+    sdxl_vae: Path
+    ldm_config: Path
 
     def paths(self) -> tuple[Path, ...]:
         """Every file or folder of the set, in a fixed order."""
@@ -350,6 +376,13 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelSet:
         sd15_controlnet=root / "controlnet" / "tiny-sd15-controlnet.safetensors",
         sd15_diffusers=root / "diffusers" / "tiny-sd15",
         sdxl_diffusers=root / "diffusers" / "tiny-sdxl",
+        clip_vision=root / "clip_vision" / TINY_CLIP_VISION_FILE,
+        sd15_gligen=root / "gligen" / TINY_GLIGEN_FILE,
+        sd15_embedding=root / "embeddings" / SD15_EMBEDDING_FILE,
+        sdxl_embedding=root / "embeddings" / SDXL_EMBEDDING_FILE,
+        upscale_esrgan=root / "upscale_models" / TINY_ESRGAN_FILE,
+        sd15_ip2p_checkpoint=root / "checkpoints" / TINY_IP2P_FILE,
+        **SplitFilePaths.under(root).as_fields(),
     )
     for folder in ("checkpoints", "loras", "vae", "controlnet", "diffusers"):
         (root / folder).mkdir(parents=True, exist_ok=True)
@@ -366,6 +399,12 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelSet:
     save_controlnet(model_set.sd15_controlnet, tiny_controlnet(sd15.model.unet, seed))
     _write_diffusers_folder(model_set.sd15_diffusers, sd15)
     _write_diffusers_folder(model_set.sdxl_diffusers, sdxl)
+    write_tiny_clip_vision(model_set.clip_vision, seed)
+    write_tiny_gligen(model_set.sd15_gligen, seed)
+    write_tiny_embeddings(root / "embeddings", seed)
+    write_tiny_esrgan(model_set.upscale_esrgan, seed)
+    write_tiny_ip2p(model_set.sd15_ip2p_checkpoint, seed)
+    write_split_files(SplitFilePaths.under(root), sd15, sdxl)
     return model_set
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from diffsplit.engine.errors import WorkflowError
 from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec
+from diffsplit.engine.nodes.prompt_embeddings import PromptEmbeddings
 from diffsplit.engine.nodes.text_encoding import encode_prompt, encode_prompts
 from diffsplit.engine.types import TextEncoders
 
@@ -23,7 +24,7 @@ Conditioning = list[list[Any]]
 
 def clip_text_encode(ctx: NodeContext, *, text: str, clip: TextEncoders) -> tuple[Conditioning]:
     """ComfyUI CLIPTextEncode: one entry with the token embeddings and the pooled output."""
-    encoding = encode_prompt(clip, text)
+    encoding = encode_prompt(clip, text, PromptEmbeddings(ctx, "CLIPTextEncode"))
     return ([[encoding.hidden, {"pooled_output": encoding.pooled}]],)
 
 
@@ -46,7 +47,7 @@ def clip_text_encode_sdxl(
             f"CLIPTextEncodeSDXL needs an SDXL base CLIP (CLIP-L and CLIP-G), got family {clip.family!r}",
             input_name="clip",
         )
-    encoding = encode_prompts(clip, {"g": text_g, "l": text_l})
+    encoding = encode_prompts(clip, {"g": text_g, "l": text_l}, PromptEmbeddings(ctx, "CLIPTextEncodeSDXL"))
     extras = {
         "pooled_output": encoding.pooled,
         "width": width,
@@ -63,7 +64,7 @@ def clip_text_encode_sdxl_refiner(
     ctx: NodeContext, *, ascore: float, width: int, height: int, text: str, clip: TextEncoders
 ) -> tuple[Conditioning]:
     """ComfyUI CLIPTextEncodeSDXLRefiner: the prompt plus aesthetic score and size (crop 0)."""
-    encoding = encode_prompt(clip, text)
+    encoding = encode_prompt(clip, text, PromptEmbeddings(ctx, "CLIPTextEncodeSDXLRefiner"))
     extras = {
         "pooled_output": encoding.pooled,
         "aesthetic_score": ascore,

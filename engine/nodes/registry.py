@@ -19,15 +19,21 @@ from diffsplit.engine.nodes.base import NodeClass
 #: The built-in node modules, each exporting ``NODES: tuple[NodeClass, ...]``.
 BUILTIN_NODE_MODULES: tuple[str, ...] = (
     "diffsplit.engine.nodes.loaders",
+    "diffsplit.engine.nodes.component_loaders",
     "diffsplit.engine.nodes.conditioning",
     "diffsplit.engine.nodes.conditioning_edits",
     "diffsplit.engine.nodes.latent",
+    "diffsplit.engine.nodes.vae_tiled",
     "diffsplit.engine.nodes.image",
+    "diffsplit.engine.nodes.upscale_model",
     "diffsplit.engine.nodes.compositing",
     "diffsplit.engine.nodes.preprocessors",
     "diffsplit.engine.nodes.sampling",
     "diffsplit.engine.nodes.custom_sampling",
+    "diffsplit.engine.nodes.edit_models",
     "diffsplit.engine.nodes.controlnet",
+    "diffsplit.engine.nodes.clip_vision",
+    "diffsplit.engine.nodes.gligen",
     "diffsplit.engine.nodes.primitives",
 )
 

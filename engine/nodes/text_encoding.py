@@ -25,16 +25,31 @@ encoder's (SD 1.x: CLIP-L, SDXL: CLIP-G) EOS token after the final layer norm,
 through ``text_projection`` when the encoder has one, for the first chunk.
 Weighted tokens are pushed away from the empty prompt's encoding at the same
 position: ``z = (z - empty) * w + empty``.
+
+Embeddings (``embedding:name``, see ``prompt_embeddings``): with an
+``embeddings`` lookup, each vector of a named embedding takes one token slot,
+packed like a segment of that many tokens (8 or more may be cut across chunks,
+fewer move whole to the next chunk) and weighted like the text around it. A slot
+holds a placeholder id in ``TokenChunk.ids`` and its vector in
+``TokenChunk.vectors``; the encoder sees the vector in place of that token's
+embedding (``embedding_injection``), position embedding added as for any token.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from diffsplit.engine.errors import WorkflowError
+from diffsplit.engine.models.embedding_injection import injected_vectors
+from diffsplit.engine.nodes.prompt_embeddings import (
+    EMBEDDING_PREFIX,
+    EmbeddingLookup,
+    PromptEmbeddings,
+    split_embedding_words,
+)
 from diffsplit.engine.nodes.prompt_weights import parse_prompt_weights
 from diffsplit.engine.types import ModelFamily, TextEncoders
 
@@ -46,6 +61,8 @@ LONG_SEGMENT_TOKENS = 8
 ZERO_PAD_TOKEN = 0
 
 EncoderKey = Literal["l", "g"]
+#: A token slot is a token id, or an embedding vector [width].
+TokenItem = int | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -76,11 +93,16 @@ def encoder_roles(family: ModelFamily) -> tuple[EncoderRole, ...]:
 
 @dataclass(frozen=True)
 class TokenChunk:
-    """One encoder pass worth of tokens: ids, per-token weights, and where the first EOS is."""
+    """One encoder pass worth of tokens: ids, per-token weights, and where the first EOS is.
+
+    ``vectors`` holds ``(position, vector)`` for the slots taken by embedding
+    vectors (their ``ids`` entry is a placeholder); it is left out of equality.
+    """
 
     ids: tuple[int, ...]
     weights: tuple[float, ...]
     end_index: int
+    vectors: tuple[tuple[int, torch.Tensor], ...] = field(default=(), compare=False, repr=False)
 
     @property
     def is_weighted(self) -> bool:
@@ -96,14 +118,25 @@ class TextEncoding:
     pooled: torch.Tensor
 
 
-def tokenize_prompt(tokenizer: Any, text: str, *, pad_with_end: bool) -> tuple[TokenChunk, ...]:
-    """Tokenize ``text`` (with weights) into 77-token chunks the way ComfyUI does."""
+def tokenize_prompt(
+    tokenizer: Any, text: str, *, pad_with_end: bool, embeddings: EmbeddingLookup | None = None
+) -> tuple[TokenChunk, ...]:
+    """Tokenize ``text`` (with weights) into 77-token chunks the way ComfyUI does.
+
+    Without ``embeddings``, ``embedding:name`` is plain text (ComfyUI without an
+    embeddings folder).
+    """
     packer = _ChunkPacker(tokenizer.bos_token_id, tokenizer.eos_token_id, pad_with_end)
     for segment in parse_prompt_weights(text):
-        if not segment.text:
-            continue
-        ids = tokenizer(segment.text, add_special_tokens=False, verbose=False)["input_ids"]
-        packer.add_segment(ids, segment.weight)
+        for word in split_embedding_words(segment.text):
+            if embeddings is not None and word.startswith(EMBEDDING_PREFIX):
+                vectors, word = embeddings(word[len(EMBEDDING_PREFIX):].strip("\n"))
+                if vectors is not None:
+                    packer.add_segment(list(vectors), segment.weight)
+                if not word:
+                    continue
+            ids = tokenizer(word, add_special_tokens=False, verbose=False)["input_ids"]
+            packer.add_segment(ids, segment.weight)
     return packer.finish()
 
 
@@ -120,10 +153,10 @@ class _ChunkPacker:
         self._eos = eos
         self._pad = eos if pad_with_end else ZERO_PAD_TOKEN
         self._chunks: list[TokenChunk] = []
-        self._ids: list[int] = [bos]
+        self._ids: list[TokenItem] = [bos]
         self._weights: list[float] = [1.0]
 
-    def add_segment(self, ids: list[int], weight: float) -> None:
+    def add_segment(self, ids: list[TokenItem], weight: float) -> None:
         remaining = list(ids)
         may_cut = len(remaining) >= LONG_SEGMENT_TOKENS
         while remaining:
@@ -140,16 +173,19 @@ class _ChunkPacker:
         self._close_chunk()
         return tuple(self._chunks)
 
-    def _append(self, ids: list[int], weight: float) -> None:
+    def _append(self, ids: list[TokenItem], weight: float) -> None:
         self._ids.extend(ids)
         self._weights.extend([weight] * len(ids))
 
     def _close_chunk(self) -> None:
         end_index = len(self._ids)
         padding = CHUNK_LENGTH - end_index - 1
-        ids = [*self._ids, self._eos, *([self._pad] * padding)]
+        vectors = tuple((i, item) for i, item in enumerate(self._ids) if isinstance(item, torch.Tensor))
+        # a vector's slot keeps the pad id as placeholder; the encoder sees the vector instead
+        tokens = [self._pad if isinstance(item, torch.Tensor) else item for item in self._ids]
+        ids = [*tokens, self._eos, *([self._pad] * padding)]
         weights = [*self._weights, *([1.0] * (padding + 1))]
-        self._chunks.append(TokenChunk(tuple(ids), tuple(weights), end_index))
+        self._chunks.append(TokenChunk(tuple(ids), tuple(weights), end_index, vectors))
         self._ids = [self._bos]
         self._weights = [1.0]
 
@@ -169,7 +205,8 @@ def encode_chunks(
     batch = [*chunks, empty] if weighted else list(chunks)
     device = next(encoder.parameters()).device
     input_ids = torch.tensor([chunk.ids for chunk in batch], dtype=torch.long, device=device)
-    with torch.no_grad():
+    slots = [(row, position, vector) for row, chunk in enumerate(batch) for position, vector in chunk.vectors]
+    with torch.no_grad(), injected_vectors(encoder, slots):
         outputs = encoder(input_ids=input_ids, output_hidden_states=True)
         hidden = _select_hidden_state(encoder, outputs, role, layer_idx).float()
         pooled = _pooled_output(encoder, outputs.last_hidden_state[:1], chunks[0].end_index).float()
@@ -213,18 +250,22 @@ def _apply_weights(hidden: torch.Tensor, empty: torch.Tensor, chunks: tuple[Toke
     return torch.where(weights != 1.0, pushed, hidden)
 
 
-def encode_prompt(clip: TextEncoders, text: str) -> TextEncoding:
+def encode_prompt(clip: TextEncoders, text: str, embeddings: PromptEmbeddings | None = None) -> TextEncoding:
     """ComfyUI ``CLIPTextEncode``: the same prompt through every encoder of ``clip``."""
     roles = encoder_roles(clip.family)
-    return encode_prompts(clip, {role.key: text for role in roles})
+    return encode_prompts(clip, {role.key: text for role in roles}, embeddings)
 
 
-def encode_prompts(clip: TextEncoders, texts: Mapping[str, str]) -> TextEncoding:
+def encode_prompts(
+    clip: TextEncoders, texts: Mapping[str, str], embeddings: PromptEmbeddings | None = None
+) -> TextEncoding:
     """Encode one prompt per encoder (``texts`` keyed ``"l"``/``"g"``), outputs joined along channels.
 
     Encoders whose prompts need fewer chunks are padded with empty-prompt
     chunks, so all outputs have the same token count (ComfyUI's
-    CLIPTextEncodeSDXL). The pooled output is the last encoder's.
+    CLIPTextEncodeSDXL). The pooled output is the last encoder's. With
+    ``embeddings``, ``embedding:name`` takes the vectors of each encoder's key
+    (``clip_l``/``clip_g``) from the named file.
     """
     roles = encoder_roles(clip.family)
     if len(roles) != len(clip.encoders) or len(roles) != len(clip.tokenizers):
@@ -237,8 +278,11 @@ def encode_prompts(clip: TextEncoders, texts: Mapping[str, str]) -> TextEncoding
         raise WorkflowError(f"no prompt for text encoder(s) {missing} of family {clip.family!r}")
     chunk_lists = []
     empties = []
-    for role, tokenizer in zip(roles, clip.tokenizers, strict=True):
-        chunk_lists.append(tokenize_prompt(tokenizer, texts[role.key], pad_with_end=role.pad_with_end))
+    for role, tokenizer, encoder in zip(roles, clip.tokenizers, clip.encoders, strict=True):
+        lookup = None if embeddings is None else embeddings.lookup(f"clip_{role.key}", _width(encoder))
+        chunk_lists.append(
+            tokenize_prompt(tokenizer, texts[role.key], pad_with_end=role.pad_with_end, embeddings=lookup)
+        )
         empties.append(empty_chunk(tokenizer, pad_with_end=role.pad_with_end))
     longest = max(len(chunks) for chunks in chunk_lists)
     encodings = [
@@ -247,3 +291,8 @@ def encode_prompts(clip: TextEncoders, texts: Mapping[str, str]) -> TextEncoding
     ]
     hidden = torch.cat([encoding.hidden for encoding in encodings], dim=-1)
     return TextEncoding(hidden=hidden, pooled=encodings[-1].pooled)
+
+
+def _width(encoder: torch.nn.Module) -> int:
+    """The width of ``encoder``'s token embeddings (what an embedding vector must have)."""
+    return int(encoder.get_input_embeddings().weight.shape[-1])

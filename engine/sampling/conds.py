@@ -12,6 +12,10 @@ into :class:`ResolvedCond` records for latents of a known shape:
   an area without a mask fades in over 8 latent pixels at edges inside the
   latent, as in ComfyUI;
 - ``start_percent``/``end_percent`` (ConditioningSetTimestepRange) as a sigma range;
+- ``concat_latent_image`` (InstructPixToPixConditioning) for 8-channel UNets (:mod:`.concat`);
+- ``gligen`` (GLIGENTextBoxApply): the boxes and a fused view of the UNet (:mod:`.gligen`);
+- ``unclip_conditioning`` (unCLIPConditioning) on SDXL: noise-augmented CLIP image embeds
+  replace the pooled output (:mod:`.unclip`; seeded from the sampler's ``seed``);
 - ComfyUI's two fix-ups: every area entry gets an opposite entry with the same
   area (embeddings of the smallest enclosing entry on the other side), and
   ControlNetApply's hints (``control_apply_to_uncond``) are copied onto the
@@ -26,7 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffsplit.engine.sampling.concat import ip2p_concat
+from diffsplit.engine.sampling.gligen import GligenPatch, gligen_patch
 from diffsplit.engine.sampling.schedules import DiscreteSchedule
+from diffsplit.engine.sampling.unclip import unclip_pooled
 from diffsplit.engine.types import ControlHint, DiffusionModel
 
 Area = tuple[int, int, int, int]
@@ -52,6 +59,10 @@ class ResolvedCond:
     sigma_start: float | None = None
     sigma_end: float | None = None
     control: ControlHint | None = None
+    #: GLIGEN boxes and the UNet view that runs them; such entries never share a UNet call
+    gligen: GligenPatch | None = None
+    #: the image latent an 8-channel (InstructPix2Pix) UNet takes beside the noisy one, ``[B, C, H, W]``
+    concat: torch.Tensor | None = None
 
     def region(self, height: int, width: int) -> Area:
         """The area as ``(h, w, y, x)``, the whole latent when the entry has none."""
@@ -80,11 +91,18 @@ def resolve_conditioning(
     positive: Sequence[Sequence[Any]],
     negative: Sequence[Sequence[Any]],
     latent_shape: Sequence[int],
+    *,
+    seed: int = 0,
 ) -> tuple[ResolvedCond, ...]:
-    """Positive then negative entries (plus ComfyUI's added opposites), resolved for ``latent_shape``."""
+    """Positive then negative entries (plus ComfyUI's added opposites), resolved for ``latent_shape``.
+
+    ``seed`` is the sampler's seed (unCLIP noise augmentation draws from it).
+    """
     resolved = [
-        _resolve_entry(model, schedule, entry, latent_shape, is_uncond=False) for entry in positive
-    ] + [_resolve_entry(model, schedule, entry, latent_shape, is_uncond=True) for entry in negative]
+        _resolve_entry(model, schedule, entry, latent_shape, is_uncond=is_uncond, seed=seed)
+        for entries, is_uncond in ((positive, False), (negative, True))
+        for entry in entries
+    ]
     resolved = _add_opposite_areas(resolved)
     apply_to_uncond = [
         cond
@@ -101,6 +119,7 @@ def _resolve_entry(
     latent_shape: Sequence[int],
     *,
     is_uncond: bool,
+    seed: int = 0,
 ) -> ResolvedCond:
     tensor, extras = entry[0], entry[1]
     batch, channels, height, width = latent_shape
@@ -121,12 +140,14 @@ def _resolve_entry(
     return ResolvedCond(
         is_uncond=is_uncond,
         context=repeat_to_batch(tensor, batch),
-        added=_added_conds(model, extras, latent_shape, is_uncond),
+        added=_added_conds(model, extras, latent_shape, is_uncond, seed),
         area=area,
         weight=weight,
         sigma_start=schedule.percent_to_sigma(extras["start_percent"]) if "start_percent" in extras else None,
         sigma_end=schedule.percent_to_sigma(extras["end_percent"]) if "end_percent" in extras else None,
         control=extras.get("control"),
+        gligen=gligen_patch(model, extras.get("gligen")),
+        concat=ip2p_concat(model, extras, latent_shape),
     )
 
 
@@ -183,7 +204,7 @@ def _edge_ramp(length: int, *, fade_start: bool, fade_end: bool) -> torch.Tensor
 
 
 def _added_conds(
-    model: DiffusionModel, extras: Mapping[str, Any], latent_shape: Sequence[int], is_uncond: bool
+    model: DiffusionModel, extras: Mapping[str, Any], latent_shape: Sequence[int], is_uncond: bool, seed: int
 ) -> dict[str, torch.Tensor] | None:
     if model.family == "sd15":
         return None
@@ -197,11 +218,12 @@ def _added_conds(
     else:
         values = [size_h, size_w, crop_h, crop_w, extras.get("aesthetic_score", 2.5 if is_uncond else 6.0)]
     time_ids = torch.tensor([[float(v) for v in values]]).repeat(batch, 1)
+    config = model.unet.config
+    pooled_dim = config.projection_class_embeddings_input_dim - len(values) * config.addition_time_embed_dim
     pooled = extras.get("pooled_output")
-    if pooled is None:
-        config = model.unet.config
-        time_dims = len(values) * config.addition_time_embed_dim
-        pooled_dim = config.projection_class_embeddings_input_dim - time_dims
+    if "unclip_conditioning" in extras:
+        pooled = unclip_pooled(extras["unclip_conditioning"], pooled_dim, seed)
+    elif pooled is None:
         pooled = torch.zeros(1, pooled_dim)
     return {"text_embeds": repeat_to_batch(pooled.reshape(pooled.shape[0], -1), batch), "time_ids": time_ids}
 

@@ -9,6 +9,7 @@ callable ``denoiser(x, sigma) -> denoised``:
    run as one batch: positive and negative together, and embeddings of
    different lengths (77 vs 154 tokens) padded by repetition up to their
    least common multiple when that is at most 4x the shorter one, else run apart;
+   an entry with GLIGEN boxes runs alone, through its fused UNet view (ComfyUI's rule);
 2. predictions are averaged per pixel with each entry's weight (area strength,
    mask, feathered edges), separately for positive and negative;
 3. ``uncond + (cond - uncond) * cfg``. When ``cfg`` is 1 the negative entries are
@@ -16,7 +17,8 @@ callable ``denoiser(x, sigma) -> denoised``:
 
 The UNet sees ``x * c_in`` with ``c_in = 1 / sqrt(sigma^2 + 1)`` and the
 training timestep nearest to ``sigma``; epsilon outputs become ``x - eps * sigma``,
-v outputs ``x / (sigma^2 + 1) - v * sigma / sqrt(sigma^2 + 1)``.
+v outputs ``x / (sigma^2 + 1) - v * sigma / sqrt(sigma^2 + 1)``. An 8-channel
+(InstructPix2Pix) UNet gets each entry's image latent after ``x * c_in`` (:mod:`.concat`).
 
 :class:`InpaintDenoiser` wraps a denoiser like ComfyUI's KSamplerX0Inpaint:
 outside the noise mask the latent is held at the original latent noised to the
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffsplit.engine.sampling.concat import batched_concat
 from diffsplit.engine.sampling.conds import ResolvedCond, resolve_conditioning
 from diffsplit.engine.sampling.control import UNetInputs, control_residuals
 from diffsplit.engine.sampling.samplers import DenoiseFn
@@ -75,6 +78,7 @@ def can_batch(a: ResolvedCond, b: ResolvedCond, height: int, width: int) -> bool
     return (
         a.region(height, width)[:2] == b.region(height, width)[:2]
         and a.control is b.control
+        and (a is b or (a.gligen is None and b.gligen is None))
         and _added_match(a, b)
         and _context_repeat_ok(a.context, b.context)
     )
@@ -113,10 +117,15 @@ class CFGDenoiser:
         negative: Sequence[Sequence[Any]],
         cfg: float,
         latent_shape: Sequence[int],
+        *,
+        seed: int = 0,
     ) -> CFGDenoiser:
-        """Resolve ``positive``/``negative`` CONDITIONING for latents of ``latent_shape``."""
+        """Resolve ``positive``/``negative`` CONDITIONING for latents of ``latent_shape``.
+
+        ``seed`` is the sampler's (unCLIP noise augmentation draws from it).
+        """
         schedule = DiscreteSchedule(model.sampling)
-        conds = resolve_conditioning(model, schedule, positive, negative, tuple(latent_shape))
+        conds = resolve_conditioning(model, schedule, positive, negative, tuple(latent_shape), seed=seed)
         return cls(model=model, schedule=schedule, conds=conds, cfg=float(cfg))
 
     @property
@@ -166,9 +175,17 @@ class CFGDenoiser:
         )
         residuals = control_residuals(group[0].control, self.schedule, sigma, inputs)
         extra = {} if residuals is None else residuals.as_unet_kwargs(dtype)
+        gligen = group[0].gligen
+        if gligen is not None:
+            unet = gligen.unet
+            extra.update(gligen.unet_kwargs(x_batch.shape))
         added = None if inputs.added is None else {k: v.to(dtype) for k, v in inputs.added.items()}
+        x_unet = inputs.x_in
+        concat = batched_concat(group, height, width, x_unet)
+        if concat is not None:  # an InstructPix2Pix UNet: the image latent after the noisy one
+            x_unet = torch.cat([x_unet, concat], dim=1)
         output = unet(
-            inputs.x_in.to(dtype),
+            x_unet.to(dtype),
             inputs.timestep,
             encoder_hidden_states=inputs.context.to(dtype),
             added_cond_kwargs=added,

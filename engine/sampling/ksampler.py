@@ -24,7 +24,7 @@ import torch
 from diffsplit.engine.sampling import schedules
 from diffsplit.engine.sampling.denoiser import CFGDenoiser, InpaintDenoiser, prepare_denoise_mask
 from diffsplit.engine.sampling.noise import prepare_noise, seeded_generator
-from diffsplit.engine.sampling.samplers import Sampler, get_sampler
+from diffsplit.engine.sampling.samplers import DenoiseFn, Sampler, get_sampler
 from diffsplit.engine.types import DiffusionModel, ModelSampling
 
 ProgressFn = Callable[[int, int], None]
@@ -110,11 +110,14 @@ def sample_with_sigmas(
     negative: Sequence[Sequence[Any]],
     latent: Mapping[str, Any],
     progress: ProgressFn | None = None,
+    denoiser: Callable[[tuple[int, ...], int], DenoiseFn] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One sampler run over given ``sigmas`` (KSampler and SamplerCustom share it).
 
     Returns the sampled LATENT and the LATENT of the last denoised prediction
     (SamplerCustom's ``denoised_output``; the input latent when there is no step).
+    ``denoiser(latent_shape, seed)``, when given, builds the guidance instead of
+    CFG over ``positive``/``negative`` (DualCFGGuider).
     """
     result = dict(latent)
     latent_image = latent["samples"].float()
@@ -129,7 +132,10 @@ def sample_with_sigmas(
     latent_image, noise, sigmas = latent_image.to(device), noise.to(device), sigmas.to(device)
 
     denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    denoise_fn = CFGDenoiser.build(model, positive, negative, cfg, latent_image.shape)
+    if denoiser is not None:
+        denoise_fn = denoiser(tuple(latent_image.shape), seed)
+    else:
+        denoise_fn = CFGDenoiser.build(model, positive, negative, cfg, latent_image.shape, seed=seed)
     if latent.get("noise_mask") is not None:
         held_noise = noise
         if sampler.random_inpaint_noise:
