@@ -7,11 +7,12 @@ loader sub-graph behind it, files named by sha256). A remote node is sent as
 a node-specific workflow: its class, normal inputs inline, intermediate inputs
 as tensors, model inputs as recipes. Conditioning the worker already holds is
 sent as its digest. Progress streams back into the local progress output.
+Model files a node reads while running (the ``embedding:`` files of a prompt)
+travel as FileRefs in the request's ``files`` (``engine.run_files``).
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,8 +20,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from diffsplit.engine.errors import EngineError, NodeFailed
+from diffsplit.engine.errors import EngineError, Interrupted, NodeFailed
 from diffsplit.engine.executor import NodeCall, run_node_locally
+from diffsplit.engine.run_files import RUN_FILES_FIELD, run_files
 from diffsplit.engine.store import ModelStore
 from diffsplit.engine.wire_values import (
     HELD,
@@ -32,15 +34,17 @@ from diffsplit.engine.wire_values import (
     to_wire,
     walk_values,
 )
+from diffsplit.tracer.files import file_refs_for
 from diffsplit.tracer.fingerprint import fingerprint
+from diffsplit.tracer.recipe import canonical_json
 from diffsplit.transport.auth import ClientCurve, client_curve_from_environment
+from diffsplit.transport.codec import pack
 from diffsplit.transport.compute_threads import HEADER_KEY as THREADS_KEY
 from diffsplit.transport.compute_threads import client_threads
 from diffsplit.transport.digest import content_digest
-from diffsplit.transport.envelope import describe
-from diffsplit.transport.errors import TransportError
+from diffsplit.transport.errors import RequestCancelled, TransportError
 from diffsplit.transport.protocol import Settings
-from diffsplit.transport.sockets import Client
+from diffsplit.transport.sockets import Client, Exchange
 
 #: (node id, output index) of a local loader node → the recipe dict of that output, or None.
 RecipeForOutput = Callable[[str, int], Mapping[str, Any] | None]
@@ -54,6 +58,8 @@ class RemoteNodeError(EngineError):
     def __init__(self, node_id: str, class_type: str, address: str, error: Mapping[str, Any]) -> None:
         self.error = dict(error)
         self.kind = str(error.get("kind", "error"))
+        #: the worker's traceback of a NodeFailed ("" for other kinds); ``diffsplit run -v`` shows it
+        self.remote_traceback = str(error.get("traceback") or "")
         super().__init__(
             f"node {node_id} ({class_type}) on {address}: {self.kind}: {error.get('message', '')}"
         )
@@ -99,12 +105,14 @@ class RemoteRunner:
         self.curve = curve if curve is not None else client_curve_from_environment()
         self.recipe_for_output = recipe_for_output
         self.local_store = local_store
+        self._file_refs = file_refs_for(local_store)
         self.upload_missing = upload_missing
         self.settings = settings or Settings()
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
         self._clients: dict[str, Client] = {}
         self._recipes: dict[int, tuple[Any, Mapping[str, Any]]] = {}
+        self._by_recipe: dict[str, Any] = {}  # canonical recipe JSON → the model loaded here
         self._held: dict[str, set[str]] = {}
         self._stats: dict[str, RemoteNodeStats] = {}
         self._upload_lock = threading.Lock()  # one upload at a time: two nodes may miss the same file
@@ -160,6 +168,7 @@ class RemoteRunner:
                 recipe = {**recipe, "fingerprint": fingerprint(value)}
             with self._lock:
                 self._recipes[id(value)] = (value, recipe)
+                self._by_recipe[canonical_json(recipe)] = value
 
     def _client(self, address: str) -> Client:
         with self._lock:
@@ -172,15 +181,22 @@ class RemoteRunner:
         node = call.node
         started = time.monotonic()
         uploads = 0
+        files = run_files(call, self._file_refs)
         for attempt in range(4):
             header, held_count = self._request_header(call, address, use_held=attempt == 0)
+            if files:
+                header[RUN_FILES_FIELD] = files
             try:
-                reply = self._client(address).request(
+                exchange = self._client(address).exchange(
                     header, timeout=self.timeout_s,
                     on_progress=lambda message: _forward_progress(call, message),
+                    cancel=getattr(call.context, "cancel", None),
                 )
+            except RequestCancelled:
+                raise Interrupted(node.id) from None
             except TransportError as exc:
                 raise NodeFailed(node.id, node.class_type, f"worker {address}: {exc}") from exc
+            reply = exchange.reply
             if reply.get("op") != "error":
                 break
             error = reply.get("error") or {}
@@ -200,7 +216,7 @@ class RemoteRunner:
         else:
             raise NodeFailed(node.id, node.class_type, f"worker {address} kept refusing the request")
         outputs = self._decode_outputs(reply, call)
-        self._record(call, address, header, reply, started, held_count, uploads)
+        self._record(call, address, header, exchange, started, held_count, uploads)
         return outputs
 
     def _request_header(self, call: NodeCall, address: str, *, use_held: bool) -> tuple[dict[str, Any], int]:
@@ -241,26 +257,39 @@ class RemoteRunner:
         if not isinstance(outputs, list) or len(outputs) != len(call.node_class.outputs):
             raise NodeFailed(call.node.id, call.node.class_type, "the worker's reply has the wrong outputs")
 
-        def no_models(recipe: Mapping[str, Any]) -> Any:
-            reason = "the worker returned a model; run this node locally"
-            raise NodeFailed(call.node.id, call.node.class_type, reason)
+        def local_model(recipe: Mapping[str, Any]) -> Any:
+            # A model in an output (ControlNetApply's hint, GLIGENTextBoxApply's boxes) is one this
+            # process sent: the worker returns its recipe, and the object loaded here stands for it.
+            value = self._model_for(recipe)
+            if value is None:
+                reason = "the worker returned a model this process did not send; run this node locally"
+                raise NodeFailed(call.node.id, call.node.class_type, reason)
+            return value
 
         hints = HintTable()  # one hint shared by two outputs stays one object
-        return tuple(from_wire(value, no_models, hints=hints) for value in outputs)
+        return tuple(from_wire(value, local_model, hints=hints) for value in outputs)
+
+    def _model_for(self, recipe: Mapping[str, Any]) -> Any:
+        try:
+            key = canonical_json(recipe)
+        except (TypeError, ValueError):
+            return None
+        with self._lock:
+            return self._by_recipe.get(key)
 
     def _record(
-        self, call: NodeCall, address: str, header: Mapping[str, Any], reply: Mapping[str, Any],
+        self, call: NodeCall, address: str, header: Mapping[str, Any], exchange: Exchange,
         started: float, held_count: int, uploads: int,
     ) -> None:
-        sent = describe(header, self.settings.limits)
-        received = describe(reply, self.settings.limits)
+        """Per-node stats: message sizes as the client encoded and received them (nothing re-encoded)."""
+        sent, received, reply = exchange.sent, exchange.received, exchange.reply
         recipes = [v[MODEL] for v in walk_values(header["inputs"]) if isinstance(v, dict) and MODEL in v]
         timings = reply.get("timings") or {}
         stats = RemoteNodeStats(
             node_id=call.node.id, class_type=call.node.class_type, address=address,
             request_bytes=sent.wire_bytes, reply_bytes=received.wire_bytes,
             request_tensor_bytes=sent.tensor_bytes, reply_tensor_bytes=received.tensor_bytes,
-            recipe_bytes=sum(len(json.dumps(r, sort_keys=True, separators=(",", ":"))) for r in recipes),
+            recipe_bytes=sum(len(pack(recipe)) for recipe in recipes),  # as msgpack, the wire's form
             queue_s=float(timings.get("queue_s", 0.0)), rebuild_s=float(timings.get("rebuild_s", 0.0)),
             run_s=float(timings.get("run_s", 0.0)), total_s=time.monotonic() - started,
             cache_hits=int(timings.get("cache_hits", 0)), cache_misses=int(timings.get("cache_misses", 0)),

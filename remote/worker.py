@@ -34,6 +34,7 @@ import torch
 from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.extra_paths import open_store
 from diffsplit.engine.nodes.registry import NodeRegistry, default_registry
+from diffsplit.engine.run_files import RUN_FILES_FIELD, RunFilesError, parse_run_files
 from diffsplit.engine.wire_values import HintTable, WireValueError, from_wire, to_wire, walk_values
 from diffsplit.remote.builder import ModelBuilder
 from diffsplit.remote.cache import ModelCache
@@ -42,6 +43,7 @@ from diffsplit.remote.fair_queue import FairQueue, QueueClosed
 from diffsplit.remote.held import HeldValues
 from diffsplit.remote.uploads import UploadReceiver
 from diffsplit.tracer.objects import is_pipeline
+from diffsplit.tracer.recipe import FileRef
 from diffsplit.transport.auth import ServerCurve
 from diffsplit.transport.compute_threads import BadThreadCount, intra_op_threads, requested_threads
 from diffsplit.transport.digest import content_digest
@@ -59,6 +61,8 @@ POOLED_OPS = frozenset({"run_node", "call", "run_function", "upload"})
 MAX_ECHO_BYTES = 16 << 20
 #: What op ``call`` may invoke on a rebuilt object: a module's forward, or a pipeline's __call__.
 CALLABLE_METHODS = frozenset({"forward", "__call__"})
+#: After the grace period, how long cancelled jobs get to reach their next step and stop.
+STOP_JOIN_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -108,14 +112,30 @@ class _Job:
 
 
 class _WorkerContext:
-    """The NodeContext of a node running on the worker: progress streams back; no files."""
+    """The NodeContext of a node running on the worker: progress streams back.
 
-    def __init__(self, node_id: str, report: Callable[[int, int], None]) -> None:
+    Model files come only from the request's ``files`` (``engine.run_files``),
+    found here by sha256; ``resolve`` raises MissingModel when this store lacks one.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        report: Callable[[int, int], None],
+        files: Mapping[tuple[str, str], FileRef] | None = None,
+        resolve: Callable[[FileRef], Path] | None = None,
+    ) -> None:
         self.node_id = node_id
         self._report = report
+        self._files = dict(files or {})
+        self._resolve = resolve
 
     def model_path(self, folder: str, name: str) -> Path:
-        raise BadRequest(f"node {self.node_id} asked for file {folder}/{name}: remote nodes get recipes only")
+        ref = self._files.get((folder, name))
+        if ref is None or self._resolve is None:
+            raise ModelFileError(f'"{name}" not found in {folder}/: the client sent no such file for node '
+                                 f"{self.node_id} (remote nodes read only files sent by sha256)")
+        return self._resolve(ref)
 
     def input_path(self, name: str) -> Path:
         raise BadRequest(f"node {self.node_id} asked for input file {name}: run it locally")
@@ -289,6 +309,10 @@ class Worker:
         if not isinstance(inputs_wire, dict):
             raise BadRequest("run_node needs 'inputs' as a mapping")
         held = self._held_values(header)
+        try:
+            files = parse_run_files(header.get(RUN_FILES_FIELD))
+        except RunFilesError as exc:
+            raise BadRequest(str(exc)) from exc
         builds_before = self.cache.stats()
         try:
             inputs = {
@@ -311,12 +335,15 @@ class Worker:
 
         def report(step: int, total: int) -> None:
             if request.cancelled.is_set():
+                if self._stopping.is_set():
+                    raise Cancelled("the worker stopped before the node finished")
                 raise Cancelled(f"request {request.request_id} was cancelled")
             if isinstance(deadline, int | float) and time.monotonic() - received > deadline:
                 raise Cancelled(f"deadline of {deadline} s passed while running")
             self.server.progress(request, {"node": node_id, "step": step, "total": total})
 
-        outputs = node_class.function(_WorkerContext(node_id, report), **inputs)
+        context = _WorkerContext(node_id, report, files, self.builder.builder.resolve_file)
+        outputs = node_class.function(context, **inputs)
         finished = time.monotonic()
         builds_after = self.cache.stats()
         try:
@@ -438,8 +465,24 @@ class Worker:
                 acquired += 1
         with self._running_lock:
             unfinished = list(self._running.values())
-        for request in unfinished:
-            self._reply_error(request, Cancelled("the worker stopped before the node finished"))
+        for request in unfinished:  # each stops at its next step, replying Cancelled itself
             request.cancelled.set()
+        self._join_slots(STOP_JOIN_S)
+        with self._running_lock:
+            stuck = list(self._running.values())
+        for request in stuck:  # still inside one long step: reply for it now
+            self._reply_error(request, Cancelled("the worker stopped before the node finished"))
         time.sleep(0.1 if unfinished else 0)  # let the I/O thread flush the last replies
         self.server.close()
+
+    def _join_slots(self, timeout_s: float) -> None:
+        """Wait for the slot threads to return (the queue is closed, so they do once idle)."""
+        deadline = time.monotonic() + timeout_s
+        for slot in self._slots:
+            if slot.is_alive():
+                slot.join(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def busy(self) -> bool:
+        """Whether a slot is still inside a job (after :meth:`serve` returned: one long step)."""
+        return any(slot.is_alive() for slot in self._slots)
