@@ -15,6 +15,7 @@ import torch
 from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec
 from diffsplit.engine.nodes.sampling import MAX_SEED
 from diffsplit.engine.sampling import schedules
+from diffsplit.engine.sampling.dual_cfg import guider_denoiser
 from diffsplit.engine.sampling.ksampler import sample_with_sigmas
 from diffsplit.engine.sampling.samplers import SAMPLER_NAMES, Sampler, get_sampler
 from diffsplit.engine.types import DiffusionModel, Guider, NoiseSource
@@ -96,8 +97,16 @@ def _run(
     sampler: Sampler,
     sigmas: torch.Tensor,
     latent: Latent,
+    *,
+    seed: int | None = None,
 ) -> tuple[Latent, Latent]:
-    seed = noise.seed if noise.seed is not None else 0
+    """Sample; ``seed`` seeds the sampler's own noise (SDE samplers), by default the start noise's seed.
+
+    As in ComfyUI, SamplerCustom passes its ``noise_seed`` even without start
+    noise, while DisableNoise in SamplerCustomAdvanced means seed 0.
+    """
+    if seed is None:
+        seed = noise.seed if noise.seed is not None else 0
     return sample_with_sigmas(
         guider.model,
         sigmas.to(torch.float32),
@@ -109,6 +118,7 @@ def _run(
         negative=guider.negative,
         latent=latent,
         progress=ctx.progress,
+        denoiser=guider_denoiser(guider),
     )
 
 
@@ -127,7 +137,8 @@ def sampler_custom(
 ) -> tuple[Latent, Latent]:
     """A sampler run over ``sigmas`` with CFG; outputs the latent and the last denoised prediction."""
     noise = NoiseSource(int(noise_seed) if add_noise else None)
-    return _run(ctx, Guider(model, positive, negative, float(cfg)), noise, sampler, sigmas, latent_image)
+    guider = Guider(model, positive, negative, float(cfg))
+    return _run(ctx, guider, noise, sampler, sigmas, latent_image, seed=int(noise_seed))
 
 
 def sampler_custom_advanced(

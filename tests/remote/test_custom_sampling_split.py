@@ -81,3 +81,17 @@ def test_split_sigmas_halves_give_the_same_latent_as_one_run(
     # halfway, the sample still holds noise: the denoised prediction differs from it
     first_half = halves.outputs["6"]
     assert not torch.allclose(first_half[0]["samples"], first_half[1]["samples"], atol=1e-2)
+
+
+def test_sampler_custom_without_start_noise_still_seeds_an_sde_sampler_with_noise_seed(
+    models_dir: Path, tmp_path: Path, inputs_dir: Path, registry: NodeRegistry
+) -> None:
+    """ComfyUI passes SamplerCustom's noise_seed to the sampler even with add_noise off."""
+    results = []
+    for seed in (5, 6, 5):
+        document = custom_workflow(advanced=False)
+        document["30"]["inputs"]["sampler_name"] = "euler_ancestral"
+        document["6"]["inputs"].update(add_noise=False, noise_seed=seed)
+        run, _ = run_workflow(document, models_dir, tmp_path / f"s{len(results)}", inputs_dir, registry)
+        results.append(run.outputs["6"][0]["samples"])
+    assert torch.equal(results[0], results[2]) and not torch.equal(results[0], results[1])
