@@ -40,10 +40,22 @@ def run_workflow(
 def assert_same_outputs(local: RunResult, split: RunResult, node_ids: list[str]) -> None:
     for node_id in node_ids:
         for a, b in zip(local.outputs[node_id], split.outputs[node_id], strict=True):
-            a_tensor = a["samples"] if isinstance(a, dict) else a
-            b_tensor = b["samples"] if isinstance(b, dict) else b
-            assert a_tensor.dtype == b_tensor.dtype and a_tensor.shape == b_tensor.shape
-            assert torch.equal(a_tensor, b_tensor), f"node {node_id} differs between split and local"
+            _assert_same(a, b, f"node {node_id}")
+
+
+def _assert_same(a: Any, b: Any, where: str) -> None:
+    """Equal tensors (dtype, shape, every bit) anywhere in two node values of the same shape."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where} differs between split and local"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{index}]")
 
 
 def test_sd15_lora_sampler_and_decode_on_worker_equal_local(
@@ -157,3 +169,18 @@ def test_canny_and_two_controlnets_on_worker_equal_local(
                                  remote=[f"KSampler={worker_address}", f"Canny={worker_address}"])
     assert_same_outputs(local, split, ["14", "6", "7"])
     assert set(runner.stats) == {"6", "14"}
+
+
+def test_a_node_whose_output_holds_a_model_runs_on_the_worker(
+    worker_address: str, models_dir: Path, tmp_path: Path, inputs_dir: Path, registry: NodeRegistry
+) -> None:
+    """ControlNetApplyAdvanced's conditioning holds the ControlNet: it comes back as the one loaded here."""
+    document = advanced_controlnet_workflow(chain=True)
+    local, _ = run_workflow(document, models_dir, tmp_path / "local", inputs_dir, registry)
+    split, runner = run_workflow(document, models_dir, tmp_path / "split", inputs_dir, registry,
+                                 remote=[f"ControlNetApplyAdvanced={worker_address}"])
+    assert set(runner.stats) == {"11", "15"}
+    hint = split.outputs["15"][0][0][1]["control"]
+    assert hint.controlnet is split.outputs["9"][0] and hint.previous.controlnet is split.outputs["9"][0]
+    assert hint is split.outputs["15"][1][0][1]["control"]  # positive and negative share one hint
+    assert_same_outputs(local, split, ["6", "7"])
