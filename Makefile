@@ -38,7 +38,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# mypy --strict on transport/ and tracer/ (STRICT_PACKAGES="engine remote" to see the others)
+# mypy --strict on transport/, tracer/ and remote/ (STRICT_PACKAGES="engine profiles" to see the others)
 typecheck: $(STAMP)
 	.ci/typecheck
 

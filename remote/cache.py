@@ -6,7 +6,7 @@ import dataclasses
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ def module_bytes(obj: Any) -> int:
     return total
 
 
-def _tensors_of(obj: Any, visited: set[int]):
+def _tensors_of(obj: Any, visited: set[int]) -> Iterator[torch.Tensor]:
     if id(obj) in visited:
         return
     visited.add(id(obj))

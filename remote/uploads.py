@@ -28,12 +28,19 @@ class UploadChunk:
     final: bool
 
 
+def _whole_number(value: object) -> int:
+    """A header's byte count: an int, never a float, string or bool a peer might send instead."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"expected a whole number, got {type(value).__name__}")
+    return value
+
+
 def parse_chunk(header: dict[str, object], max_file_bytes: int) -> UploadChunk:
     """Validate an ``upload`` request header; BadRequest names what is wrong."""
     try:
         chunk = UploadChunk(
             folder=str(header["folder"]), name=str(header["name"]), sha256=str(header["sha256"]).lower(),
-            total_bytes=int(header["total_bytes"]), offset=int(header["offset"]),
+            total_bytes=_whole_number(header["total_bytes"]), offset=_whole_number(header["offset"]),
             data=_chunk_bytes(header["data"]), final=bool(header["final"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
