@@ -27,6 +27,7 @@ from typing import Any
 
 from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.models.ldm_keys import KeyRule, Transform
+from diffsplit.engine.models.ldm_text import open_clip_transformer_rules
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -48,7 +49,6 @@ CONFIG_FIELDS = (
 )  # fmt: skip
 
 _LAYERS = "vision_model.encoder.layers."
-_QKV = ("q_proj", "k_proj", "v_proj")
 #: Whole-key renames (module key → OpenCLIP key).
 _OPEN_CLIP_KEYS: tuple[tuple[str, str, Transform], ...] = (
     ("vision_model.embeddings.class_embedding", "class_embedding", Transform.SAME),
@@ -60,48 +60,11 @@ _OPEN_CLIP_KEYS: tuple[tuple[str, str, Transform], ...] = (
     ("vision_model.post_layernorm.bias", "ln_post.bias", Transform.SAME),
     ("visual_projection.weight", "proj", Transform.TRANSPOSE),
 )
-#: Per-layer renames (module layer → OpenCLIP layer).
-_OPEN_CLIP_LAYERS = (
-    ("layer_norm1", "ln_1"),
-    ("layer_norm2", "ln_2"),
-    ("self_attn.out_proj", "attn.out_proj"),
-    ("mlp.fc1", "mlp.c_fc"),
-    ("mlp.fc2", "mlp.c_proj"),
-)
-
-
-def _layer_rule(key: str) -> KeyRule | None:
-    """The rule for a key under ``vision_model.encoder.layers.N``; None for k/v (q's rule holds them)."""
-    index, _, rest = key[len(_LAYERS) :].partition(".")
-    layer, _, param = rest.rpartition(".")
-    block = f"transformer.resblocks.{index}"
-    if layer.startswith("self_attn.") and layer.split(".")[1] in _QKV:
-        if layer != "self_attn.q_proj":
-            return None
-        keys = tuple(f"{_LAYERS}{index}.self_attn.{name}.{param}" for name in _QKV)
-        return KeyRule(f"{block}.attn.in_proj_{param}", keys, Transform.SPLIT_QKV)
-    for module_name, file_name in _OPEN_CLIP_LAYERS:
-        if layer == module_name:
-            return KeyRule(f"{block}.{file_name}.{param}", (key,))
-    raise ValueError(f"no OpenCLIP name for CLIP vision weight {key!r}")
-
-
 def open_clip_vision_key_rules(module_keys: Iterable[str]) -> tuple[KeyRule, ...]:
     """Rules for a ``CLIPVisionModelWithProjection`` stored in OpenCLIP's ``visual.*`` layout."""
-    rules: list[KeyRule] = []
-    for key in module_keys:
-        if key.startswith(_LAYERS):
-            rule = _layer_rule(key)
-            if rule is not None:
-                rules.append(rule)
-            continue
-        for module_key, file_key, transform in _OPEN_CLIP_KEYS:
-            if key == module_key:
-                rules.append(KeyRule(file_key, (key,), transform))
-                break
-        else:
-            raise ValueError(f"no OpenCLIP name for CLIP vision weight {key!r}")
-    return tuple(rules)
+    return open_clip_transformer_rules(
+        module_keys, layers_prefix=_LAYERS, whole_keys=_OPEN_CLIP_KEYS, what="CLIP vision"
+    )
 
 
 def _shape(shapes: Shapes, key: str) -> tuple[int, ...]:

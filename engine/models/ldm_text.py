@@ -54,35 +54,52 @@ def clip_l_key_rules(module_keys: Iterable[str]) -> tuple[KeyRule, ...]:
     )
 
 
-def _open_clip_layer_rule(key: str) -> KeyRule | None:
-    """The rule for one key under ``text_model.encoder.layers.N``; None for k/v (held by q's rule)."""
-    index, _, rest = key[len(ENCODER_LAYERS_PREFIX) :].partition(".")
+def _open_clip_layer_rule(key: str, layers_prefix: str, what: str) -> KeyRule | None:
+    """The rule for one key under ``<layers_prefix>N``; None for k/v (held by q's rule)."""
+    index, _, rest = key[len(layers_prefix) :].partition(".")
     layer, _, param = rest.rpartition(".")
     block = f"transformer.resblocks.{index}"
     if layer.startswith("self_attn.") and layer.split(".")[1] in QKV_NAMES:
         if layer != "self_attn.q_proj":
             return None
-        module_keys = tuple(f"{ENCODER_LAYERS_PREFIX}{index}.self_attn.{name}.{param}" for name in QKV_NAMES)
+        module_keys = tuple(f"{layers_prefix}{index}.self_attn.{name}.{param}" for name in QKV_NAMES)
         return KeyRule(f"{block}.attn.in_proj_{param}", module_keys, Transform.SPLIT_QKV)
     for module_name, ldm_name in OPEN_CLIP_LAYERS:
         if layer == module_name:
             return KeyRule(f"{block}.{ldm_name}.{param}", (key,))
-    raise ValueError(f"no OpenCLIP name for text encoder weight {key!r}")
+    raise ValueError(f"no OpenCLIP name for {what} weight {key!r}")
 
 
-def open_clip_key_rules(module_keys: Iterable[str]) -> tuple[KeyRule, ...]:
-    """Rules for a ``CLIPTextModelWithProjection`` stored in the OpenCLIP layout."""
+def open_clip_transformer_rules(
+    module_keys: Iterable[str],
+    *,
+    layers_prefix: str,
+    whole_keys: tuple[tuple[str, str, Transform], ...],
+    what: str,
+) -> tuple[KeyRule, ...]:
+    """Rules for a transformers CLIP tower stored in OpenCLIP's layout (text or image encoder).
+
+    Keys under ``layers_prefix`` map onto ``transformer.resblocks.N`` (q/k/v fused);
+    the others are renamed by ``whole_keys`` (module key, OpenCLIP key, transform).
+    """
     rules: list[KeyRule] = []
     for key in module_keys:
-        if key.startswith(ENCODER_LAYERS_PREFIX):
-            rule = _open_clip_layer_rule(key)
+        if key.startswith(layers_prefix):
+            rule = _open_clip_layer_rule(key, layers_prefix, what)
             if rule is not None:
                 rules.append(rule)
             continue
-        for module_key, ldm_key, transform in OPEN_CLIP_KEYS:
+        for module_key, ldm_key, transform in whole_keys:
             if key == module_key:
                 rules.append(KeyRule(ldm_key, (key,), transform))
                 break
         else:
-            raise ValueError(f"no OpenCLIP name for text encoder weight {key!r}")
+            raise ValueError(f"no OpenCLIP name for {what} weight {key!r}")
     return tuple(rules)
+
+
+def open_clip_key_rules(module_keys: Iterable[str]) -> tuple[KeyRule, ...]:
+    """Rules for a ``CLIPTextModelWithProjection`` stored in the OpenCLIP layout."""
+    return open_clip_transformer_rules(
+        module_keys, layers_prefix=ENCODER_LAYERS_PREFIX, whole_keys=OPEN_CLIP_KEYS, what="text encoder"
+    )
