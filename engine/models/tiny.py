@@ -77,19 +77,19 @@ class TinyModelSet:
     sdxl_embedding: Path
     upscale_esrgan: Path
     sd15_ip2p_checkpoint: Path
-    # the SD 1.5 / SDXL checkpoints split into separate files (tiny_split_files)
-    sd15_unet: Path
-    sdxl_unet: Path
-    sd15_clip_l: Path
-    sdxl_clip_l: Path
-    sdxl_clip_g: Path
-    sd15_vae: Path
-    sdxl_vae: Path
-    ldm_config: Path
+    #: the SD 1.5 / SDXL checkpoints split into separate files (tiny_split_files)
+    split_files: SplitFilePaths
 
     def paths(self) -> tuple[Path, ...]:
         """Every file or folder of the set, in a fixed order."""
-        return tuple(getattr(self, f.name) for f in fields(self) if f.name != "root")
+        found: list[Path] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, SplitFilePaths):
+                found.extend(value.as_fields().values())
+            elif f.name != "root":
+                found.append(value)
+        return tuple(found)
 
 
 def tiny_unet_config(family: ModelFamily) -> dict[str, object]:
@@ -382,7 +382,7 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelSet:
         sdxl_embedding=root / "embeddings" / SDXL_EMBEDDING_FILE,
         upscale_esrgan=root / "upscale_models" / TINY_ESRGAN_FILE,
         sd15_ip2p_checkpoint=root / "checkpoints" / TINY_IP2P_FILE,
-        **SplitFilePaths.under(root).as_fields(),
+        split_files=SplitFilePaths.under(root),
     )
     for folder in ("checkpoints", "loras", "vae", "controlnet", "diffusers"):
         (root / folder).mkdir(parents=True, exist_ok=True)
@@ -404,7 +404,7 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelSet:
     write_tiny_embeddings(root / "embeddings", seed)
     write_tiny_esrgan(model_set.upscale_esrgan, seed)
     write_tiny_ip2p(model_set.sd15_ip2p_checkpoint, seed)
-    write_split_files(SplitFilePaths.under(root), sd15, sdxl)
+    write_split_files(model_set.split_files, sd15, sdxl)
     return model_set
 
 
