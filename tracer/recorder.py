@@ -164,7 +164,6 @@ class _ProfileHub:
     def _make_profile(self) -> ProfileFunction:
         # Keyed by id: hashing a code object costs ~0.4 µs, far more than the rest of this function.
         lookup = self._by_id.get
-        by_id = self._by_id
         enter = self._enter
         leave = self._leave
         pause = self._pause_in
@@ -197,7 +196,6 @@ class _ProfileHub:
             function = chained_profile
         innermost = self.recorders[-1].listener if self.recorders else None
         function.diffsplit_listener = innermost  # type: ignore[attr-defined]  # read by active_listener()
-        del by_id
         return function
 
     def _hand_back(self) -> None:
