@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 from diffsplit.tracer.errors import NotOffloadable
 from diffsplit.tracer.fingerprint import WeightSnapshot
+from diffsplit.tracer.hub_cache import loader_path
 from diffsplit.tracer.known_loaders import NON_IDENTITY_KWARGS, CallKind, KnownFunction, ResolvedFunction
 from diffsplit.tracer.marks import import_name
 from diffsplit.tracer.recipe import FileRef, Recipe, Step, file_value, recipe_value
@@ -124,6 +125,25 @@ def _local_path(value: Any) -> Any:
     return value
 
 
+def _loader_file(value: Any, arguments: Mapping[str, Any]) -> Any:
+    """A loader's path argument as a LocalFile when it names a file here: relative paths and hub ids too.
+
+    A hub id resolves to its snapshot in the local Hugging Face cache (read only, at the revision asked).
+    """
+    if isinstance(value, str):
+        found = loader_path(value, _text_option(arguments, "revision"), _text_option(arguments, "cache_dir"))
+        if found is not None:
+            return LocalFile(found)
+    return _local_path(value)
+
+
+def _text_option(arguments: Mapping[str, Any], name: str) -> str | None:
+    """A str-valued keyword of a call, given by name or through ``**kwargs``."""
+    extra = arguments.get("kwargs")
+    value = arguments.get(name, extra.get(name) if isinstance(extra, Mapping) else None)
+    return str(value) if isinstance(value, str | os.PathLike) else None
+
+
 def _identity(spec: KnownFunction, name: str) -> bool:
     """Whether argument ``name`` of ``spec``'s function is part of what it builds."""
     return name not in NON_IDENTITY_KWARGS or name in spec.identity_kwargs
@@ -195,7 +215,7 @@ def record_from_call(
         kind=kind,
         label=label,
         cls=owner.__name__ if owner is not None else None,
-        file=_local_path(file) if file is not MISSING else MISSING,
+        file=_loader_file(file, arguments) if file is not MISSING else MISSING,
         args=args,
         kwargs=kwargs,
         argument_states=capture_argument_states((*args, *kwargs.values(), file)),
@@ -261,7 +281,7 @@ def to_step(record: CallRecord, encoder: ValueEncoder, *, on: str | None) -> Ste
             raise NotOffloadable(
                 where,
                 f"it loaded {record.file!r}, which is not a local file or folder "
-                "(hub names cannot be matched in a worker's store)",
+                "(neither a path here nor a repository in the local Hugging Face cache)",
             )
         else:
             args.insert(0, encode_value(record.file, encoder, where))
