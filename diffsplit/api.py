@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
+
+import torch
 
 from diffsplit.engine.call_offload import CallSender, ModuleOffload, OffloadedPipeline, OffloadError
 from diffsplit.tracer.files import HashingFileRefs
 from diffsplit.tracer.fingerprint import fingerprint
+from diffsplit.tracer.hub_cache import loader_path
 from diffsplit.tracer.recipe import Recipe, Step
 from diffsplit.transport.auth import ClientCurve
 from diffsplit.transport.protocol import Settings
@@ -46,13 +48,37 @@ def offload(
     return ModuleOffload(target, sender)
 
 
+def _changes_beyond_folder(pipeline: Any, target: Any) -> str:
+    """What was done to ``target`` since ``from_pretrained`` that its folder cannot rebuild ("" if none).
+
+    LoRA adapters (loaded, fused or merged) are seen here, before anything is sent; anything else the worker's
+    fingerprint check still refuses.
+    """
+    modules = target.modules() if isinstance(target, torch.nn.Module) else (
+        module for value in vars(pipeline).values() if isinstance(value, torch.nn.Module)
+        for module in value.modules()
+    )
+    if any(getattr(module, "peft_config", None) for module in modules):
+        return "LoRA adapters are loaded"
+    if getattr(pipeline, "num_fused_loras", 0):
+        return "LoRA weights are fused"
+    return ""
+
+
 def _folder_recipe(pipeline: Any, component: str | None, target: Any) -> Recipe:
     """``from_pretrained(<the folder it came from>)`` plus the current weights' fingerprint."""
-    folder = Path(str(getattr(pipeline, "name_or_path", "") or ""))
-    if not folder.is_dir():
+    folder = loader_path(str(getattr(pipeline, "name_or_path", "") or ""))
+    if folder is None or not folder.is_dir():
         raise OffloadError(
             f"no trace given and {type(pipeline).__name__} does not name a local folder it was loaded from; "
             "load it inside `with diffsplit.tracing() as trace:` and pass trace=trace"
+        )
+    changed = _changes_beyond_folder(pipeline, target)
+    if changed:
+        raise OffloadError(
+            f"no trace given and {type(pipeline).__name__} was changed after loading ({changed}): a worker "
+            f"rebuilding from {folder.name} would get other weights; load it inside "
+            "`with diffsplit.tracing() as trace:` and pass trace=trace"
         )
     dtype = getattr(pipeline, "dtype", None)
     kwargs = {"torch_dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {}

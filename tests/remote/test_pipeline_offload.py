@@ -55,10 +55,23 @@ def test_whole_pipeline_offloaded_equals_local_and_pil_output_works(
     assert torch.equal(generator.get_state(), local_state), "the local generator advances as if run here"
 
 
-def test_untraced_pipeline_with_lora_is_refused_by_the_fingerprint(
-    traced_pipeline, worker_address: str
-) -> None:
+def test_untraced_pipeline_with_lora_is_refused_before_anything_is_sent(traced_pipeline) -> None:
     pipe, _ = traced_pipeline  # loaded from a folder, but a LoRA was added: the folder alone is not it
+    # an unreachable address: a refusal that needed the worker could not come back at all
+    with pytest.raises(OffloadError, match="LoRA adapters are loaded"):
+        diffsplit.offload(pipe, "unet", to="tcp://127.0.0.1:9")
+    with pytest.raises(OffloadError, match="LoRA adapters are loaded"):
+        diffsplit.offload(pipe, to="tcp://127.0.0.1:9")
+    assert "forward" not in vars(pipe.unet)
+
+
+def test_untraced_pipeline_with_changed_weights_is_refused_by_the_fingerprint(
+    models_dir: Path, worker_address: str
+) -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(models_dir / "diffusers" / "tiny-sd15")
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        pipe.unet.conv_in.weight.add_(0.01)  # what no folder holds, and no hook can see
     with diffsplit.offload(pipe, "unet", to=worker_address) as handle, pytest.raises(OffloadError,
                                                                                      match="differs"):
         generate(pipe)
