@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from diffsplit.engine.sampling.concat import batched_concat
 from diffsplit.engine.sampling.conds import ResolvedCond, resolve_conditioning
+from diffsplit.engine.sampling.continuous_time import is_continuous
 from diffsplit.engine.sampling.control import UNetInputs, control_residuals
 from diffsplit.engine.sampling.samplers import DenoiseFn
 from diffsplit.engine.sampling.schedules import DiscreteSchedule
@@ -137,6 +138,10 @@ class CFGDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The guided denoised latent for ``x`` at ``sigma`` (a scalar or one value per batch row)."""
         sigma_value = float(torch.as_tensor(sigma).reshape(-1)[0])
+        # a number (ComfyUI's arithmetic, bit for bit) unless a sampler differentiates in sigma
+        sigma_input: float | torch.Tensor = sigma_value
+        if is_continuous():
+            sigma_input = torch.as_tensor(sigma).reshape(-1)[0]
         height, width = x.shape[-2:]
         pending = [
             c for c in self.conds if c.is_active(sigma_value) and (self.runs_uncond or not c.is_uncond)
@@ -146,7 +151,7 @@ class CFGDenoiser:
         while pending:
             group = [c for c in pending if can_batch(pending[0], c, height, width)]
             pending = [c for c in pending if all(c is not g for g in group)]
-            for cond, denoised in zip(group, self._predict(group, x, sigma_value), strict=True):
+            for cond, denoised in zip(group, self._predict(group, x, sigma_input), strict=True):
                 h, w, y, x0 = cond.region(height, width)
                 weight = cond.weight.to(device=x.device, dtype=x.dtype)
                 sums[cond.is_uncond][:, :, y : y + h, x0 : x0 + w] += denoised * weight
@@ -156,7 +161,7 @@ class CFGDenoiser:
         return uncond_pred + (cond_pred - uncond_pred) * self.cfg
 
     def _predict(
-        self, group: Sequence[ResolvedCond], x: torch.Tensor, sigma: float
+        self, group: Sequence[ResolvedCond], x: torch.Tensor, sigma: float | torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         """One UNet forward for ``group``; the denoised latent of each entry's area."""
         height, width = x.shape[-2:]
@@ -169,11 +174,11 @@ class CFGDenoiser:
         dtype, device = unet.dtype, x.device
         inputs = UNetInputs(
             x_in=scaled_input(x_batch, sigma),
-            timestep=self.schedule.timestep(torch.tensor(sigma)).expand(x_batch.shape[0]).to(device),
+            timestep=self._timestep(sigma).expand(x_batch.shape[0]).to(device),
             context=_batched_context(group).to(device),
             added=_batched_added(group, device),
         )
-        residuals = control_residuals(group[0].control, self.schedule, sigma, inputs)
+        residuals = control_residuals(group[0].control, self.schedule, float(sigma), inputs)
         extra = {} if residuals is None else residuals.as_unet_kwargs(dtype)
         gligen = group[0].gligen
         if gligen is not None:
@@ -196,6 +201,13 @@ class CFGDenoiser:
         return denoised.chunk(len(group))
 
 
+    def _timestep(self, sigma: float | torch.Tensor) -> torch.Tensor:
+        """The nearest training timestep (ComfyUI), or for a tensor sigma the fractional one (continuous)."""
+        if isinstance(sigma, torch.Tensor):
+            return self.schedule.continuous_timestep(sigma)
+        return self.schedule.timestep(torch.tensor(sigma))
+
+
 @dataclass(frozen=True, eq=False)
 class InpaintDenoiser:
     """Holds the region outside ``denoise_mask`` (mask 0) at the original latent (KSamplerX0Inpaint)."""
@@ -210,7 +222,8 @@ class InpaintDenoiser:
         """The inner prediction inside the mask, the original latent outside it."""
         keep = 1.0 - self.denoise_mask
         sigma_value = float(torch.as_tensor(sigma).reshape(-1)[0])
-        held = self.latent_image + self.noise * sigma_value
+        held = self.latent_image + self.noise * (torch.as_tensor(sigma).reshape(-1)[0] if is_continuous()
+                                                 else sigma_value)
         denoised = self.inner(x * self.denoise_mask + held * keep, sigma)
         return denoised * self.denoise_mask + self.latent_image * keep
 

@@ -67,6 +67,16 @@ class DiscreteSchedule:
         distances = sigma.log().reshape(1, -1) - self.log_sigmas.reshape(-1, 1)
         return distances.abs().argmin(dim=0).reshape(sigma.shape).to(torch.float32)
 
+    def continuous_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The fractional timestep of ``sigma``, interpolated in log-sigma: smooth and differentiable."""
+        log_sigma = torch.as_tensor(sigma, dtype=torch.float32).log()
+        table = self.log_sigmas
+        below = (log_sigma.reshape(1, -1) >= table.reshape(-1, 1)).sum(dim=0) - 1
+        low = below.clamp(0, len(table) - 2).reshape(log_sigma.shape)
+        high = low + 1
+        weight = ((log_sigma - table[low]) / (table[high] - table[low])).clamp(0, 1)
+        return low.to(torch.float32) + weight
+
     def sigma(self, timestep: torch.Tensor | float) -> torch.Tensor:
         """The sigma of a (fractional) timestep: log-sigmas interpolated linearly, float32."""
         t = torch.as_tensor(timestep, dtype=torch.float32).clamp(0, len(self.sigmas) - 1)
