@@ -1,8 +1,14 @@
 """Rebuilding a model object from a recipe, on any machine, from that machine's own files.
 
 ``build(recipe, resolve_file)`` runs the recipe's steps and returns the
-selected object, after checking its weight fingerprint. Only the operations in
-``tracer.known_loaders.OPS`` run; classes are looked up by name only in the
+selected object, after checking its weight fingerprint. Before anything runs,
+the whole recipe (nested recipes included) is checked against the allowlists
+of ``tracer.ops.OPS`` (``engine.recipe_checks``): only those operations, with
+only their declared keywords, and every file a store reference — a recipe never
+carries a path. diffusers/transformers loads get ``local_files_only=True`` and
+``use_safetensors=True`` (no hub access, no pickled weights, whatever the
+recipe says). Error texts name files as the recipe does (``folder/name``),
+never by this machine's paths. Classes are looked up by name only in the
 top-level namespace of diffusers or transformers, and only if they derive from
 a pipeline, model, scheduler or tokenizer base class — never an import path
 taken from a recipe. Graph loader steps run engine loader nodes (``is_loader``)
@@ -16,57 +22,34 @@ worker looks them up by sha256 in its store).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
-import torch
+from diffsplit.engine.errors import EngineError
 from diffsplit.engine.nodes.registry import NodeRegistry
+from diffsplit.engine.recipe_checks import (
+    ALLOWED_BASES,
+    ALLOWED_DTYPES,
+    RecipeChecker,
+    allowed_class,
+    derives_from,
+)
 from diffsplit.tracer.errors import FingerprintMismatch, RecipeError
 from diffsplit.tracer.fingerprint import fingerprint
-from diffsplit.tracer.known_loaders import OPS
 from diffsplit.tracer.objects import get_path
+from diffsplit.tracer.ops import OPS, OpSpec
 from diffsplit.tracer.owned_memory import own_weights
 from diffsplit.tracer.recipe import FileRef, Recipe, Step
 from diffsplit.transport.errors import DiffsplitError
 
+__all__ = ["ALLOWED_BASES", "ALLOWED_DTYPES", "Builder", "allowed_class", "build", "store_resolver"]
+
 FileResolver = Callable[[FileRef], Path]
-
-#: Base classes (per library) a recipe's class must derive from.
-ALLOWED_BASES: Mapping[str, frozenset[str]] = MappingProxyType(
-    {
-        "diffusers": frozenset({"DiffusionPipeline", "ModelMixin", "SchedulerMixin"}),
-        "transformers": frozenset({"PreTrainedModel", "PreTrainedTokenizerBase"}),
-    }
-)
-#: dtype names a recipe may use.
-ALLOWED_DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
-    {
-        "float16": torch.float16,
-        "bfloat16": torch.bfloat16,
-        "float32": torch.float32,
-        "float64": torch.float64,
-    }
-)
 _DTYPE_KEYWORDS = frozenset({"dtype", "torch_dtype"})
-
-
-def allowed_class(library: str, name: str | None) -> type:
-    """The class ``name`` exported by ``library`` if it is a pipeline/model/scheduler/tokenizer class."""
-    bases = ALLOWED_BASES.get(library)
-    if bases is None or not name or not name.isidentifier():
-        raise RecipeError(f"class {name!r} of {library!r} is not allowed in a recipe")
-    module = importlib.import_module(library)
-    cls = getattr(module, name, None)
-    if not isinstance(cls, type) or not any(
-        base.__name__ in bases and base.__module__.partition(".")[0] == library for base in cls.__mro__
-    ):
-        raise RecipeError(
-            f"{library}.{name} is not a {library} pipeline, model, scheduler or tokenizer class"
-        )
-    return cls
+#: Classes whose loads read weights (``use_safetensors`` applies); tokenizers and schedulers read none.
+_WEIGHT_CLASSES = ("DiffusionPipeline", "ModelMixin", "PreTrainedModel")
+_SHOWN_ERROR_CHARS = 600
 
 
 class _RecipeNodeContext:
@@ -102,7 +85,11 @@ class _RecipeNodeContext:
 
 
 class Builder:
-    """Builds recipes; nested recipes with the same steps are built once per builder."""
+    """Builds recipes; nested recipes with the same steps are built once per builder.
+
+    Every recipe is checked whole (:class:`~diffsplit.engine.recipe_checks.RecipeChecker`)
+    before its first step runs.
+    """
 
     def __init__(
         self,
@@ -116,10 +103,18 @@ class Builder:
         self.registry = registry
         self.user_loaders = dict(user_loaders or {})
         self.verify = verify
+        self.checker = RecipeChecker(registry)
         self._built: dict[str, Any] = {}
+        #: local path → the name the recipe gave it, to keep this machine's paths out of error texts
+        self._names: dict[str, str] = {}
+
+    def check(self, recipe: Recipe) -> None:
+        """Raise a RecipeError unless the whole recipe (nested ones included) is allowed; runs nothing."""
+        self.checker.check(recipe)
 
     def build(self, recipe: Recipe) -> Any:
         """The object ``recipe`` selects, fingerprint checked (when the recipe has one)."""
+        self.check(recipe)
         key = recipe.build_digest()
         if key not in self._built:
             self._built[key] = self._run(recipe)
@@ -134,25 +129,50 @@ class Builder:
         return selected
 
     def _run(self, recipe: Recipe) -> Any:
+        """Run the steps of a checked recipe; loader failures become RecipeErrors without local paths."""
+        self.check(recipe)
         value: Any = None
         for number, step in enumerate(recipe.steps):
-            spec = OPS.get(step.op)
-            if spec is None:
-                raise RecipeError(f"{recipe.name()}: step {number} has the unknown operation {step.op!r}")
+            spec = OPS[step.op]
+            where = f"{recipe.name()}: step {number} ({step.op}) failed"
             try:
                 if spec.kind == "loader":
-                    value = self._load(step, spec.method)
+                    value = self._load(step, spec)
                 else:
-                    self._mutate(get_path(value, step.on or ""), step, spec.method)
+                    self._mutate(get_path(value, step.on or ""), step, spec)
                 own_weights(value)
             except (RecipeError, LookupError) as exc:
-                raise RecipeError(f"{recipe.name()}: step {number} ({step.op}) failed: {exc}") from exc
+                raise RecipeError(f"{where}: {self.scrub(str(exc))}") from exc
+            except DiffsplitError as exc:
+                if not isinstance(exc, EngineError):
+                    raise  # the machine's own refusals (a file missing from its store, a cancelled job)
+                raise RecipeError(f"{where}: {type(exc).__name__}: {self.scrub(str(exc))}") from exc
+            except Exception as exc:  # a library's failure (OSError, ValueError…): reported, paths removed
+                raise RecipeError(f"{where}: {type(exc).__name__}: {self.scrub(str(exc))}") from exc
         return value
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every local path this builder resolved replaced by the recipe's name for it."""
+        for path in sorted(self._names, key=len, reverse=True):
+            text = text.replace(path, self._names[path])
+        return text if len(text) <= _SHOWN_ERROR_CHARS else text[: _SHOWN_ERROR_CHARS - 1] + "…"
+
+    def _resolve(self, ref: FileRef, suffixes: tuple[str, ...] = ()) -> Path:
+        """The local file of ``ref``, remembered for :meth:`scrub`; refused when not of ``suffixes``."""
+        path = Path(self.resolve_file(ref))
+        for shown_path in {str(path), str(path.absolute()), str(path.resolve())}:
+            self._names[shown_path] = ref.store_name
+        if suffixes and not path.is_dir() and not path.name.lower().endswith(suffixes):
+            raise RecipeError(
+                f"{ref.store_name} is stored here as a file other than {'/'.join(suffixes)}: pickled "
+                "weights are never loaded from recipes"
+            )
+        return path
 
     def _decode(self, value: Any, key: str | None = None) -> Any:
         """A frozen step argument as the call gets it: files as local paths, recipes built."""
         if isinstance(value, FileRef):
-            return str(self.resolve_file(value))
+            return str(self._resolve(value))
         if isinstance(value, Recipe):
             return self.build(value)
         if key in _DTYPE_KEYWORDS and isinstance(value, str):
@@ -165,14 +185,17 @@ class Builder:
             return {name: self._decode(item, name) for name, item in value.items()}
         return value
 
-    def _call_arguments(self, step: Step) -> tuple[list[Any], dict[str, Any]]:
+    def _call_arguments(self, step: Step, spec: OpSpec | None = None) -> tuple[list[Any], dict[str, Any]]:
         args = [self._decode(value) for value in step.args]
         if step.file is not None:
-            args.insert(0, str(self.resolve_file(step.file)))
+            suffixes = spec.file_rule.suffixes if spec is not None else ()
+            args.insert(0, str(self._resolve(step.file, suffixes)))
         kwargs = {key: self._decode(value, key) for key, value in step.kwargs.items()}
+        if spec is not None:
+            kwargs.update(spec.forced)
         return args, kwargs
 
-    def _load(self, step: Step, method: str) -> Any:
+    def _load(self, step: Step, spec: OpSpec) -> Any:
         if step.op == "comfy.node":
             return self._run_node(step)
         if step.op == "user.loader":
@@ -184,15 +207,16 @@ class Builder:
         if step.op == "safetensors.load_file":
             from safetensors.torch import load_file
 
-            args, kwargs = self._call_arguments(step)
+            args, kwargs = self._call_arguments(step, spec)
             return load_file(*args, **kwargs)
-        library = step.op.partition(".")[0]
-        cls = allowed_class(library, step.cls)
-        args, kwargs = self._call_arguments(step)
-        return getattr(cls, method)(*args, **kwargs)
+        cls = allowed_class(spec.library, step.cls, spec.bases)
+        args, kwargs = self._call_arguments(step, spec)
+        if not any(derives_from(cls, name) for name in _WEIGHT_CLASSES):
+            kwargs.pop("use_safetensors", None)  # tokenizers and schedulers read no weights
+        return getattr(cls, spec.method)(*args, **kwargs)
 
-    def _mutate(self, target: Any, step: Step, method: str) -> None:
-        args, kwargs = self._call_arguments(step)
+    def _mutate(self, target: Any, step: Step, spec: OpSpec) -> None:
+        args, kwargs = self._call_arguments(step, spec)
         if step.op == "torch.to":
             target.to(kwargs["dtype"])
         elif step.op == "set":
@@ -202,9 +226,9 @@ class Builder:
                 raise RecipeError(f"'set' may only swap a pipeline component, not {name!r}")
             setattr(target, name, kwargs.get("value"))
         else:
-            bound = getattr(target, method, None)
+            bound = getattr(target, spec.method, None)
             if bound is None:
-                raise RecipeError(f"{type(target).__name__} has no method {method!r}")
+                raise RecipeError(f"{type(target).__name__} has no method {spec.method!r}")
             bound(*args, **kwargs)
 
     def _run_node(self, step: Step) -> tuple[Any, ...]:
@@ -222,7 +246,7 @@ class Builder:
                 ref = value
                 spec = node_class.input(name)
                 folder = spec.model_folder if spec is not None and spec.model_folder else ""
-                files[(folder, ref.name)] = self.resolve_file(ref)
+                files[(folder, ref.name)] = self._resolve(ref)
                 inputs[name] = ref.name
             else:
                 inputs[name] = self._decode(value, name)

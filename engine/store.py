@@ -55,6 +55,7 @@ MODEL_FOLDERS: tuple[str, ...] = (
     "unet",
     "configs",
     "clip_vision",
+    "genie_heads",
 )
 MODEL_EXTENSIONS: frozenset[str] = frozenset({".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft"})
 #: ComfyUI folder names that list the same models, with the directories searched in ComfyUI's order
@@ -252,21 +253,28 @@ class ModelStore:
             relative
             for relative, entry in sorted(self._index.fresh_entries().items())
             if entry.sha256 == wanted and relative in listed
-            and self._indexed(relative, listed[relative]).sha256 == wanted
+            and self._holds(relative, listed[relative], wanted)
         ]
         if indexed_hits:
             named = [relative for relative in indexed_hits if relative.partition("/")[2] == name]
             return listed[(named or indexed_hits)[0]]
         named_first = sorted(listed, key=lambda relative: (relative.partition("/")[2] != name, relative))
         for relative in named_first:
-            if size is not None and self._size(listed[relative]) != size:
-                continue
-            if self._indexed(relative, listed[relative]).sha256 == wanted:
+            if self._holds(relative, listed[relative], wanted, size):
                 return listed[relative]
         raise ModelFileError(
             f"no model with sha256 {wanted} in {', '.join(f + '/' for f in folders) or 'the store'}"
             + (f" (a model named {name!r} was looked for too)" if name else "")
         )
+
+    def _holds(self, relative: str, path: Path, sha256: str, size: int | None = None) -> bool:
+        """Whether the listed model ``relative`` has this sha256 (and size); unreadable ones do not."""
+        try:
+            if size is not None and self._size(path) != size:
+                return False
+            return self._indexed(relative, path).sha256 == sha256
+        except (ModelFileError, OSError):
+            return False
 
     def _find_by_name(self, name: str, folders: list[str]) -> Path:
         name = normalize_name(name)
@@ -301,18 +309,23 @@ class ModelStore:
                     name = absolute.relative_to(base).as_posix()
                     if self._listed_path(folder, name) == absolute:
                         return f"{folder}/{name}", absolute
+        # the store's own root is never named: these texts may reach a peer
         if not inside:
-            raise ModelFileError(f"{path} is not inside the model store {self.root}")
-        if not absolute.exists():
-            raise ModelFileError(f"{path} does not exist in the model store {self.root}")
-        raise ModelFileError(f"{path} is not a model the store {self.root} lists")
+            raise ModelFileError(f"{path} is not inside the model store")
+        raise ModelFileError(f"{path} is not a model the store lists (no such model file or model folder)")
 
     def _indexed(self, relative: str, path: Path) -> IndexEntry:
-        """The index entry of the listed model ``relative`` at ``path`` (hashed when stale)."""
-        if path.is_dir():
-            return self._directory_entry(path, relative)
-        stamp, size = file_stamp(path)
-        return self._index.get_or_compute(relative, stamp, size, lambda: file_sha256(path))
+        """The index entry of the listed model ``relative`` at ``path`` (hashed when stale).
+
+        A file that cannot be read is a ModelFileError naming it by ``relative`` (never the local path).
+        """
+        try:
+            if path.is_dir():
+                return self._directory_entry(path, relative)
+            stamp, size = file_stamp(path)
+            return self._index.get_or_compute(relative, stamp, size, lambda: file_sha256(path))
+        except OSError as exc:
+            raise ModelFileError(f"{relative} cannot be read: {exc.strerror or type(exc).__name__}") from None
 
     def _directory_entry(self, directory: Path, relative: str) -> IndexEntry:
         files = directory_files(directory)

@@ -41,8 +41,14 @@ class CachedBuilder(Builder):
         self._verified: set[tuple[str, str, str]] = set()
 
     def build(self, recipe: Recipe) -> Any:
-        """The object ``recipe`` selects, from the cache or built now, fingerprint checked once."""
-        whole, _ = self.cache.get_or_build(recipe.build_digest(), lambda: self._run(recipe))
+        """The object ``recipe`` selects, from the cache or built now, fingerprint checked once.
+
+        The whole recipe is checked against the operations' allowlists first: nothing runs for a
+        recipe that names a path, a refused keyword or an operation outside ``tracer.ops.OPS``.
+        """
+        self.check(recipe)
+        whole, _ = self.cache.get_or_build(recipe.build_digest(), lambda: self._run(recipe),
+                                           name=build_name(recipe))
         try:
             selected = get_path(whole, recipe.select)
         except LookupError as exc:
@@ -66,6 +72,25 @@ class CachedBuilder(Builder):
                                    size=ref.bytes)
         except ModelFileError:
             raise MissingModel(ref.store_name, ref.sha256, ref.bytes) from None
+
+
+#: The longest name a cache entry gets (a deep LoRA stack would make a very long one).
+MAX_NAME_CHARS = 200
+
+
+def build_name(recipe: Recipe) -> str:
+    """What a recipe builds, for status reports: each step's class and the files it reads itself,
+    nested recipes (the base under a LoRA) in brackets. Store-relative names only."""
+    parts = []
+    for step in recipe.steps:
+        values = (step.file, *step.args, *step.kwargs.values())
+        files = [value.name for value in values if isinstance(value, FileRef)]
+        bases = [build_name(value) for value in values if isinstance(value, Recipe)]
+        text = f"{step.cls or step.op}({', '.join(files)})" if files else (step.cls or step.op)
+        parts.append(text + "".join(f" on [{base}]" for base in bases))
+    # file names come from peers: escape what is not printable, so a name stays one line in any log
+    name = "".join(c if c.isprintable() else repr(c)[1:-1] for c in " + ".join(parts))
+    return name if len(name) <= MAX_NAME_CHARS else name[: MAX_NAME_CHARS - 1] + "…"
 
 
 class ModelBuilder:

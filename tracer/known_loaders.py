@@ -8,7 +8,8 @@ imports the modules that are importable, sees through decorators
 (``__wrapped__``, classmethods) and returns the code objects the recorder
 watches. Libraries that are not installed are skipped.
 
-Operations (the allowlist that ``engine.rebuild`` executes) are in :data:`OPS`.
+Operations (the allowlist that ``engine.rebuild`` executes, with the arguments each may
+carry) are in :data:`diffsplit.tracer.ops.OPS`, re-exported here.
 """
 
 from __future__ import annotations
@@ -21,53 +22,13 @@ from types import CodeType, MappingProxyType
 from typing import Any, Literal
 
 import torch
+from diffsplit.tracer.ops import OPS, OpSpec
+
+__all__ = ["OPS", "CallKind", "KnownFunction", "OpSpec", "ResolvedFunction", "Role"]
 
 CallKind = Literal["loader", "mutator", "placement"]
 Role = Literal["call", "node"]
 
-
-@dataclass(frozen=True)
-class OpSpec:
-    """What a recipe operation does when rebuilt: build a new value, or act on one."""
-
-    kind: Literal["loader", "mutator"]
-    library: str
-    method: str
-
-
-_LORA_METHODS = (
-    "load_lora_weights",
-    "fuse_lora",
-    "unfuse_lora",
-    "set_adapters",
-    "unload_lora_weights",
-    "delete_adapters",
-    "enable_lora",
-    "disable_lora",
-    "load_lora_adapter",
-    "unload_lora",
-    "set_adapter",
-    "enable_adapters",
-    "disable_adapters",
-    "load_textual_inversion",
-    "unload_textual_inversion",
-)
-
-#: Every operation a recipe may contain. Nothing else is ever executed.
-OPS: Mapping[str, OpSpec] = MappingProxyType(
-    {
-        "diffusers.from_pretrained": OpSpec("loader", "diffusers", "from_pretrained"),
-        "diffusers.from_single_file": OpSpec("loader", "diffusers", "from_single_file"),
-        "diffusers.from_config": OpSpec("loader", "diffusers", "from_config"),
-        "transformers.from_pretrained": OpSpec("loader", "transformers", "from_pretrained"),
-        "safetensors.load_file": OpSpec("loader", "safetensors", "load_file"),
-        "comfy.node": OpSpec("loader", "engine", "node"),
-        "user.loader": OpSpec("loader", "user", "call"),
-        "torch.to": OpSpec("mutator", "torch", "to"),
-        "set": OpSpec("mutator", "diffsplit", "setattr"),
-        **{f"diffusers.{method}": OpSpec("mutator", "diffusers", method) for method in _LORA_METHODS},
-    }
-)
 
 #: Keyword arguments that change where or how a model loads, never what it is.
 NON_IDENTITY_KWARGS: frozenset[str] = frozenset(

@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -46,6 +47,23 @@ FILE_TAG = "$file"
 RECIPE_TAG = "$recipe"
 
 FileKind = Literal["file", "dir"]
+
+
+def relative_name_problem(name: object) -> str | None:
+    """What keeps ``name`` from being a plain store-relative name (``a/b.safetensors``), or None.
+
+    Refused: empty names, absolute paths (``/x``, ``C:x``), backslashes, NUL
+    characters and empty, ``.`` or ``..`` segments.
+    """
+    if not isinstance(name, str) or not name:
+        return "is empty"
+    if "\x00" in name or "\\" in name:
+        return "holds a NUL character or a backslash"
+    if name.startswith("/") or (len(name) > 1 and name[0].isascii() and name[0].isalpha() and name[1] == ":"):
+        return "is an absolute path"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "has an empty, '.' or '..' segment"
+    return None
 
 
 def canonical_json(value: Any) -> str:
@@ -118,10 +136,20 @@ class FileRef:
     kind: FileKind = "file"
 
     def __post_init__(self) -> None:
-        if not self.name or self.name.startswith("/") or "\\" in self.name:
-            raise RecipeError(f"file name {self.name!r} must be a store-relative name")
+        # the name is only a hint (the worker finds files by sha256), but it is never a path: the
+        # refusal does not echo it, so an error text never repeats a path a peer tried
+        reason = relative_name_problem(self.name)
+        if reason is not None:
+            raise RecipeError(
+                f"a file reference's name {reason}: it must be a store-relative name "
+                "(the name the store lists, e.g. 'sd15/model.safetensors'), never a path"
+            )
+        if self.folder is not None and (relative_name_problem(self.folder) is not None or "/" in self.folder):
+            raise RecipeError("a file reference's folder must be one store folder name (e.g. 'loras')")
         if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
             raise RecipeError(f"file {self.name!r} has a malformed sha256 {self.sha256!r}")
+        if isinstance(self.bytes, bool) or not isinstance(self.bytes, int) or self.bytes < 0:
+            raise RecipeError(f"file {self.name!r} has a malformed size {self.bytes!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data; ``folder`` and ``kind`` are left out when they hold their defaults."""
@@ -139,15 +167,16 @@ class FileRef:
             kind = data.get("kind", "file")
             if kind not in ("file", "dir"):
                 raise RecipeError(f"unknown file kind {kind!r}")
-            return cls(
-                name=str(data["name"]),
-                sha256=str(data["sha256"]),
-                bytes=int(data["bytes"]),
-                folder=data.get("folder"),
-                kind=kind,
-            )
+            name, sha256, size, folder = data["name"], data["sha256"], data["bytes"], data.get("folder")
+            if not isinstance(name, str) or not isinstance(sha256, str) or not (
+                folder is None or isinstance(folder, str)
+            ):
+                raise RecipeError("a file reference's name, sha256 and folder must be strings")
+            if isinstance(size, bool) or not isinstance(size, int):
+                raise RecipeError("a file reference's bytes must be an integer")
+            return cls(name=name, sha256=sha256, bytes=size, folder=folder, kind=kind)
         except (KeyError, TypeError, ValueError) as exc:
-            raise RecipeError(f"malformed file reference {dict(data)!r}: {exc}") from None
+            raise RecipeError(f"malformed file reference: missing or bad field {exc}") from None
 
     @property
     def store_name(self) -> str:
@@ -217,6 +246,11 @@ class Step:
         args = data.get("args", [])
         if not isinstance(kwargs, Mapping) or not isinstance(args, list):
             raise RecipeError(f"recipe step {data['op']!r}: args must be a list and kwargs an object")
+        for key in ("cls", "on"):
+            if not (data.get(key) is None or isinstance(data.get(key), str)):
+                raise RecipeError(f"recipe step {data['op']!r}: {key} must be a string")
+        if data.get("file") is not None and not isinstance(data["file"], Mapping):
+            raise RecipeError(f"recipe step {data['op']!r}: file must be a file reference object")
         return cls(
             op=data["op"],
             cls=data.get("cls"),
@@ -393,6 +427,8 @@ _SCALARS = (str, int, float, bool, type(None))
 
 def freeze(value: Any) -> Any:
     """A step argument as an immutable, hashable value: tagged objects become FileRef / Recipe objects."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"a recipe argument cannot be {value} (recipes hold finite numbers only)")
     if isinstance(value, (FileRef, Recipe, *_SCALARS)):
         return value
     tag = tagged(value)
