@@ -8,7 +8,7 @@ raised, so the same broken workflow always reports the same error.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from diffsplit.engine.errors import WorkflowError
@@ -169,3 +169,27 @@ def required_class(registry: NodeRegistry, node: Node) -> NodeClass:
             registry.unknown_class_message(node.class_type), node_id=node.id, class_type=node.class_type
         )
     return registry[node.class_type]
+
+
+def check_node_values(
+    registry: NodeRegistry, node_id: str, class_type: str, values: Mapping[str, Any]
+) -> None:
+    """Raise a WorkflowError for the first of ``values`` that a local run would refuse.
+
+    ``values`` are one node's inputs as received (a worker's ``run_node``): an
+    input the class does not declare is refused, and every widget input
+    (INT, FLOAT, STRING, BOOLEAN, COMBO) is checked for its type, range and
+    choices exactly as :func:`validate_workflow` checks literal values. Other
+    inputs (models, tensors) are left to the caller.
+    """
+    node = Node(node_id, class_type, {})
+    node_class = required_class(registry, node)
+    checker = _Checker(Workflow({}), registry, None)
+    declared = ", ".join(spec.name for spec in node_class.inputs) or "(none)"
+    for name in values:
+        spec = node_class.input(name) if isinstance(name, str) else None
+        if spec is None:
+            reason = f"unknown input; {node_class.name} declares: {declared}"
+            raise checker.error(node, str(name)[:64], reason)
+        if spec.is_widget:
+            checker.check_value(node, spec, values[name])

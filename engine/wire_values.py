@@ -209,7 +209,7 @@ def _from_wire(data: Any, build_model: BuildModel, held: Mapping[str, Any] | Non
             if key == GUIDER:
                 return _guider(payload, build_model, held, hints)
             if key == HELD:
-                if held is None or payload not in held:
+                if held is None or not isinstance(payload, str) or payload not in held:
                     raise WireValueError(f"value {str(payload)[:12]}… is not held here")
                 return held[payload]
         return {key: _from_wire(item, build_model, held, hints) for key, item in data.items()}
@@ -263,15 +263,94 @@ def _hint_from_wire(
         raise WireValueError(f"a control hint is not well formed: {type(exc).__name__}: {exc}") from None
 
 
-def _zeros(payload: Mapping[str, Any]) -> torch.Tensor:
-    dtype = getattr(torch, str(payload.get("dtype", "")), None)
-    shape = payload.get("shape")
-    if not isinstance(dtype, torch.dtype) or not isinstance(shape, list) or len(shape) > MAX_ZEROS_DIMS:
+@dataclasses.dataclass(frozen=True)
+class ZerosSpec:
+    """A well-formed all-zero tensor descriptor: its shape, dtype and the bytes it allocates."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes ``torch.zeros`` allocates for it."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def zeros_spec(payload: Any) -> ZerosSpec:
+    """A ``$ds:zeros`` payload checked (shape of whole numbers >= 0, a torch dtype, at most 2 GiB)."""
+    dtype = getattr(torch, str(payload.get("dtype", "")), None) if isinstance(payload, Mapping) else None
+    shape = payload.get("shape") if isinstance(payload, Mapping) else None
+    well_formed = isinstance(dtype, torch.dtype) and isinstance(shape, list | tuple)
+    if not well_formed or len(shape) > MAX_ZEROS_DIMS:
         raise WireValueError(f"bad zeros descriptor {str(payload)[:200]}")
-    dims = [int(n) for n in shape]
-    if any(n < 0 for n in dims) or math.prod(dims) * dtype.itemsize > MAX_ZEROS_BYTES:
-        raise WireValueError(f"a zeros tensor of shape {dims} is negative or over {MAX_ZEROS_BYTES} bytes")
-    return torch.zeros(dims, dtype=dtype)
+    if not all(type(n) is int for n in shape):
+        raise WireValueError(f"a zeros descriptor's shape must be whole numbers, not {str(shape)[:200]}")
+    spec = ZerosSpec(tuple(shape), dtype)
+    if any(n < 0 for n in spec.shape) or spec.nbytes > MAX_ZEROS_BYTES:
+        raise WireValueError(
+            f"a zeros tensor of shape {list(spec.shape)} is negative or over {MAX_ZEROS_BYTES} bytes")
+    return spec
+
+
+def _zeros(payload: Mapping[str, Any]) -> torch.Tensor:
+    spec = zeros_spec(payload)
+    return torch.zeros(spec.shape, dtype=spec.dtype)
+
+
+def decoded_bytes(data: Any, held: Mapping[str, Any] | None = None) -> int:
+    """The bytes the receiver holds once ``data`` is decoded, summed before anything is allocated.
+
+    Counted: tensors and arrays already received (the message's frames), every
+    all-zero tensor described by shape (each ``$ds:zeros`` allocates), strings
+    and bytes, and every reference to a held value (each one the node may
+    copy). Models (recipes) are not counted: the model cache has its own budget.
+    A malformed descriptor raises WireValueError, so nothing that is refused
+    later is left uncounted.
+    """
+    total = 0
+    pending = [data]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            total += item.numel() * item.element_size()
+        elif isinstance(item, np.ndarray):
+            total += int(item.nbytes)
+        elif isinstance(item, str | bytes | bytearray):
+            total += len(item)
+        elif isinstance(item, Mapping):
+            marker = next(iter(item)) if len(item) == 1 else None
+            if marker == ZEROS:
+                total += zeros_spec(item[ZEROS]).nbytes
+            elif marker == HELD:
+                digest = item[HELD]
+                found = held.get(digest) if held is not None and isinstance(digest, str) else None
+                total += value_bytes(found)
+            elif marker != MODEL:
+                pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+    return total
+
+
+def value_bytes(value: Any) -> int:
+    """Bytes of the tensors in a decoded value (containers and dataclasses walked; models left out)."""
+    total = 0
+    seen: set[int] = set()
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if id(item) in seen or item is None or isinstance(item, bool | int | float | str):
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            total += item.numel() * item.element_size()
+        elif isinstance(item, Mapping):
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type) and not is_model_value(item):
+            pending.extend(getattr(item, f.name) for f in dataclasses.fields(item))
+    return total
 
 
 def _is_library_output(value: Any) -> bool:
@@ -280,11 +359,15 @@ def _is_library_output(value: Any) -> bool:
 
 
 def _generator(payload: Mapping[str, Any]) -> torch.Generator:
-    device, state = payload.get("device"), payload.get("state")
+    device = payload.get("device") if isinstance(payload, dict) else None
+    state = payload.get("state") if isinstance(payload, dict) else None
     if device != "cpu" or not isinstance(state, torch.Tensor) or state.dtype != torch.uint8:
         raise WireValueError("only CPU generators travel (device 'cpu', a uint8 state)")
     generator = torch.Generator(device="cpu")
-    generator.set_state(state.clone())
+    try:
+        generator.set_state(state.clone())
+    except RuntimeError:
+        raise WireValueError(f"a CPU generator state of {state.numel()} bytes is not a valid state") from None
     return generator
 
 
@@ -294,6 +377,8 @@ def _library_output(payload: Mapping[str, Any], build_model: BuildModel, held: A
 
     from diffusers.utils import BaseOutput
 
+    if not isinstance(payload, dict):
+        raise WireValueError("a library result must be a mapping with 'type' and 'fields'")
     module_name, _, qualname = str(payload.get("type", "")).partition(":")
     module = sys.modules.get(module_name) if module_name.startswith(_OUTPUT_LIBRARIES) else None
     cls = getattr(module, qualname, None) if module is not None and "." not in qualname else None

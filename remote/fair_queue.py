@@ -2,7 +2,8 @@
 
 A client that queues ten requests does not make another client's single
 request wait behind all ten: the slots take the next request of each client
-in turn.
+in turn. :class:`ClientShares` caps how many requests one client has in
+flight, so one client cannot fill a bounded queue and lock the others out.
 """
 
 from __future__ import annotations
@@ -61,3 +62,41 @@ class FairQueue(Generic[Item]):
     def __len__(self) -> int:
         with self._ready:
             return sum(len(items) for items in self._queues.values())
+
+
+class ClientShares:
+    """How many requests each client has in flight (waiting or running), at most ``limit`` each.
+
+    Counted from admission to reply, not from the queue's length, so a request
+    a slot has just taken still counts and a burst never slips past the cap.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"a client's share must be at least 1, not {limit}")
+        self.limit = limit
+        self._counts: dict[Hashable, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, client: Hashable) -> bool:
+        """Count one more request of ``client``; False (nothing counted) when it has ``limit`` already."""
+        with self._lock:
+            held = self._counts.get(client, 0)
+            if held >= self.limit:
+                return False
+            self._counts[client] = held + 1
+            return True
+
+    def release(self, client: Hashable) -> None:
+        """One request of ``client`` was answered."""
+        with self._lock:
+            held = self._counts.get(client, 0) - 1
+            if held > 0:
+                self._counts[client] = held
+            else:
+                self._counts.pop(client, None)
+
+    def held(self, client: Hashable) -> int:
+        """How many requests of ``client`` are in flight."""
+        with self._lock:
+            return self._counts.get(client, 0)

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.models.checkpoint import CheckpointParts
+from diffsplit.transport.shown import shown
 
 #: The package of LDM's diffusion models (LatentDiffusion, LatentInpaintDiffusion, ...).
 LDM_TARGET_PREFIX = "ldm.models.diffusion."
@@ -59,7 +60,7 @@ def _number(params: Mapping[str, Any], key: str, path: Path) -> float | None:
         return None
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
     if not is_number or not math.isfinite(value) or value <= 0:
-        raise ModelFileError(f"{path}: model.params.{key} must be a positive number, got {value!r}")
+        raise ModelFileError(f"{path}: model.params.{key} must be a positive number, got {shown(value)}")
     return float(value)
 
 
@@ -67,15 +68,25 @@ def _integer(value: Any, key: str, path: Path, low: int, high: int) -> int | Non
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ModelFileError(f"{path}: {key} must be an integer from {low} to {high}, got {value!r}")
+        raise ModelFileError(f"{path}: {key} must be an integer from {low} to {high}, got {shown(value)}")
     return value
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses aliases: no config needs them, and nested ones expand exponentially."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"aliases (*name) are not allowed in a model config (line {mark.line + 1})")
+        return super().compose_node(parent, index)
 
 
 def read_ldm_config(path: Path) -> LdmConfig:
     """Parse an LDM config; ModelFileError naming the file and the key for anything else."""
     path = Path(path)
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        document = yaml.load(path.read_text(encoding="utf-8"), Loader=_NoAliasLoader)  # a SafeLoader
     except OSError as error:
         raise ModelFileError(f"{path}: cannot read the config: {error.strerror or error}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as error:
@@ -84,7 +95,7 @@ def read_ldm_config(path: Path) -> LdmConfig:
     target = model.get("target")
     if not isinstance(target, str) or not target.startswith(LDM_TARGET_PREFIX):
         raise ModelFileError(
-            f"{path}: not an LDM config: model.target is {target!r}, not an LDM diffusion model "
+            f"{path}: not an LDM config: model.target is {shown(target)}, not an LDM diffusion model "
             f"('{LDM_TARGET_PREFIX}*'; SDXL's sgm configs are not LDM configs: use CheckpointLoaderSimple)"
         )
     params = _mapping(model.get("params"), "model.params", path)
@@ -92,12 +103,13 @@ def read_ldm_config(path: Path) -> LdmConfig:
     parameterization = params.get("parameterization", "eps")
     if parameterization not in PARAMETERIZATIONS:
         raise ModelFileError(
-            f"{path}: model.params.parameterization {parameterization!r} is not supported "
+            f"{path}: model.params.parameterization {shown(parameterization)} is not supported "
             f"(expected one of {', '.join(sorted(PARAMETERIZATIONS))})"
         )
     schedule = params.get("beta_schedule", "linear")
     if schedule != "linear":
-        raise ModelFileError(f"{path}: model.params.beta_schedule {schedule!r} is unsupported (only linear)")
+        raise ModelFileError(f"{path}: model.params.beta_schedule {shown(schedule)} is unsupported "
+                             "(only linear)")
     linear_start, linear_end = _number(params, "linear_start", path), _number(params, "linear_end", path)
     if linear_start is not None and linear_end is not None and not linear_start < linear_end < 1:
         raise ModelFileError(f"{path}: model.params needs linear_start < linear_end < 1")
