@@ -9,10 +9,21 @@ as tensors, model inputs as recipes. Conditioning the worker already holds is
 sent as its digest. Progress streams back into the local progress output.
 Model files a node reads while running (the ``embedding:`` files of a prompt)
 travel as FileRefs in the request's ``files`` (``engine.run_files``).
+
+Worker faults: an assignment may list several workers (``engine.remote_assign``).
+A worker that is gone (silent past the heartbeat timeout, the connection lost),
+overloaded, stopping, or past the deadline is *unavailable*: the node goes to
+the next worker, and with ``fallback_local`` finally runs here (the outputs are
+the same: split == local). A worker found silent is skipped by later nodes for
+``DOWN_FOR_S``. Every attempt is a new request with a new id, so a late reply
+from an abandoned attempt can never be taken for another's (the Client drops
+replies to ids it no longer waits for). Other errors (MissingModel without
+uploads, BadRequest, a node that fails) are not retried.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +33,7 @@ from typing import Any
 import torch
 from diffsplit.engine.errors import EngineError, Interrupted, NodeFailed
 from diffsplit.engine.executor import NodeCall, run_node_locally
+from diffsplit.engine.remote_assign import worker_addresses
 from diffsplit.engine.run_files import RUN_FILES_FIELD, run_files
 from diffsplit.engine.store import ModelStore
 from diffsplit.engine.wire_values import (
@@ -42,7 +54,14 @@ from diffsplit.transport.codec import pack
 from diffsplit.transport.compute_threads import HEADER_KEY as THREADS_KEY
 from diffsplit.transport.compute_threads import client_threads
 from diffsplit.transport.digest import content_digest
-from diffsplit.transport.errors import RequestCancelled, TransportError
+from diffsplit.transport.errors import (
+    MalformedMessage,
+    MessageTooLarge,
+    PeerGone,
+    RequestCancelled,
+    TransportError,
+    UnsupportedType,
+)
 from diffsplit.transport.protocol import Settings
 from diffsplit.transport.sockets import Client, Exchange
 
@@ -50,6 +69,16 @@ from diffsplit.transport.sockets import Client, Exchange
 RecipeForOutput = Callable[[str, int], Mapping[str, Any] | None]
 
 UPLOAD_CHUNK_BYTES = 32 << 20
+#: Structured errors that mean "not here, not now": the node may go to the next worker or run here.
+UNAVAILABLE_KINDS = frozenset({"Overloaded", "Cancelled"})
+#: Transport errors about our own messages (or the worker's unreadable reply): no other worker helps.
+_NOT_ABOUT_THE_WORKER = (MessageTooLarge, MalformedMessage, UnsupportedType)
+#: How long later nodes skip a worker that fell silent or lost its connection.
+DOWN_FOR_S = 30.0
+#: ``RemoteRunner.placement`` of a node that ran here after its workers failed.
+LOCAL = "local"
+
+log = logging.getLogger(__name__)
 
 
 class RemoteNodeError(EngineError):
@@ -63,6 +92,16 @@ class RemoteNodeError(EngineError):
         super().__init__(
             f"node {node_id} ({class_type}) on {address}: {self.kind}: {error.get('message', '')}"
         )
+
+
+class _Unavailable(Exception):
+    """One worker could not take a node now; ``error`` is what to raise if no other can."""
+
+    def __init__(self, address: str, reason: str, error: Exception) -> None:
+        self.address = address
+        self.reason = reason
+        self.error = error
+        super().__init__(f"{address}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -88,7 +127,11 @@ class RemoteNodeStats:
 
 
 class RemoteRunner:
-    """Runs assigned nodes on workers and the rest locally. Thread-safe (one per run or longer)."""
+    """Runs assigned nodes on workers and the rest locally. Thread-safe (one per run or longer).
+
+    ``assigned``: node id → worker address, or several comma-separated, tried in
+    order. ``fallback_local``: a node none of its workers can take runs here.
+    """
 
     def __init__(
         self,
@@ -100,8 +143,12 @@ class RemoteRunner:
         settings: Settings | None = None,
         timeout_s: float | None = None,
         curve: ClientCurve | None = None,
+        fallback_local: bool = False,
     ) -> None:
         self.assigned = dict(assigned)
+        self._workers = {node_id: worker_addresses(spec, f"node {node_id}")
+                         for node_id, spec in assigned.items()}
+        self.fallback_local = fallback_local
         self.curve = curve if curve is not None else client_curve_from_environment()
         self.recipe_for_output = recipe_for_output
         self.local_store = local_store
@@ -116,16 +163,23 @@ class RemoteRunner:
         self._held: dict[str, set[str]] = {}
         self._stats: dict[str, RemoteNodeStats] = {}
         self._upload_lock = threading.Lock()  # one upload at a time: two nodes may miss the same file
+        self._down: dict[str, float] = {}  # address → until when later nodes skip it
+        self._placements: dict[str, str] = {}
 
     # The NodeRunner protocol.
     def __call__(self, call: NodeCall) -> Sequence[Any]:
-        address = self.assigned.get(call.node.id)
-        if address is None:
+        addresses = self._workers.get(call.node.id)
+        if addresses is None:
             outputs = run_node_locally(call)
             if call.node_class.is_loader:
                 self._remember_recipes(call.node.id, outputs)
             return outputs
-        return self._run_remote(call, address)
+        return self._run_assigned(call, addresses)
+
+    def placement(self, node_id: str) -> str | None:
+        """Where an assigned node last ran: its worker's address, ``LOCAL`` after a fallback, else None."""
+        with self._lock:
+            return self._placements.get(node_id)
 
     @property
     def stats(self) -> dict[str, RemoteNodeStats]:
@@ -177,7 +231,65 @@ class RemoteRunner:
                 client = self._clients[address] = Client(address, settings=self.settings, curve=self.curve)
             return client
 
+    def _run_assigned(self, call: NodeCall, addresses: Sequence[str]) -> Sequence[Any]:
+        """Each worker in turn until one runs the node; then, with ``fallback_local``, here."""
+        node = call.node
+        failures: list[_Unavailable] = []
+        for address in addresses:
+            if self._is_down(address):
+                reason = "it fell silent or lost its connection earlier in this run"
+                log.info("node %s (%s): worker %s skipped: %s", node.id, node.class_type, address, reason)
+                failures.append(_Unavailable(address, f"skipped: {reason}", NodeFailed(
+                    node.id, node.class_type, f"worker {address} was skipped: {reason}")))
+                continue
+            try:
+                outputs = self._run_remote(call, address)
+            except _Unavailable as failure:
+                failures.append(failure)
+                log.warning("node %s (%s): worker %s is unavailable: %s", node.id, node.class_type,
+                            address, failure.reason)
+                continue
+            with self._lock:
+                self._placements[node.id] = address
+            return outputs
+        if self.fallback_local:
+            log.warning("node %s (%s): no worker could take it; running it here", node.id, node.class_type)
+            outputs = run_node_locally(call)
+            with self._lock:
+                self._placements[node.id] = LOCAL
+            return outputs
+        if len(failures) == 1:
+            raise failures[0].error
+        tried = "; ".join(f"{failure.address}: {failure.reason}" for failure in failures)
+        last = failures[-1].error
+        raise NodeFailed(node.id, node.class_type, f"no worker could run it ({tried})") from last
+
+    def _is_down(self, address: str) -> bool:
+        with self._lock:
+            until = self._down.get(address)
+        return until is not None and time.monotonic() < until
+
+    def _lost(self, address: str) -> None:
+        """The worker fell silent or its connection broke: close its client, skip it for a while."""
+        with self._lock:
+            self._down[address] = time.monotonic() + DOWN_FOR_S
+            client = self._clients.pop(address, None)
+        if client is not None:
+            client.close()  # drops what is queued for it: a restarted worker never gets stale requests
+
+    def _unavailable(self, call: NodeCall, address: str, exc: TransportError, what: str) -> Exception:
+        """The exception for a transport failure: _Unavailable when another worker (or here) may help."""
+        node = call.node
+        error = NodeFailed(node.id, node.class_type, f"{what}: {exc}")
+        error.__cause__ = exc
+        if isinstance(exc, _NOT_ABOUT_THE_WORKER):
+            return error
+        if isinstance(exc, PeerGone) or type(exc) is TransportError:
+            self._lost(address)
+        return _Unavailable(address, f"{type(exc).__name__}: {exc}", error)
+
     def _run_remote(self, call: NodeCall, address: str) -> Sequence[Any]:
+        """Run the node on one worker; _Unavailable when that worker cannot take it now."""
         node = call.node
         started = time.monotonic()
         uploads = 0
@@ -195,7 +307,7 @@ class RemoteRunner:
             except RequestCancelled:
                 raise Interrupted(node.id) from None
             except TransportError as exc:
-                raise NodeFailed(node.id, node.class_type, f"worker {address}: {exc}") from exc
+                raise self._unavailable(call, address, exc, f"worker {address}") from exc
             reply = exchange.reply
             if reply.get("op") != "error":
                 break
@@ -208,11 +320,16 @@ class RemoteRunner:
                 try:
                     with self._upload_lock:
                         self._upload(address, error, node.id, node.class_type)
+                except RequestCancelled:
+                    raise Interrupted(node.id) from None
                 except TransportError as exc:
-                    raise NodeFailed(node.id, node.class_type, f"upload to {address} failed: {exc}") from exc
+                    raise self._unavailable(call, address, exc, f"upload to {address} failed") from exc
                 uploads += 1
                 continue
-            raise RemoteNodeError(node.id, node.class_type, address, error)
+            failure = RemoteNodeError(node.id, node.class_type, address, error)
+            if failure.kind in UNAVAILABLE_KINDS:
+                raise _Unavailable(address, f"{failure.kind}: {error.get('message', '')}", failure)
+            raise failure
         else:
             raise NodeFailed(node.id, node.class_type, f"worker {address} kept refusing the request")
         outputs = self._decode_outputs(reply, call)
@@ -325,9 +442,12 @@ class RemoteRunner:
                 chunk = torch.tensor(list(data), dtype=torch.uint8) if not data else torch.frombuffer(
                     data, dtype=torch.uint8
                 )
-                reply = client.request({  # the chunk as a uint8 tensor travels as its own frame
-                    "op": "upload", "folder": entry.folder, "name": entry.name, "sha256": entry.sha256,
-                    "total_bytes": entry.bytes, "offset": offset, "data": chunk, "final": final,
+                # the chunk as a uint8 tensor travels as its own frame; the worker finds files by sha256, so
+                # the bare file name is enough (a worker keeps no sub-folders of uploads)
+                reply = client.request({
+                    "op": "upload", "folder": entry.folder, "name": entry.name.rpartition("/")[2],
+                    "sha256": entry.sha256, "total_bytes": entry.bytes, "offset": offset, "data": chunk,
+                    "final": final,
                 }, timeout=self.timeout_s)
                 if reply.get("op") == "error":
                     raise RemoteNodeError(node_id, class_type, address, reply.get("error") or {})

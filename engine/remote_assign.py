@@ -4,6 +4,10 @@ A node runs remotely when the workflow labels it (``_meta.remote`` in the API
 format, the ``diffsplit.remote`` property in the UI format) or the command line
 does (``--remote 12=tcp://host:5555`` by node id, ``--remote KSampler=...`` by
 class). The command line wins over labels; a node id wins over a class name.
+
+An assignment may name several workers, comma-separated
+(``--remote KSampler=tcp://a:5555,tcp://b:5555``): the node goes to the first, and to
+the next when one is gone or overloaded (``engine.offload``).
 """
 
 from __future__ import annotations
@@ -15,23 +19,38 @@ from diffsplit.engine.graph import Workflow
 from diffsplit.engine.nodes.registry import NodeRegistry
 
 _SCHEMES = ("tcp://", "ipc://", "inproc://")
+#: Separates the workers of one assignment, tried in order.
+WORKER_SEPARATOR = ","
 
 
 def parse_remote_option(text: str) -> tuple[str, str]:
-    """``"NODE=ADDR"`` → ``(NODE, ADDR)``; NODE is a node id or a class name."""
+    """``"NODE=ADDR"`` → ``(NODE, ADDR)``; NODE is a node id or a class name, ADDR one or more workers."""
     target, separator, address = text.partition("=")
     target, address = target.strip(), address.strip()
     if not separator or not target or not address:
         raise WorkflowError(f"--remote {text!r} is not of the form NODE=ADDR (e.g. KSampler=tcp://gpu:5555)")
-    check_address(address, f"--remote {text!r}")
+    address = WORKER_SEPARATOR.join(worker_addresses(address, f"--remote {text!r}"))
     return target, address
 
 
 def check_address(address: str, where: str) -> None:
     """A worker address must be a ZeroMQ endpoint such as ``tcp://host:5555``."""
+    if WORKER_SEPARATOR in address:
+        raise WorkflowError(f"{where}: {address!r} is a list of workers; one worker address goes here")
     if not address.startswith(_SCHEMES):
         schemes = ", ".join(_SCHEMES)
-        raise WorkflowError(f"{where}: worker address {address!r} must start with one of {schemes}")
+        shown = repr(address) if address else "an empty entry"
+        raise WorkflowError(f"{where}: worker address {shown} must start with one of {schemes}")
+
+
+def worker_addresses(spec: str, where: str = "worker address") -> tuple[str, ...]:
+    """The workers of one assignment, in the order they are tried: ``"tcp://a:1,tcp://b:2"`` → both."""
+    addresses = tuple(part.strip() for part in spec.split(WORKER_SEPARATOR))
+    for address in addresses:
+        check_address(address, where)
+    if len(set(addresses)) != len(addresses):
+        raise WorkflowError(f"{where}: {spec!r} names a worker twice")
+    return addresses
 
 
 def assign_remotes(
@@ -58,7 +77,7 @@ def assign_remotes(
         address = by_id.get(node_id) or by_class.get(node.class_type) or node.remote
         if address is None:
             continue
-        check_address(address, f"node {node_id} ({node.class_type})")
+        address = WORKER_SEPARATOR.join(worker_addresses(address, f"node {node_id} ({node.class_type})"))
         node_class = registry.get(node.class_type)
         if node_class.output_node or node_class.is_loader:
             kind = "an output node" if node_class.output_node else "a loader"
@@ -75,6 +94,7 @@ def assign_remotes(
 def describe_assignment(assigned: Mapping[str, str], workflow: Workflow) -> str:
     """One line per remote node, for progress output."""
     return "\n".join(
-        f"  node {node_id:>4} {workflow.node(node_id).class_type:<28} -> {address}"
+        f"  node {node_id:>4} {workflow.node(node_id).class_type:<28} -> "
+        + ", then ".join(worker_addresses(address))
         for node_id, address in sorted(assigned.items())
     )

@@ -125,6 +125,8 @@ def _run(args: argparse.Namespace) -> Profile:
     from diffsplit.profiles.remote_runs import RunSetup
     from diffsplit.profiles.session import ProfileSettings, profile_workflow
 
+    from diffsplit.client_args import client_options
+
     if args.remote:
         check_address(args.remote, "--remote")
     if args.emulate_link and not (args.remote and args.link):
@@ -143,8 +145,10 @@ def _run(args: argparse.Namespace) -> Profile:
     workflow = load_workflow(Path(args.workflow), registry)
     workflow.validate(registry, store)
     recipes = output_recipe_source(workflow, registry, store)
+    options = client_options(args)  # --curve/--server-key/--heartbeat-timeout (diffsplit.client_args)
     with _output_folder(args.out) as output_dir:
-        setup = RunSetup(registry, store, recipes, output_dir, inputs_dir=Path(args.inputs))
+        setup = RunSetup(registry, store, recipes, output_dir, inputs_dir=Path(args.inputs),
+                         settings=options.settings, curve=options.curve)
         return profile_workflow(workflow, setup, settings, name=Path(args.workflow).stem)
 
 

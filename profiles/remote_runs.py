@@ -29,13 +29,18 @@ from diffsplit.profiles.link import LinkModel
 from diffsplit.profiles.model import RemoteMeasure, WorkerInfo, WorkflowMeasure
 from diffsplit.profiles.simulate import Segment, Timeline
 from diffsplit.profiles.throttle import LinkEmulator
+from diffsplit.transport.auth import ClientCurve
 from diffsplit.transport.errors import DiffsplitError
+from diffsplit.transport.protocol import DEFAULT_SETTINGS, Settings
 from diffsplit.transport.sockets import Client
 
 
 @dataclass(frozen=True)
 class RunSetup:
-    """What every run needs besides the workflow: registry, store, folders, recipes, timeouts."""
+    """What every run needs besides the workflow: registry, store, folders, recipes, timeouts.
+
+    ``settings`` and ``curve``: how to talk to the worker (heartbeats, CURVE keys; None: plain).
+    """
 
     registry: NodeRegistry
     store: ModelStore
@@ -43,6 +48,8 @@ class RunSetup:
     output_dir: Path
     inputs_dir: Path | None = None
     timeout_s: float = 600.0
+    settings: Settings = DEFAULT_SETTINGS
+    curve: ClientCurve | None = None
 
     def executor(self, max_workers: int) -> Executor:
         """An executor over this setup's store and folders."""
@@ -60,9 +67,12 @@ class PlanRun:
     remote_stats: Mapping[str, RemoteNodeStats]
 
 
-def worker_slots(address: str, timeout_s: float = 30.0) -> int:
+def worker_slots(
+    address: str, timeout_s: float = 30.0, *, settings: Settings = DEFAULT_SETTINGS,
+    curve: ClientCurve | None = None,
+) -> int:
     """How many nodes the worker runs at once (its ``hello``)."""
-    with Client(address) as client:
+    with Client(address, settings=settings, curve=curve) as client:
         reply = client.request({"op": "hello"}, timeout=timeout_s)
     worker = reply.get("worker") or {}
     slots = worker.get("slots", 1)
@@ -85,7 +95,7 @@ def measure_remote(
     while True:
         assigned = {node_id: address for node_id in candidates if node_id not in refused}
         if not assigned:
-            return WorkerInfo(address, worker_slots(address, setup.timeout_s), {}), refused
+            return WorkerInfo(address, _slots(address, setup), {}), refused
         try:
             per_run = [_remote_run(workflow, assigned, setup)[1] for _ in range(max(1, runs))]
         except NodeFailed as exc:
@@ -100,14 +110,18 @@ def measure_remote(
                                  for run in warm if node_id in run], statistic)
         for node_id in warm[-1]
     }
-    return WorkerInfo(address, worker_slots(address, setup.timeout_s), remote), refused
+    return WorkerInfo(address, _slots(address, setup), remote), refused
+
+
+def _slots(address: str, setup: RunSetup) -> int:
+    return worker_slots(address, setup.timeout_s, settings=setup.settings, curve=setup.curve)
 
 
 def _remote_run(
     workflow: Workflow, assigned: Mapping[str, str], setup: RunSetup
 ) -> tuple[RunResult, dict[str, RemoteNodeStats]]:
     with RemoteRunner(assigned, setup.recipe_for_output, local_store=setup.store,
-                      timeout_s=setup.timeout_s) as runner:
+                      timeout_s=setup.timeout_s, settings=setup.settings, curve=setup.curve) as runner:
         result = setup.executor(1).run(workflow, node_runner=runner)
         return result, runner.stats
 
@@ -144,7 +158,8 @@ def run_plan(
         runner = None
         if assigned:
             runner = stack.enter_context(RemoteRunner(assigned, setup.recipe_for_output,
-                                                      local_store=setup.store, timeout_s=setup.timeout_s))
+                                                      local_store=setup.store, timeout_s=setup.timeout_s,
+                                                      settings=setup.settings, curve=setup.curve))
             inner = LinkEmulator(runner, emulate, recorder)
         lanes = LaneRunner(inner, remote, local_order, recorder)
         origin = recorder.now()

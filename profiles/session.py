@@ -79,7 +79,8 @@ def profile_workflow(workflow: Workflow, setup: RunSetup, settings: ProfileSetti
     )
     worker, samples, measured_link = None, (), None
     if settings.address is not None:
-        measured_link, samples = probe_link(settings.address, timeout_s=setup.timeout_s)
+        measured_link, samples = probe_link(settings.address, timeout_s=setup.timeout_s,
+                                            settings=setup.settings, curve=setup.curve)
         worker, refused = measure_remote(workflow, measure, settings.address, measured_link, setup,
                                          runs=settings.remote_runs, statistic=settings.statistic)
         measure = _with_refusals(measure, refused)

@@ -14,6 +14,7 @@ Key files use pyzmq's format (``zmq.auth.load_certificate`` reads them):
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import zmq
 import zmq.auth
 from diffsplit.transport.errors import TransportError
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 
 @dataclass(frozen=True)
@@ -43,19 +45,36 @@ def generate_keypair() -> KeyPair:
     return KeyPair(public, secret)
 
 
-def save_keypair(keypair: KeyPair, directory: str | os.PathLike[str], name: str) -> tuple[Path, Path | None]:
-    """Write ``NAME.key`` (public) and, if there is a secret, ``NAME.key_secret`` (mode 0600)."""
+def save_keypair(
+    keypair: KeyPair, directory: str | os.PathLike[str], name: str, *, overwrite: bool = True
+) -> tuple[Path, Path | None]:
+    """Write ``NAME.key`` (public) and, if there is a secret, ``NAME.key_secret`` (mode 0600).
+
+    With ``overwrite=False`` nothing is written when either file exists (FileExistsError).
+    """
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     public_path = folder / f"{name}.key"
-    public_path.write_text(_certificate(keypair.public, None))
-    if keypair.secret is None:
-        return public_path, None
-    secret_path = folder / f"{name}.key_secret"
-    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    secret_path = folder / f"{name}.key_secret" if keypair.secret is not None else None
+    if not overwrite:
+        for path in (public_path, secret_path):
+            if path is not None and (path.exists() or path.is_symlink()):
+                raise FileExistsError(errno.EEXIST, "key file exists; not overwritten", str(path))
+    exclusive = 0 if overwrite else os.O_EXCL
+    if secret_path is not None:  # the secret first: a failure leaves no lone public key behind
+        _write_private(secret_path, _certificate(keypair.public, keypair.secret), exclusive)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | exclusive
+    fd = os.open(public_path, flags, 0o644)
     with os.fdopen(fd, "w") as fh:
-        fh.write(_certificate(keypair.public, keypair.secret))
+        fh.write(_certificate(keypair.public, None))
     return public_path, secret_path
+
+
+def _write_private(path: Path, text: str, exclusive: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | exclusive, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fh.fileno(), 0o600)  # an existing file keeps its mode through O_CREAT otherwise
+        fh.write(text)
 
 
 def _certificate(public: bytes, secret: bytes | None) -> str:
@@ -147,11 +166,61 @@ def configure_client(sock: zmq.Socket[Any], curve: ClientCurve) -> KeyPair:
     return keypair
 
 
-def client_curve_from_environment() -> ClientCurve | None:
-    """CURVE keys named by ``DIFFSPLIT_CURVE_SERVER_KEY`` (the worker's public ``.key`` file) and
-    ``DIFFSPLIT_CURVE_CLIENT_KEY`` (this client's ``.key_secret`` file); None when either is unset."""
-    server = os.environ.get("DIFFSPLIT_CURVE_SERVER_KEY")
-    client = os.environ.get("DIFFSPLIT_CURVE_CLIENT_KEY")
-    if not server or not client:
+#: Environment variables a client reads its CURVE keys from (flags win over them).
+SERVER_KEY_ENV = "DIFFSPLIT_CURVE_SERVER_KEY"
+CLIENT_KEY_ENV = "DIFFSPLIT_CURVE_CLIENT_KEY"
+_Z85_KEY_LENGTH = 40
+
+
+def load_server_key(text: str) -> bytes:
+    """A server's public key from a key file (``.key`` or ``.key_secret``) or its 40-character Z85 text."""
+    path = Path(text).expanduser()
+    if path.is_file():
+        return load_keypair(path).public
+    if len(text) == _Z85_KEY_LENGTH:
+        try:
+            if len(z85.decode(text.encode("ascii"))) == 32:
+                return text.encode("ascii")
+        except (ValueError, UnicodeEncodeError):
+            pass
+    raise TransportError(
+        f"the server key {text!r} is neither a key file nor a 40-character Z85 public key "
+        "(give the worker's NAME.key file, written by `diffsplit keys new NAME`)"
+    )
+
+
+def client_curve(
+    client_secret: str | os.PathLike[str] | None = None, server_key: str | None = None
+) -> ClientCurve | None:
+    """A client's CURVE from ``--curve FILE`` / ``--server-key KEY``, each else from its environment variable.
+
+    ``client_secret`` is this client's ``.key_secret`` file (``DIFFSPLIT_CURVE_CLIENT_KEY``),
+    ``server_key`` the worker's public key, a file or Z85 text (``DIFFSPLIT_CURVE_SERVER_KEY``).
+    None when neither is given (a plain connection); a server key alone gives a fresh,
+    anonymous client key (encrypted, but a worker with an allow-list refuses it); a
+    client key without a server key is an error (CURVE cannot work without it).
+    """
+    secret = os.fspath(client_secret) if client_secret else os.environ.get(CLIENT_KEY_ENV) or None
+    server = server_key or os.environ.get(SERVER_KEY_ENV) or None
+    if server is None:
+        if secret is not None:
+            raise TransportError(
+                f"a client CURVE key ({secret!r}) needs the worker's public key too: give --server-key "
+                f"WORKER.key (or set {SERVER_KEY_ENV})"
+            )
         return None
-    return ClientCurve(server_public=load_keypair(server).public, keypair=load_keypair(client))
+    keypair = None
+    if secret is not None:
+        keypair = load_keypair(secret)
+        if keypair.secret is None:
+            raise TransportError(
+                f"{secret!r} holds no secret key: a client needs its own NAME.key_secret file "
+                "(written by `diffsplit keys new NAME`)"
+            )
+    return ClientCurve(server_public=load_server_key(server), keypair=keypair)
+
+
+def client_curve_from_environment() -> ClientCurve | None:
+    """CURVE keys named by ``DIFFSPLIT_CURVE_SERVER_KEY`` (the worker's public ``.key`` file or Z85 key)
+    and ``DIFFSPLIT_CURVE_CLIENT_KEY`` (this client's ``.key_secret`` file); see :func:`client_curve`."""
+    return client_curve(None, None)

@@ -10,6 +10,7 @@ passed to ``submit`` until its reply has arrived (or send a clone).
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -25,6 +26,8 @@ from diffsplit.transport.errors import PeerGone, Rejected, RequestCancelled, Req
 from diffsplit.transport.iothread import IOThread
 from diffsplit.transport.protocol import (
     DEFAULT_SETTINGS,
+    INCOMING_BYTES,
+    MAX_REQUEST_ID_CHARS,
     OP_CANCEL,
     OP_ERROR,
     OP_HEARTBEAT,
@@ -34,8 +37,11 @@ from diffsplit.transport.protocol import (
     open_socket,
 )
 from diffsplit.transport.server import Request, Server
+from diffsplit.transport.shown import MAX_MESSAGE_CHARS, shown
 
 __all__ = ["Client", "Request", "Server", "Settings"]
+
+log = logging.getLogger(__name__)
 
 #: How often a waiting request checks its cancel event.
 _CANCEL_POLL_S = 0.1
@@ -76,6 +82,7 @@ class Client:
         self._lock = threading.Lock()
         self._waiting: dict[str, _Waiting] = {}
         self._last_heard = 0.0
+        self._quiet_until = 0.0  # a large message is under way until then: silence is expected
         sock = open_socket(self._context, zmq.DEALER, settings.limits)
         try:
             self.public_key = configure_client(sock, curve).public if curve else None
@@ -103,8 +110,9 @@ class Client:
         if not isinstance(op, str) or op in (OP_HEARTBEAT, OP_CANCEL):
             raise ValueError(f"a request needs a str op other than heartbeat/cancel, got {op!r}")
         request_id = header.get("request_id") or uuid.uuid4().hex
-        if not isinstance(request_id, str):
-            raise ValueError(f"request_id must be a str, got {type(request_id).__name__}")
+        if not isinstance(request_id, str) or len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise ValueError(f"request_id must be a str of at most {MAX_REQUEST_ID_CHARS} chars, "
+                             f"got {shown(request_id)}")
         parts = encode(
             {**header, "request_id": request_id},
             self.settings.limits,
@@ -113,7 +121,11 @@ class Client:
         with self._lock:
             if request_id in self._waiting:
                 raise ValueError(f"request id {request_id!r} is already outstanding")
-            self._waiting[request_id] = _Waiting(queue.SimpleQueue(), time.monotonic(), describe(parts))
+            sent = describe(parts)
+            now = time.monotonic()
+            self._waiting[request_id] = _Waiting(queue.SimpleQueue(), now, sent)
+            # the server beats for this request once it has all of it; until then it may be silent
+            self._quiet_until = max(self._quiet_until, now) + self.settings.transfer_s(sent.wire_bytes)
         try:
             self._io.post(parts)
         except TransportError:
@@ -220,6 +232,7 @@ class Client:
                     waiting.inbox.put(("error", make_error()))
 
     def _on_message(self, frames: list[zmq.Frame]) -> None:
+        """Handle one message from the server; a failure fails the waiting requests, never the thread."""
         self._last_heard = time.monotonic()
         try:
             header = decode(frames, self.settings.limits)
@@ -227,11 +240,33 @@ class Client:
             kind, message = type(exc), f"unreadable message from {self.endpoint}: {exc}"
             self._fail_all(lambda: kind(message))
             return
+        except Exception as exc:  # a decoder bug: the waiting requests hear of it, the thread goes on
+            log.exception("decoding a message from %s failed", self.endpoint)
+            failed = f"a message from {self.endpoint} could not be decoded: {type(exc).__name__}: {exc}"
+            self._fail_all(lambda: TransportError(failed))
+            return
+        try:
+            self._deliver(header, frames)
+        except Exception as exc:
+            log.exception("handling a message from %s failed", self.endpoint)
+            failed = f"a message from {self.endpoint} could not be handled: {type(exc).__name__}: {exc}"
+            self._fail_all(lambda: TransportError(failed))
+
+    def _deliver(self, header: dict[str, Any], frames: list[zmq.Frame]) -> None:
         op, request_id = header.get("op"), header.get("request_id")
+        if not isinstance(op, str):  # an array's == does not give a bool: a non-str op is just a reply
+            op = None
         if op == OP_HEARTBEAT:
             return
+        if op == OP_PROGRESS and INCOMING_BYTES in header:  # a large reply follows: silence until it is in
+            size = header[INCOMING_BYTES]
+            if isinstance(size, int) and size > 0:  # no more than a reply may be: a bogus size cannot mute us
+                quiet_s = self.settings.transfer_s(min(size, self.settings.limits.max_total_bytes))
+                with self._lock:
+                    self._quiet_until = max(self._quiet_until, time.monotonic() + quiet_s)
+            return
         if op == OP_ERROR and request_id is None:
-            detail = header.get("error")
+            detail = shown(header.get("error"), MAX_MESSAGE_CHARS)
             self._fail_all(lambda: Rejected(f"{self.endpoint} could not read our message: {detail}"))
             return
         with self._lock:
@@ -241,8 +276,9 @@ class Client:
             if op == OP_PROGRESS:
                 waiting.inbox.put((OP_PROGRESS, header))
             else:
+                received = describe(frames, self.settings.limits)  # before done: if it fails, waiters hear
                 waiting.done = True
-                waiting.inbox.put(("final", (header, describe(frames, self.settings.limits))))
+                waiting.inbox.put(("final", (header, received)))
 
     def _on_tick(self, now: float) -> None:
         timeout = self.settings.heartbeat_timeout
@@ -250,7 +286,7 @@ class Client:
             waiting = [w for w in self._waiting.values() if not w.done]
             for w in waiting:
                 silent = now - max(self._last_heard, w.sent_at)
-                if silent > timeout:
+                if now - max(self._last_heard, w.sent_at, self._quiet_until) > timeout:
                     w.done = True
                     w.inbox.put(("error", self._peer_gone(silent)))
         if waiting:

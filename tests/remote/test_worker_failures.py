@@ -75,7 +75,7 @@ def test_missing_model_is_a_structured_error_naming_the_file(
 def test_missing_model_is_uploaded_once_when_the_worker_allows(
     models_dir: Path, empty_store: Path, tmp_path: Path
 ) -> None:
-    process, address = start_worker(empty_store, "--allow-upload")
+    process, address = start_worker(empty_store, "--allow-upload", "--insecure")
     try:
         _result, runner = split_run(models_dir, tmp_path / "out", sd15_workflow(lora=False),
                                    [f"KSampler={address}"], upload=True)

@@ -61,7 +61,7 @@ def test_uploads_never_replace_models_and_bad_names_do_not_stop_the_worker(tmp_p
 
     process = subprocess.Popen(
         [sys.executable, "-m", "diffsplit.cli", "worker", "--models", str(store), "--listen",
-         "tcp://127.0.0.1:*", "--allow-upload"], stdout=subprocess.PIPE, text=True)
+         "tcp://127.0.0.1:*", "--allow-upload", "--insecure"], stdout=subprocess.PIPE, text=True)
     try:
         address = process.stdout.readline()[len(READY_PREFIX):].split()[0]
         with Client(address) as client:
