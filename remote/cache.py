@@ -1,12 +1,21 @@
-"""Built models keyed by recipe digest, least recently used first out, under a byte budget."""
+"""Built models keyed by recipe digest, least recently used first out, under a byte budget.
+
+Besides the LRU, the cache knows which entries the running jobs use (a job
+wraps its work in :meth:`ModelCache.job_scope`; every model it asks for in
+that scope counts as in use until the scope ends), when each entry was last
+used, and a human name per entry. :meth:`ModelCache.free_unused` and
+:meth:`ModelCache.drop_idle` drop entries no running job uses.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +61,13 @@ def _tensors_of(obj: Any, visited: set[int]) -> Iterator[torch.Tensor]:
             yield from _tensors_of(item, visited)
 
 
+def release_memory() -> None:
+    """Return dropped models' memory: collect reference cycles, hand cached CUDA blocks back."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # a no-op until CUDA was initialised: never starts CUDA itself
+
+
 @dataclass(frozen=True)
 class CacheStats:
     """A snapshot of the cache's counters."""
@@ -63,12 +79,43 @@ class CacheStats:
     bytes: int
     budget_bytes: int
     build_seconds: float
+    #: entries dropped by ``free_unused`` / ``drop_idle`` (not counted in ``evictions``)
+    unloaded: int = 0
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    """One cache entry as status and unload reports show it (no value, no paths)."""
+
+    digest: str
+    name: str
+    bytes: int
+    idle_s: float
+    in_use: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for a reply."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class FreeResult:
+    """What :meth:`ModelCache.free_unused` dropped, and what it kept because a running job uses it."""
+
+    freed: tuple[CachedModel, ...]
+    kept: tuple[CachedModel, ...]
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(model.bytes for model in self.freed)
 
 
 @dataclass
 class _Entry:
     value: Any
     size: int
+    name: str
+    last_used: float
 
 
 class ModelCache:
@@ -76,28 +123,58 @@ class ModelCache:
 
     ``get_or_build(digest, build)`` builds each digest once even when several
     threads ask at the same time; later callers wait for the first build. An
-    entry larger than the whole budget is returned but not kept.
+    entry larger than the whole budget is returned but not kept. ``clock``
+    (seconds, monotonic) times how long entries sat unused.
     """
 
-    def __init__(self, budget_bytes: int) -> None:
+    def __init__(self, budget_bytes: int, *, clock: Callable[[], float] = time.monotonic) -> None:
         if budget_bytes < 0:
             raise ValueError("cache budget must be >= 0 bytes")
         self.budget_bytes = budget_bytes
+        self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
         self._building: dict[str, threading.Event] = {}
         self._hits = 0
         self._misses = 0
         self._evictions = 0
+        self._unloaded = 0
         self._build_seconds = 0.0
+        self._in_use: Counter[str] = Counter()
+        self._scope = threading.local()
 
-    def get_or_build(self, digest: str, build: Callable[[], Any]) -> tuple[Any, bool]:
-        """The value for ``digest`` and whether it was a cache hit."""
+    @contextmanager
+    def job_scope(self) -> Iterator[None]:
+        """Mark every digest this thread asks for inside the block as in use until the block ends."""
+        if getattr(self._scope, "digests", None) is not None:  # nested: the outer scope owns the marks
+            yield
+            return
+        used: set[str] = set()
+        self._scope.digests = used
+        try:
+            yield
+        finally:
+            self._scope.digests = None
+            with self._lock:
+                self._in_use.subtract(used)
+                for digest in used:
+                    if self._in_use[digest] <= 0:
+                        del self._in_use[digest]
+
+    def get_or_build(
+        self, digest: str, build: Callable[[], Any], *, name: str | None = None
+    ) -> tuple[Any, bool]:
+        """The value for ``digest`` and whether it was a cache hit; ``name`` labels the entry in reports."""
+        scope: set[str] | None = getattr(self._scope, "digests", None)
         while True:
             with self._lock:
+                if scope is not None and digest not in scope:
+                    scope.add(digest)
+                    self._in_use[digest] += 1
                 entry = self._entries.get(digest)
                 if entry is not None:
                     self._entries.move_to_end(digest)
+                    entry.last_used = self._clock()
                     self._hits += 1
                     return entry.value, True
                 pending = self._building.get(digest)
@@ -116,8 +193,8 @@ class ModelCache:
             size = module_bytes(value) if built else 0
             with self._lock:
                 self._build_seconds += time.perf_counter() - started
-                if built:
-                    self._insert_locked(digest, value, size)  # before waiters wake: they find it
+                if built:  # before waiters wake: they find it
+                    self._insert_locked(digest, value, size, name or f"recipe {digest[:12]}")
                 event = self._building.pop(digest)
             event.set()
         return value, False
@@ -138,14 +215,52 @@ class ModelCache:
             return CacheStats(
                 hits=self._hits, misses=self._misses, evictions=self._evictions,
                 entries=len(self._entries), bytes=sum(e.size for e in self._entries.values()),
-                budget_bytes=self.budget_bytes, build_seconds=self._build_seconds,
+                budget_bytes=self.budget_bytes, build_seconds=self._build_seconds, unloaded=self._unloaded,
             )
 
-    def _insert_locked(self, digest: str, value: Any, size: int) -> None:
+    def models(self) -> list[CachedModel]:
+        """Every entry, least recently used first."""
+        with self._lock:
+            now = self._clock()
+            return [self._describe_locked(digest, entry, now) for digest, entry in self._entries.items()]
+
+    def free_unused(self) -> FreeResult:
+        """Drop every entry no running job uses; returns what went and what stayed."""
+        with self._lock:
+            now = self._clock()
+            freed: list[CachedModel] = []
+            kept: list[CachedModel] = []
+            for digest, entry in list(self._entries.items()):
+                described = self._describe_locked(digest, entry, now)
+                if described.in_use:
+                    kept.append(described)
+                else:
+                    del self._entries[digest]
+                    freed.append(described)
+            self._unloaded += len(freed)
+        return FreeResult(tuple(freed), tuple(kept))
+
+    def drop_idle(self, idle_s: float) -> list[CachedModel]:
+        """Drop the entries unused for more than ``idle_s`` seconds that no running job uses."""
+        with self._lock:
+            now = self._clock()
+            dropped: list[CachedModel] = []
+            for digest, entry in list(self._entries.items()):
+                if now - entry.last_used > idle_s and self._in_use[digest] <= 0:
+                    del self._entries[digest]
+                    dropped.append(self._describe_locked(digest, entry, now))
+            self._unloaded += len(dropped)
+        return dropped
+
+    def _describe_locked(self, digest: str, entry: _Entry, now: float) -> CachedModel:
+        return CachedModel(digest=digest, name=entry.name, bytes=entry.size,
+                           idle_s=max(0.0, now - entry.last_used), in_use=self._in_use[digest] > 0)
+
+    def _insert_locked(self, digest: str, value: Any, size: int, name: str) -> None:
         """Keep ``value`` (the lock is held), evicting least recently used entries over budget."""
         if size > self.budget_bytes:
             return
-        self._entries[digest] = _Entry(value, size)
+        self._entries[digest] = _Entry(value, size, name, self._clock())
         self._entries.move_to_end(digest)
         used = sum(e.size for e in self._entries.values())
         while used > self.budget_bytes and len(self._entries) > 1:
