@@ -66,6 +66,8 @@ class DiffusionModel:
     unet: torch.nn.Module
     family: ModelFamily
     sampling: ModelSampling = ModelSampling()
+    #: a distilled GENIE head (``GenieHeadLoader``) for the ``genie_head`` sampler; part of the fingerprint
+    genie_head: torch.nn.Module | None = None
 
 
 @dataclass(frozen=True, eq=False)

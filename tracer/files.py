@@ -21,7 +21,7 @@ from diffsplit.transport.errors import DiffsplitError
 #: Store folders of a ComfyUI-style models folder; a file directly inside one keeps it as its folder.
 KNOWN_FOLDERS: frozenset[str] = frozenset(
     {"checkpoints", "loras", "vae", "clip", "controlnet", "diffusers", "embeddings", "upscale_models", "unet"}
-    | {"text_encoders", "diffusion_models", "configs"}
+    | {"text_encoders", "diffusion_models", "configs", "genie_heads"}
 )
 _CHUNK_BYTES = 8 * 1024 * 1024
 

@@ -24,6 +24,7 @@ from types import MappingProxyType
 
 import torch
 from diffsplit.engine.models.checkpoint import CheckpointParts, save_checkpoint, save_controlnet, save_vae
+from diffsplit.engine.models.genie_head import GENIE_HEAD_FOLDER, save_genie_head, tiny_genie_head
 from diffsplit.engine.models.lora import LoraPatch, LoraWeights, flat_module_name, save_lora
 from diffsplit.engine.models.tiny_clip_vision import TINY_CLIP_VISION_FILE, write_tiny_clip_vision
 from diffsplit.engine.models.tiny_embeddings import (
@@ -50,6 +51,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from transformers.utils import logging as transformers_logging
 
 SD15_VAE_SCALE = 0.18215
+#: The tiny GENIE head's file name in ``genie_heads``.
+TINY_GENIE_HEAD_FILE = "tiny-sd15-genie.safetensors"
 SDXL_VAE_SCALE = 0.13025
 _NORM_TYPES = (torch.nn.LayerNorm, torch.nn.GroupNorm)
 _SCHEDULE = MappingProxyType(
@@ -77,6 +80,8 @@ class TinyModelSet:
     sdxl_embedding: Path
     upscale_esrgan: Path
     sd15_ip2p_checkpoint: Path
+    #: a seeded GENIE head for the SD 1.5 checkpoint (the genie_head sampler)
+    sd15_genie_head: Path
     #: the SD 1.5 / SDXL checkpoints split into separate files (tiny_split_files)
     split_files: SplitFilePaths
 
@@ -382,6 +387,7 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelSet:
         sdxl_embedding=root / "embeddings" / SDXL_EMBEDDING_FILE,
         upscale_esrgan=root / "upscale_models" / TINY_ESRGAN_FILE,
         sd15_ip2p_checkpoint=root / "checkpoints" / TINY_IP2P_FILE,
+        sd15_genie_head=root / GENIE_HEAD_FOLDER / TINY_GENIE_HEAD_FILE,
         split_files=SplitFilePaths.under(root),
     )
     for folder in ("checkpoints", "loras", "vae", "controlnet", "diffusers"):
@@ -404,6 +410,7 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelSet:
     write_tiny_embeddings(root / "embeddings", seed)
     write_tiny_esrgan(model_set.upscale_esrgan, seed)
     write_tiny_ip2p(model_set.sd15_ip2p_checkpoint, seed)
+    save_genie_head(tiny_genie_head(seed + 17), model_set.sd15_genie_head)
     write_split_files(model_set.split_files, sd15, sdxl)
     return model_set
 

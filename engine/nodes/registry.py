@@ -35,6 +35,7 @@ BUILTIN_NODE_MODULES: tuple[str, ...] = (
     "diffsplit.engine.nodes.clip_vision",
     "diffsplit.engine.nodes.gligen",
     "diffsplit.engine.nodes.primitives",
+    "diffsplit.engine.nodes.genie_nodes",
 )
 
 _MAX_LISTED_NAMES = 40

@@ -136,3 +136,50 @@ def sample_genie(
     """The ``genie`` sampler: exact curvature by JVP, finite differences where forward mode is missing."""
     with torch.no_grad():
         return run_genie(Curvature(denoise_fn), x, sigmas, callback=callback)
+
+
+class MissingGenieHead(ValueError):
+    """The ``genie_head`` sampler ran on a MODEL that carries no head."""
+
+
+def attached_head(denoise_fn: object) -> torch.nn.Module:
+    """The GENIE head of the MODEL behind ``denoise_fn`` (through wrappers such as inpainting)."""
+    current: object | None = denoise_fn
+    for _ in range(8):
+        head = getattr(getattr(current, "model", None), "genie_head", None)
+        if isinstance(head, torch.nn.Module):
+            return head
+        current = getattr(current, "inner", None)
+        if current is None:
+            break
+    raise MissingGenieHead(
+        "the genie_head sampler needs a MODEL with a GENIE head: load one with GenieHeadLoader "
+        "(or train one with `diffsplit genie distill`), or use the genie sampler (exact, by JVP)"
+    )
+
+
+@dataclass
+class HeadCurvature(Curvature):
+    """The curvature predicted by a distilled head: no extra evaluation of the denoiser."""
+
+    head: torch.nn.Module | None = None
+
+    def derivative(self, x: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            raise MissingGenieHead("HeadCurvature needs a head")
+        scaled = x / (sigma**2 + 1.0) ** 0.5
+        return self.head(scaled, eps, sigma)
+
+
+def sample_genie_head(
+    denoise_fn: DenoiseFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """The ``genie_head`` sampler: GENIE steps with the curvature of the MODEL's head (1 NFE per step)."""
+    head = attached_head(denoise_fn)
+    with torch.no_grad():
+        return run_genie(HeadCurvature(denoise_fn, head=head), x, sigmas, callback=callback)

@@ -27,7 +27,7 @@ from typing import Protocol
 
 import torch
 from diffsplit.engine.sampling.deterministic import sample_dpm_2, sample_dpmpp_2m, sample_euler, sample_heun
-from diffsplit.engine.sampling.genie import sample_genie
+from diffsplit.engine.sampling.genie import sample_genie, sample_genie_head
 from diffsplit.engine.sampling.multistep import sample_dpmpp_3m_sde, sample_lms
 from diffsplit.engine.sampling.stochastic import (
     sample_ddpm,
@@ -94,6 +94,7 @@ _SAMPLERS: MappingProxyType[str, Sampler] = MappingProxyType(
             Sampler("uni_pc", sample_unipc, discards_penultimate_sigma=True),
             Sampler("uni_pc_bh2", sample_unipc_bh2, discards_penultimate_sigma=True),
             Sampler("genie", sample_genie),
+            Sampler("genie_head", sample_genie_head),
         )
     }
 )
