@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: venv demo test bench lint typecheck clean chromium
+.PHONY: venv demo test bench lint typecheck clean chromium fuzz
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ test: $(STAMP) chromium
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider bench --benchmark-columns=min,median,max,rounds
+
+# The worker fuzz tests at length: 100,000 cases unless DIFFSPLIT_FUZZ_EXAMPLES says otherwise
+# (`make fuzz DIFFSPLIT_FUZZ_EXAMPLES=20000`); prints the worker's RSS after warm-up and at the end.
+fuzz: $(STAMP)
+	DIFFSPLIT_FUZZ_EXAMPLES=$${DIFFSPLIT_FUZZ_EXAMPLES:-100000} $(BIN)/python -m pytest -q -s -p no:cacheprovider \
+	  --timeout=0 tests/remote/test_fuzz_worker.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

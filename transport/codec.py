@@ -19,6 +19,7 @@ import numpy as np
 from diffsplit.transport.digest import base_value
 from diffsplit.transport.errors import MalformedMessage, MessageTooLarge
 from diffsplit.transport.limits import Limits
+from diffsplit.transport.shown import clip, shown
 from diffsplit.transport.tensors import (
     ITEMSIZE,
     KIND_NUMPY_SCALAR,
@@ -101,12 +102,13 @@ class Encoder:
         for key, value in obj.items():
             if type(key) is not str:
                 if not isinstance(key, str):
-                    raise Unsupported(f"a dict key {key!r} of type {type(key).__name__} (keys must be str)")
+                    kind = type(key).__name__
+                    raise Unsupported(f"a dict key {shown(key)} of type {kind} (keys must be str)")
                 key = str.__str__(key)
             try:
                 out[key] = self.convert(value)
             except Unsupported as exc:
-                exc.path.append(f"[{key!r}]")
+                exc.path.append(f"[{shown(key)}]")
                 raise
         return out
 
@@ -126,12 +128,38 @@ def pack(obj: Any) -> bytes:
     return packed
 
 
+#: Header bytes per array or map a header may hold (see ``Decoder.count``).
+HEADER_BYTES_PER_CONTAINER = 32
+
+
+def container_budget(limits: Limits) -> int:
+    """How many arrays and maps one header may hold: one per 32 bytes of ``Limits.max_header_bytes``."""
+    return max(limits.max_header_bytes // HEADER_BYTES_PER_CONTAINER, 1024)
+
+
 class Decoder:
-    """msgpack hooks: resolve tensor refs and tuple markers, refuse everything else."""
+    """msgpack hooks: resolve tensor refs and tuple markers, refuse everything else.
+
+    An empty array costs a byte on the wire and ~60 bytes and a hook call here,
+    so the arrays and maps of one header are counted (``make_unpacker`` sets
+    the budget): a header packed with millions of them is refused early
+    instead of holding the I/O thread for seconds and hundreds of MB.
+    """
 
     def __init__(self) -> None:
         self.objects: list[Any] | None = None  # set once the table is validated
         self.used: set[int] = set()
+        self.budget: int | None = None  # arrays and maps allowed; None: no limit (make_unpacker sets one)
+        self._counted = 0
+
+    def count(self) -> None:
+        """One more array or map; MessageTooLarge past the budget."""
+        self._counted += 1
+        if self.budget is not None and self._counted > self.budget:
+            raise MessageTooLarge(
+                f"the header holds more than {self.budget} arrays and maps (one per "
+                f"{HEADER_BYTES_PER_CONTAINER} bytes of Limits.max_header_bytes)"
+            )
 
     def ext_hook(self, code: int, data: bytes) -> Any:
         if code == _EXT_TUPLE and not data:
@@ -145,6 +173,7 @@ class Decoder:
         raise MalformedMessage(f"unknown msgpack extension type {code} ({len(data)} bytes)")
 
     def list_hook(self, items: list[Any]) -> Any:
+        self.count()
         for i, value in enumerate(items):
             if (value is _TUPLE_MARK and i > 0) or type(value) is msgpack.Timestamp:
                 raise MalformedMessage("misplaced tuple marker or timestamp in an array")
@@ -153,15 +182,18 @@ class Decoder:
         return items
 
     def object_hook(self, obj: dict[Any, Any]) -> dict[str, Any]:
+        self.count()
         for key, value in obj.items():
             if type(key) is not str:
                 raise MalformedMessage(f"map key of type {type(key).__name__} (keys must be str)")
             if value is _TUPLE_MARK or type(value) is msgpack.Timestamp:
-                raise MalformedMessage(f"tuple marker or timestamp as the value of {key!r}")
+                raise MalformedMessage(f"tuple marker or timestamp as the value of {shown(key)}")
         return obj
 
 
 def make_unpacker(header: memoryview, limits: Limits, decoder: Decoder) -> msgpack.Unpacker:
+    """An unpacker over ``header`` with ``decoder``'s hooks, its container budget set from ``limits``."""
+    decoder.budget = container_budget(limits)
     unpacker = msgpack.Unpacker(
         raw=False,
         use_list=True,
@@ -179,11 +211,48 @@ def unpack_next(unpacker: msgpack.Unpacker, what: str) -> Any:
     try:
         return unpacker.unpack()
     except (ValueError, msgpack.UnpackException) as exc:
-        raise MalformedMessage(f"{what} is not valid msgpack: {type(exc).__name__}: {exc}") from None
+        reason = f"{type(exc).__name__}: {clip(str(exc), 200)}"
+        raise MalformedMessage(f"{what} is not valid msgpack: {reason}") from None
+
+
+#: A hard cap on a tensor's element span (see ``_check_shape``), whatever the limits say.
+_MAX_SPAN_BYTES = 1 << 48
+
+
+def _check_shape(i: int, kind: int, dtype: str, shape: Any, limits: Limits) -> tuple[int, ...]:
+    """The shape as a tuple that torch and numpy can allocate, else MalformedMessage/MessageTooLarge.
+
+    Every dim is an int >= 0, and the tensor's *span* (its bytes with each 0 dim
+    counted as 1) fits ``limits.max_total_bytes``: for a non-empty tensor that
+    is its size; for an empty one it keeps every stride and numpy's size check
+    in range (``[2**64-1, 0]`` holds 0 bytes but no allocator takes it).
+    """
+    if type(shape) is not list:
+        raise MalformedMessage(f"tensor {i}: shape {shown(shape)} is not a list of non-negative ints")
+    if len(shape) > limits.max_tensor_dims:
+        raise MessageTooLarge(
+            f"tensor {i}: {len(shape)} dims exceed Limits.max_tensor_dims={limits.max_tensor_dims}"
+        )
+    if any(type(d) is not int or d < 0 for d in shape):
+        raise MalformedMessage(f"tensor {i}: shape {shown(shape)} is not a list of non-negative ints")
+    if kind == KIND_NUMPY_SCALAR and shape:
+        raise MalformedMessage(f"tensor {i}: a numpy scalar with shape {shown(shape)}")
+    span = ITEMSIZE[dtype]
+    for d in shape:
+        span *= max(d, 1)
+    if span > min(limits.max_total_bytes, _MAX_SPAN_BYTES):
+        raise MessageTooLarge(
+            f"tensor {i}: shape {shown(shape)} of {dtype} spans {span} bytes (counting 0 dims as 1), "
+            f"over Limits.max_total_bytes={limits.max_total_bytes}"
+        )
+    return tuple(shape)
 
 
 def validate_table(table: Any, frames: list[memoryview], limits: Limits) -> list[Descriptor]:
-    """Check every descriptor against the limits and its bytes; allocates nothing."""
+    """Check every descriptor against the limits and its bytes; allocates nothing.
+
+    A descriptor that passes can be built by ``tensors.from_bytes`` without error.
+    """
     if type(table) is not list:
         raise MalformedMessage("the tensor table is not an array")
     used = [False] * len(frames)
@@ -194,28 +263,21 @@ def validate_table(table: Any, frames: list[memoryview], limits: Limits) -> list
             raise MalformedMessage(f"tensor {i}: descriptor is not [kind, dtype, shape, loc]")
         kind, dtype, shape, loc = desc
         if type(kind) is not int or kind not in KINDS:
-            raise MalformedMessage(f"tensor {i}: unknown kind {kind!r}")
+            raise MalformedMessage(f"tensor {i}: unknown kind {shown(kind)}")
         allowed = ITEMSIZE if kind == KIND_TORCH else NUMPY_DTYPES
         if type(dtype) is not str or dtype not in allowed:
-            raise MalformedMessage(f"tensor {i}: unknown dtype {dtype!r}")
-        if type(shape) is not list or any(type(d) is not int or d < 0 for d in shape):
-            raise MalformedMessage(f"tensor {i}: shape {shape!r} is not a list of non-negative ints")
-        if len(shape) > limits.max_tensor_dims:
-            raise MessageTooLarge(
-                f"tensor {i}: {len(shape)} dims exceed Limits.max_tensor_dims={limits.max_tensor_dims}"
-            )
-        if kind == KIND_NUMPY_SCALAR and shape:
-            raise MalformedMessage(f"tensor {i}: a numpy scalar with shape {shape}")
-        size = nbytes(dtype, shape)
+            raise MalformedMessage(f"tensor {i}: unknown dtype {shown(dtype)}")
+        dims = _check_shape(i, kind, dtype, shape, limits)
+        size = nbytes(dtype, dims)
         declared += size
         if declared > limits.max_total_bytes:
             raise MessageTooLarge(
-                f"tensor {i} ({dtype}{shape}, {size} bytes) brings the declared total to {declared} bytes, "
-                f"over Limits.max_total_bytes={limits.max_total_bytes}"
+                f"tensor {i} ({dtype}{list(dims)}, {size} bytes) brings the declared total to {declared} "
+                f"bytes, over Limits.max_total_bytes={limits.max_total_bytes}"
             )
         if type(loc) is int:
             if not 0 <= loc < len(frames) or used[loc]:
-                raise MalformedMessage(f"tensor {i}: frame {loc} does not exist or is used twice")
+                raise MalformedMessage(f"tensor {i}: frame {shown(loc)} does not exist or is used twice")
             used[loc] = True
             data = frames[loc]
         elif type(loc) is bytes:
@@ -223,10 +285,11 @@ def validate_table(table: Any, frames: list[memoryview], limits: Limits) -> list
         else:
             raise MalformedMessage(f"tensor {i}: location is neither a frame index nor bytes")
         if len(data) != size:
-            raise MalformedMessage(f"tensor {i}: {dtype}{shape} needs {size} bytes, got {len(data)}")
+            raise MalformedMessage(f"tensor {i}: {dtype}{list(dims)} needs {size} bytes, got {len(data)}")
         if dtype == "bool" and size and int(np.frombuffer(data, dtype=np.uint8).max()) > 1:
             raise MalformedMessage(f"tensor {i}: bool tensor holds bytes other than 0 and 1")
-        out.append(Descriptor(kind, dtype, tuple(shape), data, type(loc) is int))
+        out.append(Descriptor(kind, dtype, dims, data, type(loc) is int))
     if not all(used):
-        raise MalformedMessage(f"frames {[i for i, u in enumerate(used) if not u]} are not referenced")
+        unused = [i for i, u in enumerate(used) if not u]
+        raise MalformedMessage(f"frames {shown(unused)} are not referenced")
     return out

@@ -6,6 +6,11 @@ its own thread uses it: it sends what other threads ``post`` (woken through a
 local socket pair, so no polling delay), hands every received multipart
 message to ``on_message`` and calls ``on_tick`` every ``tick`` seconds (the
 heartbeat clock). Both callbacks run on the I/O thread and must not block.
+
+A message whose ``on_message`` raises is logged and dropped: nothing a peer
+sends ends the thread. Any other failure (``on_tick``, the socket) ends it:
+``failure`` records why and ``on_failure`` is called, so owners and waiting
+callers hear of it instead of hanging.
 """
 
 from __future__ import annotations
@@ -101,6 +106,9 @@ class IOThread:
             while not self._stopping.is_set():
                 now = time.monotonic()
                 if now >= next_tick:
+                    # Read what came first: after this thread waited long for the GIL, beats may be
+                    # queued unread, and the tick must not take their peer for silent.
+                    self._receive()
                     self._on_tick(now)
                     next_tick = now + self._tick
                 backlog = self._flush()
@@ -110,11 +118,14 @@ class IOThread:
                     self._drain_wake()
                 if self._sock in events:
                     self._receive()
-        except Exception as exc:  # report, never vanish silently: waiting callers must hear of it
+        except BaseException as exc:  # report, never vanish silently (SystemExit too): callers must hear
             log.exception("%s failed", self._thread.name)
             self.failure = exc
             self._stopping.set()
-            self._on_failure(exc)
+            try:
+                self._on_failure(exc)
+            except Exception:
+                log.exception("%s: its failure callback failed too", self._thread.name)
 
     def _flush(self) -> bool:
         """Send queued messages; True when the socket refused some (retry soon)."""
@@ -134,9 +145,16 @@ class IOThread:
             pass
 
     def _receive(self) -> None:
+        # bounded in count and in time, so a stream of slow messages cannot hold back the heartbeats
+        until = time.monotonic() + self._tick / 2
         for _ in range(_MAX_BATCH):
+            if time.monotonic() > until:
+                return
             try:
                 frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self._on_message(frames)
+            try:
+                self._on_message(frames)
+            except Exception:  # one message must not end the thread: it is dropped, the loop goes on
+                log.exception("%s: handling a received message failed; it was dropped", self._thread.name)

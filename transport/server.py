@@ -6,7 +6,10 @@ client with unanswered requests, so a handler may work for as long as it needs
 without any heartbeat duty. ``recv``, ``reply`` and ``progress`` are
 thread-safe: several handler threads may share one Server. Messages the
 server cannot read are answered with a transport-level ``error`` and never
-reach ``recv``.
+reach ``recv``. Nothing a client sends stops the I/O thread: any failure
+while handling one message becomes a small error reply (or, if even that
+fails, a logged and dropped message). Should the thread die anyway (a bug in
+its timers, the socket), ``failure`` says why and ``recv`` raises.
 
 The worker daemon builds on this::
 
@@ -33,7 +36,10 @@ from diffsplit.transport.envelope import decode, encode
 from diffsplit.transport.errors import TransportError
 from diffsplit.transport.iothread import IOThread
 from diffsplit.transport.protocol import (
+    ANNOUNCE_BYTES,
     DEFAULT_SETTINGS,
+    INCOMING_BYTES,
+    MAX_REQUEST_ID_CHARS,
     OP_CANCEL,
     OP_HEARTBEAT,
     OP_PROGRESS,
@@ -42,6 +48,7 @@ from diffsplit.transport.protocol import (
     heartbeat,
     open_socket,
 )
+from diffsplit.transport.shown import MAX_MESSAGE_CHARS, clip, shown
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +126,11 @@ class Server:
         if self._own_context:
             self._context.term()
 
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the I/O thread stopped on its own (the server is then closed for good), else None."""
+        return self._io.failure
+
     def recv(self, timeout: float | None = None) -> Request | None:
         """The next request, or None after ``timeout`` seconds. Raises TransportError once closed."""
         try:
@@ -141,8 +153,11 @@ class Server:
         if not isinstance(op, str) or op in (OP_PROGRESS, OP_HEARTBEAT, OP_CANCEL):
             raise ValueError(f"a final reply needs a str op other than progress/heartbeat/cancel, got {op!r}")
         parts = self._encode({**header, "op": op}, request)
+        size = sum(memoryview(part).nbytes for part in parts[1:])
         with self._lock:
             self._pending.get(request.peer, {}).pop(request.request_id, None)
+        if size > ANNOUNCE_BYTES:  # the client's beats wait behind it: say how long it will be silent
+            self._io.post(self._encode({"op": OP_PROGRESS, INCOMING_BYTES: size}, request))
         self._io.post(parts)
 
     def progress(self, request: Request, header: Mapping[str, Any] | None = None) -> None:
@@ -180,21 +195,39 @@ class Server:
     # I/O thread below.
 
     def _on_message(self, frames: list[zmq.Frame]) -> None:
+        """Handle one message; nothing in it may stop the I/O thread (every failure is answered or logged)."""
         peer = frames[0].bytes
         self._last_heard[peer] = time.monotonic()
         try:
             header = decode(frames[1:], self.settings.limits)
-        except TransportError as exc:
-            log.warning("unreadable message from a client: %s", exc)
-            self._io.post([peer, *error_message(None, type(exc).__name__, str(exc))])
+        except Exception as exc:  # TransportError, or a decoder bug: either way the sender hears why
+            if not isinstance(exc, TransportError):
+                log.exception("decoding a message from a client failed")
+            log.warning("unreadable message from a client: %s", clip(str(exc), MAX_MESSAGE_CHARS))
+            self._send_error(peer, None, type(exc).__name__, str(exc))
             return
+        request_id = header.get("request_id")
+        reply_id = request_id if isinstance(request_id, str) else None
+        try:
+            self._accept(peer, header, frames[1])
+        except Exception as exc:  # a bug in handling one message must not take the server down
+            log.exception("handling a message from a client failed")
+            self._send_error(peer, reply_id, "ServerError",
+                             f"the server failed on this message: {type(exc).__name__}: {exc}")
+
+    def _accept(self, peer: bytes, header: dict[str, Any], first: zmq.Frame) -> None:
         op, request_id = header.get("op"), header.get("request_id")
-        if op == OP_HEARTBEAT:
+        if isinstance(op, str) and op == OP_HEARTBEAT:  # str first: an array's == does not give a bool
             return
         if not isinstance(op, str) or not isinstance(request_id, str):
             reply_id = request_id if isinstance(request_id, str) else None
             message = "a request needs a str 'op' and a str 'request_id'"
-            self._io.post([peer, *error_message(reply_id, "BadRequest", message)])
+            self._send_error(peer, reply_id, "BadRequest", message)
+            return
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            message = (f"a request_id of {len(request_id)} chars is over the {MAX_REQUEST_ID_CHARS} "
+                       "this server accepts")
+            self._send_error(peer, None, "BadRequest", message)
             return
         with self._lock:
             requests = self._pending.setdefault(peer, {})
@@ -204,11 +237,18 @@ class Server:
                     cancelled.cancelled.set()
                 return
             if request_id in requests:
-                log.warning("duplicate request id %s from one client: ignored", request_id)
+                log.warning("duplicate request id %s from one client: ignored", shown(request_id))
                 return
-            request = Request(request_id, op, header, peer, self._client_key(frames[1]))
+            request = Request(request_id, op, header, peer, self._client_key(first))
             requests[request_id] = request
         self._inbox.put(request)
+
+    def _send_error(self, peer: bytes, request_id: str | None, kind: str, message: str) -> None:
+        """Queue a transport-level error reply (bounded in size); log and drop it if even that fails."""
+        try:
+            self._io.post([peer, *error_message(request_id, kind, message)])
+        except Exception:  # the error reply itself failed: the message is dropped, the server goes on
+            log.exception("could not send an error reply to a client")
 
     def _client_key(self, frame: zmq.Frame) -> str | None:
         if not self.is_authenticated:
