@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 
 from diffsplit import __version__
+from diffsplit.client_args import add_client_arguments
+from diffsplit.worker_control import add_control_parsers, positive_seconds
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -28,6 +30,28 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """An argparse type: an int of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text}")
     return value
 
 
@@ -54,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--remote", action="append", default=[], metavar="NODE=ADDR",
-        help="run a node on a worker: NODE is a node id or a class name (repeatable)",
+        help="run a node on a worker: NODE is a node id or a class name (repeatable); ADDR may list "
+        "workers, tcp://a:5555,tcp://b:5555, tried in turn when one is gone or overloaded",
     )
     run.add_argument("--stats", metavar="FILE", help="write per-node timings and wire bytes as JSON")
     run.add_argument("--upload-missing", action="store_true",
@@ -63,7 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=None,
         help="nodes run at once (default: 2 when some run remotely, so local work goes on meanwhile; else 1)",
     )
+    run.add_argument("--fallback", choices=("local",), default=None,
+                     help="local: a node whose workers are all gone or overloaded runs here instead "
+                     "(same result); without it the run fails naming the worker")
+    add_client_arguments(run)
     run.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    keys = sub.add_parser("keys", help="CURVE key pairs for workers and clients")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    new_key = keys_sub.add_parser(
+        "new", help="write a key pair: NAME.key (public, give it to the other side) and NAME.key_secret",
+        description="Write a CURVE key pair: NAME.key holds the public key (a worker's goes to its "
+        "clients' --server-key; a client's into the worker's --curve-clients folder), NAME.key_secret "
+        "both keys (mode 0600; --curve-secret on a worker, --curve on a client). Existing files are "
+        "never overwritten.",
+    )
+    new_key.add_argument("name", help="file name stem, e.g. worker or alice")
+    new_key.add_argument("--dir", default=".", help="folder to write into (default: the current folder)")
 
     models = sub.add_parser("models", help="model folder tools")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
@@ -84,16 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser(
         "worker", help="serve nodes to clients: rebuild models from recipes, run, reply",
+        allow_abbrev=False,  # else `worker status ADDR --curve KEY` reads --curve as --curve-secret/-clients
         description="A worker daemon. Clients send one node at a time with recipes for its models; "
         "the worker finds the files by sha256 in --models, builds the models once (cached by recipe "
         "digest under --cache-gb), runs the node and sends the outputs back. SIGTERM or Ctrl-C stops "
-        "it: queued requests are refused, running ones get --grace seconds, then fail clearly.",
+        "it: queued requests are refused, running ones get --grace seconds, then fail clearly; it then "
+        "exits 0. If its I/O thread or a slot thread dies it stops the same way but exits 70, so a "
+        "supervisor (systemd Restart=on-failure) restarts it.",
     )
-    worker.add_argument("--models", required=True, help="ComfyUI-style models folder (the store)")
+    # required for the daemon; checked in main() so that `diffsplit worker status ADDR` needs none
+    worker.add_argument("--models", help="ComfyUI-style models folder (the store); required")
     worker.add_argument("--extra-model-paths", metavar="YAML",
                      help="ComfyUI extra_model_paths.yaml: more folders for each kind of model")
     worker.add_argument("--listen", default="tcp://127.0.0.1:5555",
-                        help="ZeroMQ endpoint to bind (default tcp://127.0.0.1:5555)")
+                        help="ZeroMQ endpoint to bind (default tcp://127.0.0.1:5555); beyond loopback it "
+                        "needs --curve-secret (or --insecure)")
     worker.add_argument("--cache-gb", type=float, default=8.0, help="model cache budget in GiB (default 8)")
     worker.add_argument("--slots", type=int, default=1, help="nodes run at once (default 1)")
     worker.add_argument("--threads", type=_positive_int, default=None,
@@ -101,8 +147,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "so results equal the client's local run)")
     worker.add_argument("--max-queue", type=int, default=16,
                         help="requests waiting beyond the slots before Overloaded (default 16)")
+    worker.add_argument("--max-queue-per-client", type=_non_negative_int, default=None, metavar="N",
+                        help="requests one client may have waiting beyond the slots (default: half of "
+                        "--max-queue), so one client cannot lock the others out")
+    worker.add_argument("--max-request-gb", type=_positive_float, default=4.0, metavar="GB",
+                        help="memory one request's values may take once decoded: tensors, zero tensors "
+                        "described by shape, held values (default 4)")
+    worker.add_argument("--max-steps", type=_positive_int, default=10_000,
+                        help="sampling steps one node may run (steps inputs, sigma schedules; default 10000)")
+    worker.add_argument("--max-pixels", type=_positive_int, default=4096 * 4096,
+                        help="width x height x batch of any latent or image a node takes or makes, a latent "
+                        "counted at its image size (default 16777216 = 4096x4096)")
+    worker.add_argument("--max-batch", type=_positive_int, default=64,
+                        help="batch size of any latent or image a node takes or makes (default 64)")
+    worker.add_argument("--max-upload-gb", type=_positive_float, default=16.0, metavar="GB",
+                        help="largest model file a client may upload (default 16)")
+    worker.add_argument("--max-uploads-per-client", type=_positive_int, default=2, metavar="N",
+                        help="unfinished uploads one client may have at once (default 2)")
+    worker.add_argument("--upload-idle-s", type=_positive_float, default=600.0, metavar="S",
+                        help="an unfinished upload idle this long is dropped and its file deleted "
+                        "(default 600)")
     worker.add_argument("--allow-upload", action="store_true",
-                        help="accept model files from clients after MissingModel (checked by sha256)")
+                        help="accept model files from clients after MissingModel (checked by sha256); "
+                        "needs --curve-secret and --curve-clients (or --insecure on a loopback address)")
     worker.add_argument("--trust-code", action="store_true",
                         help="run @diffsplit.node steps' code sent by allow-listed CURVE clients (needs both "
                         "--curve-secret and --curve-clients; never accepted from anonymous peers)")
@@ -112,16 +179,34 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder of client public keys (*.key) allowed to connect")
     worker.add_argument("--grace", type=float, default=30.0,
                         help="seconds in-flight nodes may finish after SIGTERM (default 30)")
-    worker.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in s (default 1)")
+    worker.add_argument("--insecure", action="store_true",
+                        help="allow listening beyond loopback without CURVE (a trusted network), and, on a "
+                        "loopback address only, --allow-upload without --curve-clients")
+    worker.add_argument("--heartbeat", type=float, default=0.5, help="heartbeat interval in s (default 0.5)")
     worker.add_argument("--heartbeat-timeout", type=float, default=10.0,
                         help="a silent client's requests are cancelled after this many s (default 10)")
+    worker.add_argument("--idle-unload-s", type=positive_seconds, default=None, metavar="S",
+                        help="drop cached models no job used for S seconds (default: keep them until "
+                        "evicted or freed with `diffsplit worker free ADDR`)")
+    worker.add_argument("--log-json", action="store_true",
+                        help="log as JSON lines on stderr (one per request: op, client, request id, node, "
+                        "outcome, queue_s, run_s, bytes); default: text lines")
+    add_control_parsers(worker)
 
     from diffsplit.profiles.cli import add_plan_arguments, add_profile_arguments
 
-    add_profile_arguments(sub.add_parser(
-        "profile", help="measure every node and say which are worth offloading (text, JSON, HTML)"))
-    add_plan_arguments(sub.add_parser(
-        "plan", help="choose the nodes to offload; --apply writes the labelled workflow"))
+    profile_parser = sub.add_parser(
+        "profile", help="measure every node and say which are worth offloading (text, JSON, HTML)")
+    add_profile_arguments(profile_parser)
+    add_client_arguments(profile_parser)
+    plan_parser = sub.add_parser(
+        "plan", help="choose the nodes to offload; --apply writes the labelled workflow")
+    add_plan_arguments(plan_parser)
+    add_client_arguments(plan_parser)
+
+    from diffsplit.genie_command import add_genie_arguments
+
+    add_genie_arguments(sub.add_parser("genie", help="GENIE sampler tools: distill a curvature head"))
 
     demo = sub.add_parser("demo", help="build tiny models and run a workflow split with a local worker")
     demo.add_argument("--dir", default="demo-output", help="folder for models and images")
@@ -137,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "worker" and args.worker_command is None and args.models is None:
+        parser.error("diffsplit worker needs --models DIR (or an action: `diffsplit worker status ADDR`)")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -153,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "worker": commands.worker,
         "profile": commands.profile,
         "plan": commands.plan,
+        "keys": commands.keys,
+        "genie": commands.genie,
     }[args.command]
     try:
         return handler(args)

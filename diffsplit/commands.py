@@ -14,6 +14,9 @@ from typing import Any
 
 from diffsplit.progress import ProgressPrinter
 
+#: ``diffsplit worker``'s exit code when its I/O or a slot thread died (EX_SOFTWARE); a stop exits 0.
+EXIT_WORKER_FAILED = 70
+
 
 def run(args: argparse.Namespace) -> int:
     """``diffsplit run``: execute a workflow, some nodes perhaps on workers."""
@@ -40,9 +43,9 @@ def run(args: argparse.Namespace) -> int:
         progress=printer.step, max_workers=max(1, args.workers or (2 if assigned else 1)),
     )
     started = time.perf_counter()
-    runner = _remote_runner(assigned, workflow, registry, store, args.upload_missing) if assigned else None
+    runner = _remote_runner(assigned, workflow, registry, store, args) if assigned else None
     try:
-        result = executor.run(workflow, node_runner=_printing(runner or run_node_locally, printer, assigned))
+        result = executor.run(workflow, node_runner=_printing(runner or run_node_locally, printer, runner))
     finally:
         if runner is not None:
             runner.close()
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             "total_s": elapsed,
             "nodes": {
                 node_id: {"class_type": workflow.node(node_id).class_type, "wall_s": t.wall_s,
-                          "cache_hit": t.cache_hit, "where": "remote" if node_id in assigned else "local"}
+                          "cache_hit": t.cache_hit, "where": _where(runner, node_id)}
                 for node_id, t in result.timings.items()
             },
             "remote": runner.stats_json() if runner is not None else {},
@@ -67,27 +70,61 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _printing(inner: Any, printer: ProgressPrinter, assigned: dict[str, str]) -> Any:
-    """Wrap a node runner so each node prints a line as it finishes."""
+def _printing(inner: Any, printer: ProgressPrinter, remote: Any) -> Any:
+    """Wrap a node runner so each node prints a line as it finishes (and where it ran)."""
 
     def runner(call: Any) -> Any:
         started = time.perf_counter()
         outputs = inner(call)
-        where = "remote" if call.node.id in assigned else "local"
+        where = _where(remote, call.node.id)
         printer.node_done(call.node.id, call.node.class_type, time.perf_counter() - started, where=where)
         return outputs
 
     return runner
 
 
-def _remote_runner(
-    assigned: dict[str, str], workflow: Any, registry: Any, store: Any, upload_missing: bool
-) -> Any:
+def _where(remote: Any, node_id: str) -> str:
+    """``remote``, ``local``, or ``fallback`` for an offloaded node that ran here after its workers failed."""
+    from diffsplit.engine.offload import LOCAL
+
+    placement = remote.placement(node_id) if remote is not None else None
+    if placement is None:
+        return "local"
+    return "fallback" if placement == LOCAL else "remote"
+
+
+def _remote_runner(assigned: dict[str, str], workflow: Any, registry: Any, store: Any,
+                   args: argparse.Namespace) -> Any:
+    from diffsplit.client_args import client_options
     from diffsplit.engine.offload import RemoteRunner
     from diffsplit.engine.trace_workflow import output_recipe_source
 
+    options = client_options(args)
     return RemoteRunner(assigned, output_recipe_source(workflow, registry, store), local_store=store,
-                        upload_missing=upload_missing)
+                        upload_missing=args.upload_missing, settings=options.settings, curve=options.curve,
+                        fallback_local=args.fallback == "local")
+
+
+def keys(args: argparse.Namespace) -> int:
+    """``diffsplit keys new NAME``: a CURVE key pair, never over existing files."""
+    from diffsplit.transport.auth import generate_keypair, save_keypair
+    from diffsplit.transport.errors import DiffsplitError
+
+    if not args.name or Path(args.name).name != args.name or args.name.startswith("."):
+        raise DiffsplitError(f"key name {args.name!r} must be a plain file name (no folders): "
+                             "give the folder with --dir")
+    try:
+        public, secret = save_keypair(generate_keypair(), Path(args.dir), args.name, overwrite=False)
+    except FileExistsError as exc:  # the CLI prints it as one line naming the file
+        why = "a key file of that name exists; nothing was written (choose another NAME or --dir)"
+        raise FileExistsError(exc.errno, why, exc.filename) from None
+    print(f"public key: {public}  (give it to the other side)")
+    print(f"secret key: {secret}  (keep it here, mode 0600)")
+    print(f"as a worker: diffsplit worker --curve-secret {secret} --curve-clients CLIENT_KEYS_DIR ...; "
+          f"clients pass --server-key {public.name}")
+    print(f"as a client: diffsplit run --curve {secret} --server-key WORKER.key ...; "
+          f"{public.name} goes into the worker's --curve-clients folder")
+    return 0
 
 
 def models(args: argparse.Namespace) -> int:
@@ -128,22 +165,51 @@ def trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_limits(args: argparse.Namespace) -> dict[str, Any]:
+    """The WorkerConfig limits on what one request or client may ask (``--max-*``, ``--upload-idle-s``)."""
+    gib = 1 << 30
+    return {
+        "max_request_bytes": int(args.max_request_gb * gib), "max_steps": args.max_steps,
+        "max_pixels": args.max_pixels, "max_batch": args.max_batch,
+        "max_queue_per_client": args.max_queue_per_client, "max_upload_bytes": int(args.max_upload_gb * gib),
+        "max_uploads_per_client": args.max_uploads_per_client, "upload_idle_s": args.upload_idle_s,
+    }
+
+
 def worker(args: argparse.Namespace) -> int:
-    """``diffsplit worker``: serve until SIGTERM/SIGINT, then finish or fail in-flight work."""
-    from diffsplit.remote.worker import Worker, WorkerConfig
+    """``diffsplit worker``: serve until SIGTERM/SIGINT, then finish or fail in-flight work.
+
+    ``diffsplit worker status|free ADDR`` asks a running worker instead (``worker_control``).
+    """
+    if getattr(args, "worker_command", None):
+        from diffsplit.worker_control import command as control_command
+
+        return control_command(args)
+    from diffsplit.remote.log_format import configure_worker_logging
+
+    configure_worker_logging(json_lines=getattr(args, "log_json", False))
+    from diffsplit.remote.errors import BadRequest
+    from diffsplit.remote.worker import Worker, WorkerConfig, WorkerFailed
     from diffsplit.transport.auth import ServerCurve, load_keypair, load_public_keys
     from diffsplit.transport.protocol import Settings
 
     curve = None
+    if args.curve_clients and not args.curve_secret:
+        raise BadRequest("--curve-clients needs --curve-secret too (the worker's own key pair: "
+                         "`diffsplit keys new worker` writes one)")
     if args.curve_secret:
         allowed = load_public_keys(args.curve_clients) if args.curve_clients else None
+        if allowed is not None and not allowed:
+            print(f"warning: no client keys (*.key) in {args.curve_clients}: no client can connect",
+                  file=sys.stderr, flush=True)
         curve = ServerCurve(load_keypair(args.curve_secret), allowed)
     config = WorkerConfig(
         models=Path(args.models), listen=args.listen,
         extra_model_paths=Path(args.extra_model_paths) if args.extra_model_paths else None,
         cache_bytes=int(args.cache_gb * (1 << 30)),
         slots=args.slots, max_queue=args.max_queue, allow_upload=args.allow_upload, threads=args.threads,
-        trust_code=args.trust_code, curve=curve,
+        trust_code=args.trust_code, curve=curve, insecure=args.insecure,
+        idle_unload_s=getattr(args, "idle_unload_s", None), **_worker_limits(args),
         grace_s=args.grace, settings=Settings(heartbeat_interval=args.heartbeat,
                                              heartbeat_timeout=args.heartbeat_timeout),
     )
@@ -152,13 +218,18 @@ def worker(args: argparse.Namespace) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: daemon.stop())
     print(f"diffsplit worker listening on {daemon.endpoint} (models: {config.models})", flush=True)
-    daemon.serve()
+    code = 0
+    try:
+        daemon.serve()
+    except WorkerFailed as exc:  # not a stop we were asked for: exit non-zero so a supervisor restarts us
+        code = EXIT_WORKER_FAILED
+        print(f"diffsplit worker failed: {exc} (exit code {code})", file=sys.stderr, flush=True)
     if daemon.busy:  # a job inside one long step: its thread cannot be joined, so skip interpreter teardown
         print("diffsplit worker stopped (a job was still inside a step)", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(0)
+        os._exit(code)
     print("diffsplit worker stopped", file=sys.stderr, flush=True)
-    return 0
+    return code
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -180,3 +251,10 @@ def plan(args: argparse.Namespace) -> int:
     from diffsplit.profiles.cli import plan_command
 
     return plan_command(args)
+
+
+def genie(args: argparse.Namespace) -> int:
+    """``diffsplit genie distill``."""
+    from diffsplit.genie_command import distill_command
+
+    return distill_command(args)

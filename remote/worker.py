@@ -16,7 +16,11 @@ Op ``call`` serves ``diffsplit.offload``: a traced object's recipe, a method
 
 Other ops: ``hello`` (what this worker is), ``stats`` (cache counters),
 ``echo`` (a link probe: any payload in, ``reply_bytes`` zero bytes back),
-``upload`` (a model file in chunks, only with ``allow_upload``).
+``upload`` (a model file in chunks, only with ``allow_upload``), ``status``
+(models cached, queue, slots, clients: ``remote.status``), ``free`` (drop
+the cached models no running job uses: ``remote.operations``). Every
+request gets one log line (``remote.request_log``); ``idle_unload_s`` drops
+models left unused that long (``remote.idle_unload``).
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +41,33 @@ from diffsplit.engine.nodes.registry import NodeRegistry, default_registry
 from diffsplit.engine.run_files import RUN_FILES_FIELD, RunFilesError, parse_run_files
 from diffsplit.engine.wire_values import HintTable, WireValueError, from_wire, to_wire, walk_values
 from diffsplit.remote.builder import ModelBuilder
-from diffsplit.remote.cache import ModelCache
+from diffsplit.remote.cache import CachedModel, ModelCache
+from diffsplit.remote.echo_budget import MAX_ECHO_BYTES, EchoBudget
 from diffsplit.remote.errors import BadRequest, NodeFailed, Overloaded, RemoteError
-from diffsplit.remote.fair_queue import FairQueue, QueueClosed
+from diffsplit.remote.exposure import check_worker_exposure
+from diffsplit.remote.fair_queue import ClientShares, FairQueue, QueueClosed
 from diffsplit.remote.held import HeldValues
-from diffsplit.remote.uploads import UploadReceiver
+from diffsplit.remote.idle_unload import IdleUnloader
+from diffsplit.remote.operations import free_reply, log_unloads, may_control
+from diffsplit.remote.redact import PathRedactor
+from diffsplit.remote.request_log import CANCELLED, UNSENT, RequestLog, outcome_of
+from diffsplit.remote.status import status_report
+from diffsplit.remote.uploads import UploadLimits, UploadReceiver
+from diffsplit.remote.work_limits import (
+    WorkLimits,
+    check_node_inputs,
+    check_pipeline_call,
+    check_request_bytes,
+)
 from diffsplit.tracer.objects import is_pipeline
 from diffsplit.tracer.recipe import FileRef
 from diffsplit.transport.auth import ServerCurve
 from diffsplit.transport.compute_threads import BadThreadCount, intra_op_threads, requested_threads
 from diffsplit.transport.digest import content_digest
-from diffsplit.transport.errors import MessageTooLarge, TransportError, UnsupportedType
-from diffsplit.transport.protocol import Settings
+from diffsplit.transport.errors import DiffsplitError, MessageTooLarge, TransportError, UnsupportedType
+from diffsplit.transport.protocol import WORKER_SETTINGS, Settings
 from diffsplit.transport.server import Request, Server
+from diffsplit.transport.shown import MAX_MESSAGE_CHARS, MAX_TRACEBACK_CHARS, clip, shown
 
 from diffsplit import __version__
 
@@ -57,8 +75,6 @@ log = logging.getLogger(__name__)
 
 #: Ops that run on the slot threads (and count against --slots + --max-queue).
 POOLED_OPS = frozenset({"run_node", "call", "run_function", "upload"})
-#: The largest reply an ``echo`` link probe may ask for.
-MAX_ECHO_BYTES = 16 << 20
 #: What op ``call`` may invoke on a rebuilt object: a module's forward, or a pipeline's __call__.
 CALLABLE_METHODS = frozenset({"forward", "__call__"})
 #: After the grace period, how long cancelled jobs get to reach their next step and stop.
@@ -82,8 +98,38 @@ class WorkerConfig:
     grace_s: float = 30.0
     #: intra-op CPU threads per job; None runs each job with the count its client states (split == local)
     threads: int | None = None
-    settings: Settings = field(default_factory=Settings)
+    settings: Settings = WORKER_SETTINGS
     curve: ServerCurve | None = None
+    #: start without CURVE beyond loopback, or take anonymous uploads on loopback (``remote.exposure``)
+    insecure: bool = False
+    #: what one request may ask for (``remote.work_limits``): decoded bytes, steps, pixels, batch
+    max_request_bytes: int = 4 << 30
+    max_steps: int = 10_000
+    max_pixels: int = 4096 * 4096
+    max_batch: int = 64
+    #: requests one client may have waiting beyond the slots; None: half of max_queue, so others get in
+    max_queue_per_client: int | None = None
+    #: unfinished uploads per client, and how long one may sit idle before it is dropped
+    max_uploads_per_client: int = 2
+    upload_idle_s: float = 600.0
+    #: drop cached models no job used for this many seconds (None: keep them until evicted or freed)
+    idle_unload_s: float | None = None
+
+    @property
+    def work_limits(self) -> WorkLimits:
+        """The per-request limits as one value."""
+        return WorkLimits(max_request_bytes=self.max_request_bytes, max_steps=self.max_steps,
+                          max_pixels=self.max_pixels, max_batch=self.max_batch)
+
+    @property
+    def client_share(self) -> int:
+        """Requests one client may have in flight: the slots plus its part of the queue."""
+        waiting = self.max_queue // 2 if self.max_queue_per_client is None else self.max_queue_per_client
+        return self.slots + max(0, min(waiting, self.max_queue))
+
+
+class WorkerFailed(DiffsplitError):
+    """The worker stopped on its own: its I/O thread or a slot thread died (exit non-zero, restart it)."""
 
 
 class Cancelled(RemoteError):
@@ -103,6 +149,41 @@ class NotHeld(RemoteError):
 
     def to_reply(self) -> dict[str, object]:
         return {"kind": self.kind, "message": str(self), "digests": self.digests}
+
+
+#: In an error reply: the most items of a list (e.g. NotHeld digests), the longest other text field.
+MAX_ERROR_ITEMS = 1024
+MAX_ERROR_FIELD_CHARS = 1024
+
+
+def bounded_error(error: Mapping[str, object]) -> dict[str, object]:
+    """An error reply cut to size whatever the peer sent: it always fits the limits.
+
+    ``message`` is cut to ``MAX_MESSAGE_CHARS``, ``traceback`` to ``MAX_TRACEBACK_CHARS``,
+    other texts to ``MAX_ERROR_FIELD_CHARS`` and lists to ``MAX_ERROR_ITEMS``.
+    """
+    out: dict[str, object] = {}
+    for key, value in error.items():
+        if key == "message":
+            out[key] = clip(str(value), MAX_MESSAGE_CHARS)
+        elif key == "traceback":
+            out[key] = clip(str(value), MAX_TRACEBACK_CHARS)
+        else:
+            out[key] = _bounded_field(value)
+    return out
+
+
+def _bounded_field(value: object) -> object:
+    if isinstance(value, str):
+        return clip(value, MAX_ERROR_FIELD_CHARS)
+    if isinstance(value, list | tuple):
+        return [_bounded_field(item) for item in value[:MAX_ERROR_ITEMS]]
+    return value
+
+
+def client_of(request: Request) -> Hashable:
+    """Who sent ``request``, for per-client limits: its CURVE key when allow-listed, else its connection."""
+    return request.client_key if request.client_key is not None else request.peer
 
 
 @dataclass
@@ -159,19 +240,29 @@ class Worker:
                 "--trust-code needs CURVE with an allow-list of client keys (--curve-secret and "
                 "--curve-clients): code is only ever accepted from authenticated clients"
             )
+        check_worker_exposure(config.listen, config.curve, allow_upload=config.allow_upload,
+                              insecure=config.insecure)
         self.config = config
         self.registry = registry if registry is not None else default_registry()
         self.store = open_store(config.models, config.extra_model_paths)
+        #: rewrites this machine's paths out of every error reply (the last line of defence)
+        self.redactor = PathRedactor.for_store(self.store.root, self.store.extra_folders)
         self.cache = ModelCache(config.cache_bytes)
         self.builder = ModelBuilder(self.store, self.registry, self.cache)
         self.held = HeldValues(config.held_bytes)
+        self.echo_budget = EchoBudget()
         #: one object per distinct ControlNet hint, across requests and held values (cond/uncond batching)
         self.hints = HintTable()
-        self.uploads = UploadReceiver(Path(config.models), config.max_upload_bytes)
+        self.uploads = UploadReceiver(Path(config.models), UploadLimits(
+            max_file_bytes=config.max_upload_bytes, max_partials_per_client=config.max_uploads_per_client,
+            idle_s=config.upload_idle_s))
+        self.limits = config.work_limits
         self._stopping = threading.Event()
+        self._failure: str | None = None
         self._running: dict[str, Request] = {}
         self._running_lock = threading.Lock()
         self._in_flight = threading.Semaphore(config.slots + config.max_queue)
+        self._shares = ClientShares(config.client_share)  # one client never takes the whole queue
         self._queue: FairQueue[_Job] = FairQueue()
         self._slots = [
             threading.Thread(target=self._serve_slot, name=f"diffsplit-slot-{n}", daemon=True)
@@ -179,45 +270,95 @@ class Worker:
         ]
         self.server = Server(config.listen, settings=config.settings, curve=config.curve)
         self.endpoint = self.server.endpoint
+        #: one log line per request; client counts for ``status``
+        self.requests = RequestLog(connected_s=config.settings.heartbeat_timeout)
+        self._started_at = time.monotonic()
+        self._idle_unloader = None if config.idle_unload_s is None else IdleUnloader(
+            self.cache, config.idle_unload_s, on_unload=self._log_unloads)
 
     def serve(self) -> None:
-        """Receive and dispatch requests until :meth:`stop`; then drain and close."""
+        """Receive and dispatch requests until :meth:`stop`; then drain and close.
+
+        Raises WorkerFailed (after the same drain) when the server's I/O thread
+        or a slot thread died: the daemon cannot go on, and its exit must say so.
+        """
         for slot in self._slots:
             slot.start()
+        if self._idle_unloader is not None:
+            self._idle_unloader.start()
         try:
             while not self._stopping.is_set():
                 try:
                     request = self.server.recv(timeout=0.2)
-                except TransportError:
+                except TransportError as exc:
+                    self._fail(f"the server's I/O thread stopped: {self.server.failure or exc!r}")
                     break
                 if request is not None:
-                    self._dispatch(request)
+                    self._dispatch_guarded(request)
         finally:
             self._shutdown()
+        if self._failure is not None:
+            raise WorkerFailed(self._failure)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the worker stopped on its own (a dead I/O or slot thread), else None."""
+        return self._failure
+
+    def _fail(self, reason: str) -> None:
+        """Record the first fatal failure and stop (``serve`` then raises WorkerFailed)."""
+        with self._running_lock:
+            if self._failure is None:
+                self._failure = reason
+        log.critical("the worker cannot go on: %s", reason)
+        self.stop()
+
+    def _dispatch_guarded(self, request: Request) -> None:
+        """``_dispatch``; a failure there is answered to that request, never the end of ``serve``."""
+        try:
+            self._dispatch(request)
+        except Exception as exc:
+            log.exception("dispatching request %s failed", shown(request.request_id))
+            self._reply_error(request, BadRequest(f"the worker failed on this request: {type(exc).__name__}"))
 
     def stop(self) -> None:
         """Stop accepting work; in-flight requests get ``grace_s`` to finish. Thread-safe."""
         self._stopping.set()
 
+    def _admit(self, request: Request) -> str | None:
+        """Why a pooled request cannot be queued now, else None (it then holds a place and a client share)."""
+        if self._stopping.is_set():
+            return "the worker is shutting down"
+        client = client_of(request)
+        if not self._shares.acquire(client):
+            return (f"this client already has {self._shares.limit} requests waiting or running, its share of "
+                    "this worker (--slots plus --max-queue-per-client); wait for a reply before sending more")
+        if not self._in_flight.acquire(blocking=False):
+            self._shares.release(client)
+            return "the queue is full"
+        return None
+
     def _dispatch(self, request: Request) -> None:
+        self.requests.received(request)
         if request.op in POOLED_OPS:
-            if self._stopping.is_set() or not self._in_flight.acquire(blocking=False):
-                why = "the worker is shutting down" if self._stopping.is_set() else "the queue is full"
-                self._reply_error(request, Overloaded(why))
+            refusal = self._admit(request)
+            if refusal is not None:
+                self._reply_error(request, Overloaded(refusal))
                 return
-            self._queue.put(request.peer, _Job(request, time.monotonic()))
+            self._queue.put(client_of(request), _Job(request, time.monotonic()))
             return
-        handlers = {"hello": self._hello, "echo": self._echo, "stats": self._stats}
+        handlers = {"hello": self._hello, "echo": self._echo, "stats": self._stats, "status": self._status,
+                    "free": self._free}
         handler = handlers.get(request.op)
         try:
             if handler is None:
-                raise BadRequest(f"unknown op {request.op!r}")
+                raise BadRequest(f"unknown op {shown(request.op)}")
             handler(request)
         except RemoteError as exc:
             self._reply_error(request, exc)
         except Exception as exc:  # one bad request never stops the daemon
-            log.exception("op %s failed", request.op)
-            self._reply_error(request, BadRequest(f"{request.op} failed: {type(exc).__name__}: {exc}"))
+            log.exception("op %s failed", shown(request.op))
+            self._reply_error(request, BadRequest(f"{shown(request.op)} failed: {type(exc).__name__}: {exc}"))
 
     def _hello(self, request: Request) -> None:
         self._send(request, {"op": "result", "worker": self._describe()})
@@ -225,11 +366,32 @@ class Worker:
     def _stats(self, request: Request) -> None:
         self._send(request, {"op": "result", "cache": vars(self.cache.stats())})
 
+    def _status(self, request: Request) -> None:
+        """Op ``status``: models cached, queue, slots, clients (read-only; no paths, no keys)."""
+        with self._running_lock:
+            busy = len(self._running)
+        report = status_report(
+            cache=self.cache, requests=self.requests, queue_length=len(self._queue),
+            max_queue=self.config.max_queue, busy_slots=busy, slots=self.config.slots,
+            idle_unload_s=self.config.idle_unload_s, uptime_s=time.monotonic() - self._started_at,
+            authenticates_clients=self.server.is_authenticated)
+        self._send(request, {"op": "result", "status": report})
+
+    def _log_unloads(self, dropped: list[CachedModel]) -> None:
+        log_unloads(self.requests.logger, dropped)
+
+    def _free(self, request: Request) -> None:
+        """Op ``free``: drop every cached model no running job uses; the reply lists what went."""
+        may_control(request, self.endpoint, authenticates_clients=self.server.is_authenticated)
+        self._send(request, free_reply(self.cache, self.requests.logger))
+
     def _echo(self, request: Request) -> None:
-        """Link probe: returns ``reply_bytes`` zero bytes (at most 16 MiB); the request may carry any data."""
+        """Link probe: ``reply_bytes`` zero bytes back (at most 3 MiB, inside the header); any data in."""
         size = request.header.get("reply_bytes", 0)
-        if not isinstance(size, int) or not 0 <= size <= MAX_ECHO_BYTES:
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_ECHO_BYTES:
             raise BadRequest(f"echo: reply_bytes must be an int in [0, {MAX_ECHO_BYTES}]")
+        if not self.echo_budget.take(size):
+            raise Overloaded("echo: this worker's budget of echo reply bytes per second is spent; try later")
         self._send(request, {"op": "result", "data": bytes(size)})
 
     def _describe(self) -> dict[str, Any]:
@@ -240,34 +402,49 @@ class Worker:
         """Op ``upload``: one chunk of a model file (on a slot thread: the final chunk hashes the file)."""
         if not self.config.allow_upload:
             raise BadRequest("uploads are off on this worker (start it with --allow-upload)")
-        if self.server.is_authenticated and not request.authenticated:
+        if not request.authenticated and not self.config.insecure:
             raise BadRequest("uploads are accepted only from allow-listed CURVE clients")
         try:
-            path = self.uploads.receive(request.header)
-        except OSError as exc:
-            raise BadRequest(f"upload failed: {exc}") from exc
+            path = self.uploads.receive(request.header, client_of(request))
+        except OSError as exc:  # the reason only: the peer never sees this worker's paths
+            raise BadRequest(f"upload failed on the worker: {exc.strerror or type(exc).__name__}") from exc
         return {"op": "result", "installed": None if path is None else path.name}
 
     def _serve_slot(self) -> None:
-        """One slot: take the next request, client by client in turn, until the queue closes."""
-        while True:
-            try:
-                job = self._queue.get(timeout=0.5)
-            except QueueClosed:
-                return
-            if job is not None:
-                self._run_job(job)
+        """One slot: take the next request, client by client in turn, until the queue closes.
+
+        A slot that dies anyway (SystemExit from a node, a bug here) stops the
+        worker with a failure, rather than leave clients queued for no slot.
+        """
+        job: _Job | None = None
+        try:
+            while True:
+                job = None
+                try:
+                    job = self._queue.get(timeout=0.5)
+                except QueueClosed:
+                    return
+                if job is not None:
+                    self._run_job(job)
+        except BaseException as exc:  # the thread ends here: the process must exit non-zero
+            name = threading.current_thread().name
+            log.exception("%s died", name)
+            reason = f"{name} died: {type(exc).__name__}: {exc}"
+            if job is not None:  # its client hears why now, not after a heartbeat timeout
+                self._reply_error(job.request, NodeFailed(f"the worker's {reason}; it is restarting"))
+            self._fail(reason)
 
     def _run_job(self, job: _Job) -> None:
         request = job.request
         with self._running_lock:
             self._running[request.request_id] = request
+        self.requests.started(request)
         try:
             if self._stopping.is_set():
                 raise Overloaded("the worker is shutting down")
             run = {"run_node": self._run_node, "call": self._run_call, "run_function": self._run_function,
                    "upload": self._upload}
-            with intra_op_threads(self._threads_for(request)):
+            with intra_op_threads(self._threads_for(request)), self.cache.job_scope():
                 reply = run[request.op](request, job.received)
         except RemoteError as exc:
             self._reply_error(request, exc)
@@ -281,6 +458,7 @@ class Worker:
         finally:
             with self._running_lock:
                 self._running.pop(request.request_id, None)
+            self._shares.release(client_of(request))
             self._in_flight.release()
 
     def _threads_for(self, request: Request) -> int | None:
@@ -302,13 +480,17 @@ class Worker:
             raise BadRequest("run_node needs 'node': {'id': ..., 'class_type': ...}")
         node_class = self.registry.get(node["class_type"]) if node["class_type"] in self.registry else None
         if node_class is None:
-            raise BadRequest(f"unknown node class {node['class_type']!r}")
+            raise BadRequest(f"unknown node class {shown(node['class_type'])}")
         if node_class.output_node:
             raise BadRequest(f"{node_class.name} is an output node; output nodes run locally")
         inputs_wire = header.get("inputs")
         if not isinstance(inputs_wire, dict):
             raise BadRequest("run_node needs 'inputs' as a mapping")
+        node_ref = str(node.get("id", "?"))[:64]
+        # ranges, choices and the work asked for, then the memory decoding takes: before anything is built
+        check_node_inputs(self.registry, node_class, node_ref, inputs_wire, self.limits)
         held = self._held_values(header)
+        check_request_bytes(inputs_wire, held, self.limits, what=f"node {node_ref} ({node_class.name})")
         try:
             files = parse_run_files(header.get(RUN_FILES_FIELD))
         except RunFilesError as exc:
@@ -321,8 +503,12 @@ class Worker:
             }
         except WireValueError as exc:
             raise BadRequest(str(exc)) from exc
+        check_node_inputs(self.registry, node_class, node_ref, inputs, self.limits)  # upscale models' scales
         held_now: list[str] = []
-        for name in header.get("hold") or {}:
+        hold = header.get("hold")
+        if hold is not None and not (isinstance(hold, dict | list) and all(isinstance(n, str) for n in hold)):
+            raise BadRequest("run_node's 'hold' must map input names (str) to digests")
+        for name in hold or {}:
             spec = node_class.input(str(name))
             if spec is not None and spec.type == "CONDITIONING" and name in inputs:
                 # keyed by the digest computed here: a peer cannot file a value under another's digest
@@ -386,7 +572,7 @@ class Worker:
         header = request.header
         method = header.get("method")
         target = header.get("target")
-        if method not in CALLABLE_METHODS or not isinstance(target, dict):
+        if not isinstance(method, str) or method not in CALLABLE_METHODS or not isinstance(target, dict):
             raise BadRequest(f"call needs a 'target' recipe and a 'method' in {sorted(CALLABLE_METHODS)}")
         obj = self.builder.build(target)
         if method == "forward" and not isinstance(obj, torch.nn.Module):
@@ -401,6 +587,9 @@ class Worker:
         """Decode the arguments (models from recipes), call, encode the result and generator states."""
         started = time.monotonic() if started is None else started
         header = request.header
+        check_request_bytes([header.get("args"), header.get("kwargs")], {}, self.limits, what=request.op)
+        if is_pipeline(function) and isinstance(header.get("kwargs"), dict):
+            check_pipeline_call(header["kwargs"], self.limits)
         try:
             args = from_wire(header.get("args") or [], self.builder.build)
             kwargs = from_wire(header.get("kwargs") or {}, self.builder.build)
@@ -426,7 +615,10 @@ class Worker:
         }
 
     def _held_values(self, header: Mapping[str, Any]) -> dict[str, Any]:
-        wanted = [str(d) for d in header.get("uses_held") or []]
+        uses = header.get("uses_held")
+        if uses is not None and (not isinstance(uses, list) or not all(isinstance(d, str) for d in uses)):
+            raise BadRequest("'uses_held' must be a list of digests (str)")
+        wanted = list(uses or [])
         found = self.held.snapshot(wanted)
         missing = [d for d in wanted if d not in found]
         if missing:
@@ -434,30 +626,40 @@ class Worker:
         return found
 
     def _reply_error(self, request: Request, error: RemoteError) -> None:
-        self._send(request, {"op": "error", "error": error.to_reply()})
+        self._send(request, {"op": "error", "error": bounded_error(self.redactor.reply(error.to_reply()))})
 
     def _send(self, request: Request, reply: Mapping[str, Any]) -> None:
         if request.cancelled.is_set() and reply.get("op") != "error":
+            self.requests.finished(request, CANCELLED)
             return
         try:
             self.server.reply(request, reply)
+            self.requests.finished(request, outcome_of(reply), reply)
         except (MessageTooLarge, UnsupportedType) as exc:
             # nothing was sent: the client must hear why rather than wait forever
             failure = NodeFailed(f"the reply could not be sent: {exc}")
             try:
-                self.server.reply(request, {"op": "error", "error": failure.to_reply()})
+                self.server.reply(request, {"op": "error", "error": bounded_error(failure.to_reply())})
+                self.requests.finished(request, failure.kind)
             except TransportError:
                 log.warning("could not reply to request %s: %s", request.request_id, exc)
+                self.requests.finished(request, UNSENT)
         except TransportError as exc:
             log.warning("could not reply to request %s: %s", request.request_id, exc)
+            self.requests.finished(request, UNSENT)
 
     def _shutdown(self) -> None:
         """Queued jobs are refused, running ones get ``grace_s``, then fail clearly."""
         self._stopping.set()
+        if self._idle_unloader is not None:
+            self._idle_unloader.stop()
         for job in self._queue.close():  # queued, never started: refused clearly
             self._reply_error(job.request, Overloaded("the worker is shutting down"))
+            self._shares.release(client_of(job.request))
             self._in_flight.release()
-        deadline = time.monotonic() + self.config.grace_s
+        # with the I/O thread dead no reply can leave: running jobs are cancelled at once
+        grace_s = 0.0 if self.server.failure is not None else self.config.grace_s
+        deadline = time.monotonic() + grace_s
         acquired = 0
         total = self.config.slots + self.config.max_queue
         while acquired < total and time.monotonic() < deadline:
