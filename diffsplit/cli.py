@@ -13,46 +13,14 @@ import sys
 from collections.abc import Sequence
 
 from diffsplit import __version__
+from diffsplit.arg_types import non_negative_int, positive_float, positive_int, positive_seconds
 from diffsplit.client_args import add_client_arguments
-from diffsplit.worker_control import add_control_parsers, positive_seconds
+from diffsplit.worker_control import add_control_parsers
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 #: 128 + SIGINT, as shells report a Ctrl-C
 EXIT_INTERRUPTED = 130
-
-
-def _positive_int(text: str) -> int:
-    """An argparse type: an int of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    """An argparse type: an int of at least 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    """An argparse type: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,29 +110,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "needs --curve-secret (or --insecure)")
     worker.add_argument("--cache-gb", type=float, default=8.0, help="model cache budget in GiB (default 8)")
     worker.add_argument("--slots", type=int, default=1, help="nodes run at once (default 1)")
-    worker.add_argument("--threads", type=_positive_int, default=None,
+    worker.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads per job (default: each job runs with its client's thread count, "
                         "so results equal the client's local run)")
     worker.add_argument("--max-queue", type=int, default=16,
                         help="requests waiting beyond the slots before Overloaded (default 16)")
-    worker.add_argument("--max-queue-per-client", type=_non_negative_int, default=None, metavar="N",
+    worker.add_argument("--max-queue-per-client", type=non_negative_int, default=None, metavar="N",
                         help="requests one client may have waiting beyond the slots (default: half of "
                         "--max-queue), so one client cannot lock the others out")
-    worker.add_argument("--max-request-gb", type=_positive_float, default=4.0, metavar="GB",
+    worker.add_argument("--max-request-gb", type=positive_float, default=4.0, metavar="GB",
                         help="memory one request's values may take once decoded: tensors, zero tensors "
                         "described by shape, held values (default 4)")
-    worker.add_argument("--max-steps", type=_positive_int, default=10_000,
+    worker.add_argument("--max-steps", type=positive_int, default=10_000,
                         help="sampling steps one node may run (steps inputs, sigma schedules; default 10000)")
-    worker.add_argument("--max-pixels", type=_positive_int, default=4096 * 4096,
+    worker.add_argument("--max-pixels", type=positive_int, default=4096 * 4096,
                         help="width x height x batch of any latent or image a node takes or makes, a latent "
                         "counted at its image size (default 16777216 = 4096x4096)")
-    worker.add_argument("--max-batch", type=_positive_int, default=64,
+    worker.add_argument("--max-batch", type=positive_int, default=64,
                         help="batch size of any latent or image a node takes or makes (default 64)")
-    worker.add_argument("--max-upload-gb", type=_positive_float, default=16.0, metavar="GB",
+    worker.add_argument("--max-upload-gb", type=positive_float, default=16.0, metavar="GB",
                         help="largest model file a client may upload (default 16)")
-    worker.add_argument("--max-uploads-per-client", type=_positive_int, default=2, metavar="N",
+    worker.add_argument("--max-uploads-per-client", type=positive_int, default=2, metavar="N",
                         help="unfinished uploads one client may have at once (default 2)")
-    worker.add_argument("--upload-idle-s", type=_positive_float, default=600.0, metavar="S",
+    worker.add_argument("--upload-idle-s", type=positive_float, default=600.0, metavar="S",
                         help="an unfinished upload idle this long is dropped and its file deleted "
                         "(default 600)")
     worker.add_argument("--allow-upload", action="store_true",

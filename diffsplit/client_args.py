@@ -14,6 +14,8 @@ import argparse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from diffsplit.arg_types import positive_seconds
+
 if TYPE_CHECKING:
     from diffsplit.transport.auth import ClientCurve
     from diffsplit.transport.protocol import Settings
@@ -27,16 +29,6 @@ class ClientOptions:
     curve: ClientCurve | None
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 s, not {text}")
-    return value
-
-
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     """``--curve``, ``--server-key`` and ``--heartbeat-timeout`` on a command that talks to workers."""
     parser.add_argument("--curve", metavar="KEY",
@@ -45,7 +37,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-key", metavar="PUB",
                         help="the worker's public CURVE key: its .key file or the 40-character Z85 text "
                         "(default: $DIFFSPLIT_CURVE_SERVER_KEY)")
-    parser.add_argument("--heartbeat-timeout", type=_seconds, default=None, metavar="S",
+    parser.add_argument("--heartbeat-timeout", type=positive_seconds, default=None, metavar="S",
                         help="report a worker that sends nothing for S seconds as gone "
                         "(default 2.5: a killed worker is noticed within about 3 s)")
 

@@ -16,6 +16,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from diffsplit.arg_types import positive_seconds
 from diffsplit.client_args import add_client_arguments, client_options
 from diffsplit.transport.errors import DiffsplitError
 
@@ -25,17 +26,6 @@ DEFAULT_TIMEOUT_S = 10.0
 
 class WorkerRefused(DiffsplitError):
     """The worker answered the control request with an error (the message says why)."""
-
-
-def positive_seconds(text: str) -> float:
-    """An argparse type: a number of seconds above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 s, not {text}")
-    return value
 
 
 def add_control_parsers(worker: argparse.ArgumentParser) -> None:
