@@ -16,6 +16,7 @@ from diffsplit.engine.example_workflows import sd15_workflow
 from diffsplit.engine.execution_cache import ExecutionCache
 from diffsplit.engine.executor import Executor
 from diffsplit.engine.formats import load_workflow
+from diffsplit.engine.models.tiny import TINY_GENIE_HEAD_FILE
 from diffsplit.engine.sampling.samplers import SAMPLER_NAMES
 
 from .conftest import HOLE, IMAGE_SIDE, png_pixels
@@ -263,6 +264,11 @@ def test_every_sampler_runs_with_karras(
 ) -> None:
     workflow = txt2img()
     workflow[SAMPLER]["inputs"].update(sampler_name=sampler_name, scheduler="karras", steps=2)
+    if sampler_name == "genie_head":  # the one sampler that needs a MODEL with a head
+        inputs = workflow[SAMPLER]["inputs"]
+        workflow["90"] = {"class_type": "GenieHeadLoader",
+                          "inputs": {"model": inputs["model"], "head_name": TINY_GENIE_HEAD_FILE}}
+        inputs["model"] = ["90", 0]
     result = run_workflow(workflow, cache=shared_cache)
     samples = result.outputs[SAMPLER][0]["samples"]
     assert samples.shape == (1, 4, 8, 8) and torch.isfinite(samples).all() and samples.abs().max() > 0

@@ -10,8 +10,6 @@ legitimate upload intact.
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,27 +22,15 @@ from diffsplit.remote.errors import BadRequest
 from diffsplit.remote.uploads import PARTS_FOLDER, UploadLimits, UploadReceiver
 from diffsplit.transport.sockets import Client
 
-from diffsplit.demo import READY_PREFIX
+from .test_bounded_work import started_worker
 
 MIB = 1 << 20
 
 
 @contextmanager
 def upload_worker(store: Path, *extra: str) -> Iterator[str]:
-    command = [sys.executable, "-m", "diffsplit.cli", "worker", "--models", str(store), "--listen",
-               "tcp://127.0.0.1:*", "--allow-upload", "--insecure", *extra]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    try:
-        line = process.stdout.readline()
-        assert line.startswith(READY_PREFIX), line
-        yield line[len(READY_PREFIX):].split()[0]
-    finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with started_worker(store, "--allow-upload", "--insecure", *extra) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")

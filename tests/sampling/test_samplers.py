@@ -8,10 +8,13 @@ probability-flow ODE maps a start ``x_T`` at sigma_T to
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from diffsplit.engine.models.genie_head import tiny_genie_head
 from diffsplit.engine.sampling.noise import (
     BrownianTreeNoiseSampler,
     GaussianNoiseSampler,
@@ -99,14 +102,32 @@ def test_lcm_jumps_to_the_denoised_latent_and_renoises() -> None:
     torch.testing.assert_close(sample, exact_denoiser(seen[1], schedule[1]))
 
 
+@dataclass(frozen=True)
+class _WithHead:
+    """The exact denoiser behind a MODEL-like object carrying a GENIE head (the genie_head sampler's)."""
+
+    model: Any
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return exact_denoiser(x, sigma)
+
+
+def _denoiser_for(name: str) -> Any:
+    """``exact_denoiser``; for genie_head, the same with a seeded head attached."""
+    if name == "genie_head":
+        return _WithHead(SimpleNamespace(genie_head=tiny_genie_head(0)))
+    return exact_denoiser
+
+
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
 def test_every_sampler_is_deterministic_for_a_generator_seed(name: str) -> None:
     schedule = sigmas(SD, "normal", 6)
     x_t = _start(schedule[0], size=8)
     run = get_sampler(name).function
-    first = run(exact_denoiser, x_t, schedule, generator=seeded_generator(11))
-    again = run(exact_denoiser, x_t, schedule, generator=seeded_generator(11))
-    other_seed = run(exact_denoiser, x_t, schedule, generator=seeded_generator(12))
+    denoiser = _denoiser_for(name)
+    first = run(denoiser, x_t, schedule, generator=seeded_generator(11))
+    again = run(denoiser, x_t, schedule, generator=seeded_generator(11))
+    other_seed = run(denoiser, x_t, schedule, generator=seeded_generator(12))
     assert torch.equal(first, again)
     assert torch.isfinite(first).all()
     if name in SDE_SAMPLERS or name == "lcm":
@@ -120,7 +141,7 @@ def test_callback_runs_once_per_step_in_order(name: str) -> None:
     schedule = sigmas(SD, "karras", 5)
     steps: list[int] = []
     get_sampler(name).function(
-        exact_denoiser,
+        _denoiser_for(name),
         _start(schedule[0], size=8),
         schedule,
         generator=seeded_generator(0),
