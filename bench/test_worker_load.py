@@ -36,7 +36,7 @@ from diffsplit.engine.trace_workflow import output_recipe_source
 from diffsplit.transport.errors import TransportError
 from diffsplit.transport.sockets import Client
 
-from diffsplit.demo import READY_PREFIX
+from diffsplit.demo import READY_PREFIX, stop_process
 
 CLIENTS = 32
 REQUESTS_PER_CLIENT = 50
@@ -171,12 +171,7 @@ def test_32_clients_x_50_requests_no_reply_lost_or_duplicated(benchmark, capsys,
         benchmark.pedantic(load, rounds=1, iterations=1)
         rss_after = worker.memory_info().rss
     finally:
-        process.terminate()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 60)
         log.close()
 
     sent_total = CLIENTS * REQUESTS_PER_CLIENT

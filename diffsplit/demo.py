@@ -49,12 +49,17 @@ def local_worker(models: Path, *, timeout_s: float = 120.0) -> Iterator[str]:
         address = _wait_ready(process, timeout_s)
         yield address
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
+
+
+def stop_process(process: subprocess.Popen[str], timeout_s: float = 20.0) -> None:
+    """SIGTERM ``process`` (a worker drains and exits), SIGKILL it if it is not gone in ``timeout_s``."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _wait_ready(process: subprocess.Popen, timeout_s: float) -> str:

@@ -31,7 +31,7 @@ from diffsplit.remote.errors import BadRequest
 from diffsplit.remote.work_limits import WorkLimits, check_node_inputs, check_pipeline_call
 from diffsplit.transport.sockets import Client
 
-from diffsplit.demo import READY_PREFIX
+from diffsplit.demo import READY_PREFIX, stop_process
 
 GIB = 1 << 30
 #: The caps of the ``capped`` worker: 512² pixels, 4 images, 50 steps, 2 GiB / 1000 per request.
@@ -49,12 +49,7 @@ def started_worker(models: Path, *extra: str) -> Iterator[str]:
         assert line.startswith(READY_PREFIX), line
         yield line[len(READY_PREFIX):].split()[0]
     finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ for the store's absolute path and any path the attacker sent.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from diffsplit.tracer.files import StoreFileRefs
 from diffsplit.transport.sockets import Client
 from safetensors.torch import save_file
 
-from diffsplit.demo import READY_PREFIX
+from .test_bounded_work import started_worker
 
 SHA = "b" * 64
 SECRET = torch.arange(7.0) * 3.25  # a tensor no model in the store holds
@@ -52,23 +51,8 @@ def outside(tmp_path: Path) -> Path:
 @pytest.fixture
 def worker(store: Path) -> Iterator[str]:
     """``diffsplit worker --allow-upload --insecure`` on ``store`` (no CURVE, no --trust-code)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "diffsplit.cli", "worker", "--models", str(store), "--listen",
-         "tcp://127.0.0.1:*", "--allow-upload", "--insecure", "--grace", "5"],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith(READY_PREFIX), line
-        yield line[len(READY_PREFIX):].split()[0]
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with started_worker(store, "--allow-upload", "--insecure", "--grace", "5") as address:
+        yield address
 
 
 def texts(reply: dict[str, Any]) -> str:
