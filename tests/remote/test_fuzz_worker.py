@@ -15,9 +15,13 @@ worker's RSS after a warm-up and at its end.
 
 from __future__ import annotations
 
+import functools
+import gc
 import logging
 import os
+import sys
 import threading
+import types
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -91,6 +95,29 @@ def fuzz(target: FuzzTarget, share: str, cases: st.SearchStrategy[Any], body: Ca
     report(target, share)
 
 
+def _module_constants() -> set[int]:
+    """Ids of tensors that modules hold as constants (two containers deep): lazy imports, not leaks."""
+    found: set[int] = set()
+    pending: list[tuple[Any, int]] = [(vars(module), 0) for module in list(sys.modules.values())
+                                      if issubclass(type(module), types.ModuleType)]
+    while pending:  # type() only: isinstance() would wake lazy proxies (transformers' modules)
+        value, depth = pending.pop()
+        if issubclass(type(value), torch.Tensor):
+            found.add(id(value))
+        elif depth <= 2 and type(value) in (dict, list, tuple):
+            items = value.values() if isinstance(value, dict) else value
+            pending.extend((item, depth + 1) for item in items)
+    return found
+
+
+def live_tensors() -> int:
+    """Tensors alive in this process but for modules' constants: a case's tensors kept alive show here."""
+    gc.collect()
+    constants = _module_constants()
+    return sum(1 for obj in gc.get_objects()
+               if issubclass(type(obj), torch.Tensor) and id(obj) not in constants)
+
+
 def rss_bytes() -> int:
     """This process's resident set (the worker runs in it)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -110,12 +137,17 @@ _INTS = st.one_of(st.integers(-3, 300), st.integers(-(2**63), 2**64 - 1),
                   st.sampled_from([2**31, 2**32, 2**63 - 1, 4096, 65536]))
 
 
+# Strategies made once, at import (hypothesis keeps what it makes: none is built per case).
+_TENSOR_DTYPE, _TENSOR_KIND = st.sampled_from(_TORCH_DTYPES), st.sampled_from(["torch", "numpy", "scalar"])
+_TENSOR_SHAPE, _BIT = st.lists(st.integers(0, 4), max_size=4), st.integers(0, 1)
+
+
 @st.composite
 def tensors(draw: st.DrawFn) -> Any:
-    dtype = draw(st.sampled_from(_TORCH_DTYPES))
-    shape = tuple(draw(st.lists(st.integers(0, 4), max_size=4)))
-    kind = draw(st.sampled_from(["torch", "numpy", "scalar"]))
-    t = torch.zeros(shape, dtype=getattr(torch, dtype)).fill_(draw(st.integers(0, 1)))
+    dtype = draw(_TENSOR_DTYPE)
+    shape = tuple(draw(_TENSOR_SHAPE))
+    kind = draw(_TENSOR_KIND)
+    t = torch.zeros(shape, dtype=getattr(torch, dtype)).fill_(draw(_BIT))
     if kind == "torch" or dtype == "bfloat16":
         return t
     array = t.numpy()
@@ -191,6 +223,7 @@ def _input_value(spec: Any) -> st.SearchStrategy[Any]:
     return mostly(good, st.one_of(MARKED, VALUES))
 
 
+@functools.cache
 def node_inputs(name: str) -> st.SearchStrategy[dict[str, Any]]:
     """Inputs for node class ``name`` by its declared names and types (each mostly present)."""
     return st.fixed_dictionaries({spec.name: _input_value(spec) for spec in _REGISTRY[name].inputs})
@@ -205,6 +238,15 @@ def mostly(good: st.SearchStrategy[Any], other: st.SearchStrategy[Any] = VALUES)
 
 
 def op_fields(op: str) -> st.SearchStrategy[dict[str, Any]]:
+    """Random fields for one op (one strategy per op, made once: hypothesis keeps what it makes)."""
+    return _op_fields(op if op in _FIELDS_OF_OPS else "")
+
+
+_FIELDS_OF_OPS = frozenset({"echo", "run_node", "call", "run_function", "upload"})
+
+
+@functools.cache
+def _op_fields(op: str) -> st.SearchStrategy[dict[str, Any]]:
     """Random fields for one op, near what the worker reads (and sometimes anything at all)."""
     inputs = st.dictionaries(st.one_of(st.text(max_size=8), st.sampled_from(_FIELDS)),
                              st.one_of(VALUES, MARKED), max_size=5)
@@ -249,10 +291,13 @@ OPS = ["hello", "echo", "stats", "status", "free", "run_node", "call", "run_func
        "heartbeat", "progress", "error", "result"]
 
 
+_OPS = mostly(st.sampled_from(OPS), st.text(max_size=10))
+
+
 @st.composite
 def requests(draw: st.DrawFn) -> tuple[dict[str, Any], bool]:
     """A header, and whether the request id is fresh (then a reply must come)."""
-    op = draw(mostly(st.sampled_from(OPS), st.text(max_size=10)))
+    op = draw(_OPS)
     header = {"op": op, **draw(op_fields(op))}
     node = header.get("node")
     class_type = node.get("class_type") if isinstance(node, dict) else None
@@ -269,23 +314,27 @@ _DESCRIPTOR_DIMS = st.one_of(st.integers(0, 3), st.sampled_from([2**31, 2**63, 2
                              st.integers(-2, 9))
 
 
+_TABLE_LENGTH, _FILL = st.integers(0, 3), st.sampled_from([0, 1, 7])
+_KIND = st.one_of(st.sampled_from([0, 1, 2]), PLAIN)
+_DTYPE = st.one_of(st.sampled_from(_TORCH_DTYPES), PLAIN)
+_SHAPE = st.one_of(st.lists(_DESCRIPTOR_DIMS, max_size=3), PLAIN)
+
+
 @st.composite
 def tables(draw: st.DrawFn) -> tuple[list[Any], list[bytes]]:
     """A tensor table, mostly well-formed, and the frames it may point at."""
     table, frames = [], []
-    for _ in range(draw(st.integers(0, 3))):
-        kind = draw(st.one_of(st.sampled_from([0, 1, 2]), PLAIN))
-        dtype = draw(st.one_of(st.sampled_from(_TORCH_DTYPES), PLAIN))
-        shape = draw(st.one_of(st.lists(_DESCRIPTOR_DIMS, max_size=3), PLAIN))
+    for _ in range(draw(_TABLE_LENGTH)):
+        kind, dtype, shape = draw(_KIND), draw(_DTYPE), draw(_SHAPE)
         size = ITEMSIZE.get(dtype, 1) if isinstance(dtype, str) else 1
         for d in shape if isinstance(shape, list) else []:
             size *= d if isinstance(d, int) else 1
-        data = bytes([draw(st.sampled_from([0, 1, 7]))]) * size if 0 <= size <= 256 else b"\x00"
+        data = bytes([draw(_FILL)]) * size if 0 <= size <= 256 else b"\x00"
         if draw(st.booleans()):
             frames.append(data)
-            loc: Any = draw(st.one_of(st.just(len(frames) - 1), _INTS))
+            loc: Any = len(frames) - 1 if not draw(_ONE_IN_TEN) else draw(_INTS)
         else:
-            loc = draw(st.one_of(st.just(data), PLAIN))
+            loc = data if not draw(_ONE_IN_TEN) else draw(PLAIN)
         table.append([kind, dtype, shape, loc])
     return table, frames
 
@@ -330,13 +379,15 @@ class FuzzTarget:
     sock: zmq.Socket[Any]
     cases: int = 0
     rss_before: int = 0
+    tensors_before: int = 0
     warmup: int = 0
     #: what the cases' replies were: (op, error kind or type) -> count
     outcomes: Counter[str] = field(default_factory=Counter)
     samples: dict[str, set[str]] = field(default_factory=dict)  # a few error messages of each outcome
 
     def start(self, examples: int) -> None:
-        self.cases, self.warmup, self.rss_before = 0, min(max(1, examples // 10), ROUND), rss_bytes()
+        self.cases, self.warmup = 0, min(max(1, examples // 10), ROUND)
+        self.rss_before, self.tensors_before = rss_bytes(), live_tensors()
 
     def send(self, parts: list[Any], expected_id: str | None = None) -> dict[str, dict[str, Any]]:
         """Send one case, then wait for hello's reply (and the case's own, when it needs one).
@@ -345,7 +396,7 @@ class FuzzTarget:
         """
         self.cases += 1
         if self.cases == self.warmup:
-            self.rss_before = rss_bytes()
+            self.rss_before, self.tensors_before = rss_bytes(), live_tensors()
         self.sock.send_multipart(parts, copy=True)
         hello = f"alive-{uuid.uuid4().hex}"
         self.sock.send_multipart(encode({"op": "hello", "request_id": hello}))
@@ -420,15 +471,22 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget]:
 
 
 def report(target: FuzzTarget, name: str) -> None:
-    after = rss_bytes()
+    after, tensors = rss_bytes(), live_tensors()
     print(f"\nreplies so far: {dict(target.outcomes.most_common())}")
     if os.environ.get("DIFFSPLIT_FUZZ_SAMPLES"):
         for outcome, messages in target.samples.items():
             print(f"  {outcome}:\n    " + "\n    ".join(sorted(messages)))
+    held = getattr(target.worker.held, "_values", {})  # kept on purpose, up to the --held budget
+    held_bytes = sum(size for _, size in held.values())
     print(f"\nfuzz {name}: {target.cases} cases; worker RSS {target.rss_before / 2**20:.0f} MiB after "
-          f"{target.warmup} cases of warm-up, {after / 2**20:.0f} MiB at the end")
+          f"{target.warmup} cases of warm-up, {after / 2**20:.0f} MiB at the end; it holds {len(held)} "
+          f"conditioning values ({held_bytes / 2**20:.0f} MiB of its {target.worker.held.budget_bytes >> 20} "
+          f"MiB budget) and caches {target.worker.cache.stats().entries} models; live tensors "
+          f"{target.tensors_before} after warm-up, {tensors} at the end")
+    assert tensors <= target.tensors_before + len(held) + 16, "tensors built for the cases stay alive"
     if LONG_RUN:
-        assert after - target.rss_before < MAX_RSS_GROWTH, "the worker's memory grew during the fuzz"
+        grown = after - target.rss_before - held_bytes
+        assert grown < MAX_RSS_GROWTH, "the worker's memory grew during the fuzz"
 
 
 # The tests --------------------------------------------------------------------
