@@ -8,7 +8,7 @@ answer ``hello``; a request that needs a reply must get one (its own or, when
 it could not be read, an error); nothing may reach the guards that catch bugs
 (those log "failed" with a traceback from the transport or the dispatcher).
 
-``DIFFSPLIT_FUZZ_EXAMPLES`` sets the total number of cases (default 1500,
+``DIFFSPLIT_FUZZ_EXAMPLES`` sets the total number of cases (default 3000,
 shared by the three tests; ``make fuzz`` runs 100,000). Each test prints the
 worker's RSS after a warm-up and at its end.
 """
@@ -44,7 +44,7 @@ from hypothesis import strategies as st
 
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 
-TOTAL_EXAMPLES = int(os.environ.get("DIFFSPLIT_FUZZ_EXAMPLES", "1500"))
+TOTAL_EXAMPLES = int(os.environ.get("DIFFSPLIT_FUZZ_EXAMPLES", "3000"))
 #: Each test's share of the cases.
 SHARES = {"frames": 0.2, "tables": 0.2, "ops": 0.6}
 LONG_RUN = TOTAL_EXAMPLES > 10_000
