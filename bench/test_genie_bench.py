@@ -130,7 +130,7 @@ def _run(name: str, denoiser: CFGDenoiser, x: torch.Tensor, steps: int) -> tuple
         if name == "genie":
             curvature = Curvature(counted)
             sample = run_genie(curvature, x * schedule[0], schedule)
-            nfe = count[0] + curvature.nfe - count[0]  # the curvature counts every evaluation itself
+            nfe = curvature.nfe  # a JVP counts as two evaluations, which the call counter cannot see
         else:
             sample = get_sampler(name).function(counted, x * schedule[0], schedule)
             nfe = count[0]
