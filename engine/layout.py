@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffsplit.engine.value_walk import DESCEND, map_value
 
 
 def contiguous_value(value: Any, memo: dict[int, Any] | None = None) -> Any:
@@ -21,20 +22,10 @@ def contiguous_value(value: Any, memo: dict[int, Any] | None = None) -> Any:
     Containers are rebuilt only where a tensor inside changed, and one tensor
     met twice becomes one copy, so identities the caller relies on survive.
     """
-    memo = {} if memo is None else memo
-    key = id(value)
-    if key in memo:
-        return memo[key]
-    result = value
+    return map_value(value, _contiguous, memo)
+
+
+def _contiguous(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        result = value if value.is_contiguous() else value.contiguous()
-    elif type(value) is dict:  # not subclasses (library result classes keep their own type)
-        items = {name: contiguous_value(item, memo) for name, item in value.items()}
-        if any(items[name] is not item for name, item in value.items()):
-            result = items
-    elif type(value) in (list, tuple):
-        items_list = [contiguous_value(item, memo) for item in value]
-        if any(new is not old for new, old in zip(items_list, value, strict=True)):
-            result = items_list if isinstance(value, list) else tuple(items_list)
-    memo[key] = result
-    return result
+        return value if value.is_contiguous() else value.contiguous()
+    return DESCEND
