@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from diffsplit import __version__
 from diffsplit.arg_types import non_negative_int, positive_float, positive_int, positive_seconds
 from diffsplit.client_args import add_client_arguments
+from diffsplit.device_args import add_device_arguments
 from diffsplit.worker_control import add_control_parsers
 
 EXIT_USAGE = 2
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="local: a node whose workers are all gone or overloaded runs here instead "
                      "(same result); without it the run fails naming the worker")
     add_client_arguments(run)
+    add_device_arguments(run, what="the nodes run here")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
     keys = sub.add_parser("keys", help="CURVE key pairs for workers and clients")
@@ -109,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ZeroMQ endpoint to bind (default tcp://127.0.0.1:5555); beyond loopback it "
                         "needs --curve-secret (or --insecure)")
     worker.add_argument("--cache-gb", type=float, default=8.0, help="model cache budget in GiB (default 8)")
-    worker.add_argument("--slots", type=int, default=1, help="nodes run at once (default 1)")
+    worker.add_argument("--slots", type=int, default=1,
+                        help="nodes run at once (default 1); with a device budget, a node whose models and "
+                        "activations do not fit beside the running ones waits, and its client is told why")
+    add_device_arguments(worker, what="the worker's nodes")
     worker.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads per job (default: each job runs with its client's thread count, "
                         "so results equal the client's local run)")

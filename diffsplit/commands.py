@@ -42,10 +42,16 @@ def run(args: argparse.Namespace) -> int:
         registry, store, inputs_dir=Path(args.inputs), output_dir=Path(args.out),
         progress=printer.step, max_workers=max(1, args.workers or (2 if assigned else 1)),
     )
+    memory = _local_device(args, printer)
     started = time.perf_counter()
     runner = _remote_runner(assigned, workflow, registry, store, args) if assigned else None
+    inner = runner or run_node_locally
+    if memory is not None:
+        from diffsplit.engine.device_runner import DeviceNodeRunner
+
+        inner = DeviceNodeRunner(inner, memory, elsewhere=lambda node_id: node_id in assigned)
     try:
-        result = executor.run(workflow, node_runner=_printing(runner or run_node_locally, printer, runner))
+        result = executor.run(workflow, node_runner=_printing(inner, printer, runner))
     finally:
         if runner is not None:
             runner.close()
@@ -65,9 +71,29 @@ def run(args: argparse.Namespace) -> int:
                 for node_id, t in result.timings.items()
             },
             "remote": runner.stats_json() if runner is not None else {},
+            "device": _device_stats(memory),
         }
         Path(args.stats).write_text(json.dumps(stats, indent=2) + "\n")
     return 0
+
+
+def _local_device(args: argparse.Namespace, printer: ProgressPrinter) -> Any:
+    """The device memory manager for the nodes run here, or None where they run as loaded (CPU, fp32)."""
+    from diffsplit.device_args import describe, device_memory_from_args
+
+    memory = device_memory_from_args(args)
+    if memory.device.type == "cpu" and memory.policy.all_float32 and memory.budget_bytes is None:
+        return None  # models compute where and as they were loaded: nothing to place
+    printer.message(f"local nodes compute on {describe(memory)}")
+    return memory
+
+
+def _device_stats(memory: Any) -> dict[str, Any]:
+    import dataclasses
+
+    if memory is None:
+        return {"device": "cpu", "dtypes": "as loaded (fp32)"}
+    return {**dataclasses.asdict(memory.stats()), "dtypes": memory.policy.describe()}
 
 
 def _printing(inner: Any, printer: ProgressPrinter, remote: Any) -> Any:
@@ -176,6 +202,16 @@ def _worker_limits(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _worker_device(args: argparse.Namespace) -> dict[str, Any]:
+    """The WorkerConfig device settings (``--device``, the dtypes, ``--vram-gb``)."""
+    vram_gb = getattr(args, "vram_gb", None)
+    return {
+        "device": args.device, "dtype": args.dtype, "unet_dtype": args.unet_dtype,
+        "vae_dtype": args.vae_dtype, "text_encoder_dtype": args.text_encoder_dtype,
+        "vram_bytes": None if vram_gb is None else int(vram_gb * (1 << 30)),
+    }
+
+
 def worker(args: argparse.Namespace) -> int:
     """``diffsplit worker``: serve until SIGTERM/SIGINT, then finish or fail in-flight work.
 
@@ -209,7 +245,7 @@ def worker(args: argparse.Namespace) -> int:
         cache_bytes=int(args.cache_gb * (1 << 30)),
         slots=args.slots, max_queue=args.max_queue, allow_upload=args.allow_upload, threads=args.threads,
         trust_code=args.trust_code, curve=curve, insecure=args.insecure,
-        idle_unload_s=getattr(args, "idle_unload_s", None), **_worker_limits(args),
+        idle_unload_s=getattr(args, "idle_unload_s", None), **_worker_limits(args), **_worker_device(args),
         grace_s=args.grace, settings=Settings(heartbeat_interval=args.heartbeat,
                                              heartbeat_timeout=args.heartbeat_timeout),
     )
@@ -217,7 +253,10 @@ def worker(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: daemon.stop())
-    print(f"diffsplit worker listening on {daemon.endpoint} (models: {config.models})", flush=True)
+    from diffsplit.device_args import describe
+
+    print(f"diffsplit worker listening on {daemon.endpoint} (models: {config.models}; "
+          f"device: {describe(daemon.memory)})", flush=True)
     code = 0
     try:
         daemon.serve()

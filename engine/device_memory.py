@@ -100,12 +100,13 @@ def target_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
     return total
 
 
-def is_placed(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether every parameter and buffer already sits on ``device`` and every floating one is ``dtype``."""
+def is_placed(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> bool:
+    """Whether every parameter and buffer already sits on ``device`` and every floating one is ``dtype``
+    (None: any dtype)."""
     for tensor in (*module.parameters(), *module.buffers()):
         if not same_device(tensor.device, device):
             return False
-        if tensor.is_floating_point() and tensor.dtype != dtype:
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
             return False
     return True
 

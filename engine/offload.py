@@ -63,6 +63,7 @@ from diffsplit.transport.errors import (
     UnsupportedType,
 )
 from diffsplit.transport.protocol import Settings
+from diffsplit.transport.shown import shown
 from diffsplit.transport.sockets import Client, Exchange
 
 #: (node id, output index) of a local loader node → the recipe dict of that output, or None.
@@ -457,6 +458,10 @@ class RemoteRunner:
 
 
 def _forward_progress(call: NodeCall, message: Mapping[str, Any]) -> None:
+    waiting = message.get("waiting")
+    if isinstance(waiting, str):  # the worker's admission: this node waits for device memory
+        log.warning("node %s (%s): the worker says: %s", call.node.id, call.node.class_type,
+                    shown(waiting, 300))
     step, total = message.get("step"), message.get("total")
     if isinstance(step, int) and isinstance(total, int):
         call.context.progress(step, total)

@@ -112,6 +112,17 @@ def outputs_to_host(outputs: Any, placement: Placement | None = None) -> Any:
     return map_value(outputs, leaf, {}, into_dataclasses=True)
 
 
+def tensors_to(device: torch.device, value: Any) -> Any:
+    """``value`` with every tensor in its dicts, lists, tuples and dataclasses on ``device`` (dtype kept)."""
+
+    def leaf(item: Any) -> Any:
+        if isinstance(item, torch.Tensor):
+            return item.to(device)
+        return DESCEND
+
+    return map_value(value, leaf, {}, into_dataclasses=True)
+
+
 def device_modules(
     inputs: Mapping[str, Any], memory: DeviceMemory
 ) -> list[tuple[torch.nn.Module, torch.dtype]]:

@@ -25,6 +25,7 @@ models left unused that long (``remote.idle_unload``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -35,9 +36,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffsplit.engine.device_memory import DeviceMemory, DeviceOutOfMemory, is_placed
+from diffsplit.engine.device_runner import computes_on_device, run_on_device
+from diffsplit.engine.devices import default_budget_bytes, resolve_device
+from diffsplit.engine.dtypes import DtypePolicy
 from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.extra_paths import open_store
 from diffsplit.engine.nodes.registry import NodeRegistry, default_registry
+from diffsplit.engine.placement import outputs_to_host, tensors_to
 from diffsplit.engine.run_files import RUN_FILES_FIELD, RunFilesError, parse_run_files
 from diffsplit.engine.wire_values import HintTable, WireValueError, from_wire, to_wire, walk_values
 from diffsplit.remote.builder import ModelBuilder
@@ -114,6 +120,14 @@ class WorkerConfig:
     upload_idle_s: float = 600.0
     #: drop cached models no job used for this many seconds (None: keep them until evicted or freed)
     idle_unload_s: float | None = None
+    #: where nodes compute and in which dtypes (``engine.devices``, ``engine.dtypes``); auto: CUDA, MPS, CPU
+    device: str = "auto"
+    dtype: str = "auto"
+    unet_dtype: str = "auto"
+    vae_dtype: str = "auto"
+    text_encoder_dtype: str = "auto"
+    #: device memory for models and activations (None: free memory at start minus 1 GiB on CUDA)
+    vram_bytes: int | None = None
 
     @property
     def work_limits(self) -> WorkLimits:
@@ -126,6 +140,15 @@ class WorkerConfig:
         """Requests one client may have in flight: the slots plus its part of the queue."""
         waiting = self.max_queue // 2 if self.max_queue_per_client is None else self.max_queue_per_client
         return self.slots + max(0, min(waiting, self.max_queue))
+
+
+def worker_device_memory(config: WorkerConfig) -> DeviceMemory:
+    """The device memory manager for ``config`` (DeviceError/DtypeError name a bad setting)."""
+    device = resolve_device(config.device)
+    policy = DtypePolicy.choose(device, dtype=config.dtype, unet=config.unet_dtype, vae=config.vae_dtype,
+                                text_encoder=config.text_encoder_dtype)
+    budget = config.vram_bytes if config.vram_bytes is not None else default_budget_bytes(device)
+    return DeviceMemory(device, policy, budget)
 
 
 class WorkerFailed(DiffsplitError):
@@ -248,6 +271,8 @@ class Worker:
         #: rewrites this machine's paths out of every error reply (the last line of defence)
         self.redactor = PathRedactor.for_store(self.store.root, self.store.extra_folders)
         self.cache = ModelCache(config.cache_bytes)
+        #: placed copies of the cached models on the compute device, under the device budget
+        self.memory = worker_device_memory(config)
         self.builder = ModelBuilder(self.store, self.registry, self.cache)
         self.held = HeldValues(config.held_bytes)
         self.echo_budget = EchoBudget()
@@ -364,7 +389,8 @@ class Worker:
         self._send(request, {"op": "result", "worker": self._describe()})
 
     def _stats(self, request: Request) -> None:
-        self._send(request, {"op": "result", "cache": vars(self.cache.stats())})
+        self._send(request, {"op": "result", "cache": vars(self.cache.stats()),
+                             "device": dataclasses.asdict(self.memory.stats())})
 
     def _status(self, request: Request) -> None:
         """Op ``status``: models cached, queue, slots, clients (read-only; no paths, no keys)."""
@@ -383,6 +409,7 @@ class Worker:
     def _free(self, request: Request) -> None:
         """Op ``free``: drop every cached model no running job uses; the reply lists what went."""
         may_control(request, self.endpoint, authenticates_clients=self.server.is_authenticated)
+        self.memory.free_unpinned()
         self._send(request, free_reply(self.cache, self.requests.logger))
 
     def _echo(self, request: Request) -> None:
@@ -396,7 +423,8 @@ class Worker:
 
     def _describe(self) -> dict[str, Any]:
         return {"version": __version__, "slots": self.config.slots, "allow_upload": self.config.allow_upload,
-                "cache_budget_bytes": self.config.cache_bytes}
+                "cache_budget_bytes": self.config.cache_bytes, "device": str(self.memory.device),
+                "dtypes": self.memory.policy.describe(), "device_budget_bytes": self.memory.budget_bytes}
 
     def _upload(self, request: Request, received: float) -> dict[str, Any]:
         """Op ``upload``: one chunk of a model file (on a slot thread: the final chunk hashes the file)."""
@@ -529,7 +557,12 @@ class Worker:
             self.server.progress(request, {"node": node_id, "step": step, "total": total})
 
         context = _WorkerContext(node_id, report, files, self.builder.builder.resolve_file)
-        outputs = node_class.function(context, **inputs)
+
+        def waiting(why: str) -> None:
+            self.server.progress(request, {"node": node_id, "waiting": why})
+
+        outputs = self._compute(node_class, inputs, lambda placed: node_class.function(context, **placed),
+                                waiting=waiting)
         finished = time.monotonic()
         builds_after = self.cache.stats()
         try:
@@ -549,6 +582,16 @@ class Worker:
                 "cache_misses": builds_after.misses - builds_before.misses,
             },
         }
+
+    def _compute(self, node_class: Any, inputs: dict[str, Any], run: Callable[[dict[str, Any]], Any],
+                 *, waiting: Callable[[str], None]) -> Any:
+        """Run a node with its models placed on the compute device (compute nodes only)."""
+        if not computes_on_device(node_class):
+            return run(inputs)
+        try:
+            return run_on_device(self.memory, node_class, inputs, run, on_wait=waiting)
+        except DeviceOutOfMemory as exc:
+            raise NodeFailed(str(exc)) from exc
 
     def _run_function(self, request: Request, received: float) -> dict[str, Any]:
         """Op ``run_function``: a ``@node`` step's pickled code (only --trust-code, only authenticated)."""
@@ -599,7 +642,7 @@ class Worker:
             raise BadRequest("'args' must be a list and 'kwargs' a mapping")
         rebuilt = time.monotonic()
         with torch.no_grad():
-            output = function(*args, **kwargs)
+            output = self._call_on_device(function, args, kwargs)
         finished = time.monotonic()
         generators = [value for value in walk_values([args, kwargs]) if isinstance(value, torch.Generator)]
         try:
@@ -613,6 +656,17 @@ class Worker:
                 "queue_s": started - received, "rebuild_s": rebuilt - started, "run_s": finished - rebuilt,
             },
         }
+
+    def _call_on_device(self, function: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """Call ``function``; a module runs on the compute device in its own dtype (arguments moved there,
+        the result brought back to the CPU). Pipelines and functions run where they are."""
+        if not isinstance(function, torch.nn.Module) or is_placed(function, self.memory.device, None):
+            return function(*args, **kwargs)
+        device = self.memory.device
+        with self.memory.job(what=type(function).__name__):
+            placed = self.memory.place_as(function, None)
+            moved_args, moved_kwargs = tensors_to(device, [args, kwargs])
+            return outputs_to_host(placed(*moved_args, **moved_kwargs))
 
     def _held_values(self, header: Mapping[str, Any]) -> dict[str, Any]:
         uses = header.get("uses_held")
