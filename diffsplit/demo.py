@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -40,10 +40,13 @@ def demo_workflow() -> dict:
 
 
 @contextlib.contextmanager
-def local_worker(models: Path, *, timeout_s: float = 120.0) -> Iterator[str]:
-    """A worker daemon in a child process on a free loopback port; yields its address."""
+def local_worker(models: Path, *, timeout_s: float = 120.0, extra_args: Sequence[str] = ()) -> Iterator[str]:
+    """A worker daemon in a child process on a free loopback port; yields its address.
+
+    ``extra_args`` go to ``diffsplit worker`` as they are (``--dtype fp16``, ``--slots 2``...).
+    """
     command = [sys.executable, "-m", "diffsplit.cli", "worker", "--models", str(models),
-               "--listen", "tcp://127.0.0.1:*", "--cache-gb", "2", "--grace", "5"]
+               "--listen", "tcp://127.0.0.1:*", "--cache-gb", "2", "--grace", "5", *extra_args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ})
     try:
         address = _wait_ready(process, timeout_s)
