@@ -85,6 +85,8 @@ class _Copy:
 class _JobPins:
     keys: set[int] = field(default_factory=set)
     activation_bytes: int = 0
+    #: what the job declared it will place: counted as busy until placed, so a job admitted beside it waits
+    modules: tuple[tuple[torch.nn.Module, torch.dtype], ...] = ()
 
 
 def target_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
@@ -175,12 +177,11 @@ class DeviceMemory:
         if getattr(self._local, "job", None) is not None:
             yield
             return
-        pins = _JobPins(activation_bytes=max(0, activation_bytes))
+        pins = _JobPins(activation_bytes=max(0, activation_bytes), modules=tuple(modules))
         with self._lock:
             self._purge_dead_locked()
             self._reserve_locked(pins, modules, what, on_wait)
-            self._jobs[id(pins)] = pins
-            self._note_peak_locked()
+            self._jobs[id(pins)] = pins  # the peak counts its activations when it places
         self._local.job = pins
         try:
             yield
@@ -287,6 +288,10 @@ class DeviceMemory:
             total += target_bytes(module, dtype)
         return total
 
+    def _declared_locked(self) -> int:
+        """Bytes running jobs declared but have not placed yet (placed ones count as pinned)."""
+        return sum(self._weights_needed_locked(job.modules) for job in self._jobs.values())
+
     def _reserve_locked(self, pins: _JobPins, modules: Sequence[tuple[torch.nn.Module, torch.dtype]],
                         what: str, on_wait: Callable[[str], None] | None) -> None:
         if self.budget_bytes is None:
@@ -296,7 +301,7 @@ class DeviceMemory:
             needs = pins.activation_bytes + self._weights_needed_locked(modules)
             if needs > self.budget_bytes:
                 raise DeviceOutOfMemory(what, needs, self.budget_bytes)
-            busy = self._pinned_locked() + self._activations_locked()
+            busy = self._pinned_locked() + self._activations_locked() + self._declared_locked()
             if busy + needs <= self.budget_bytes or not self._jobs:
                 return  # fits beside the running jobs (unpinned copies make room), or nothing will finish
             if on_wait is not None and not told:
@@ -310,6 +315,8 @@ class DeviceMemory:
         if self.budget_bytes is None:
             return
         activations = self._activations_locked()
+        if self._pinned_locked() + activations + size > self.budget_bytes:  # fails anyway: evict nothing
+            raise DeviceOutOfMemory(what, size, self.budget_bytes, self._pinned_locked() + activations)
         for key, entry in list(self._copies.items()):
             if self._resident_locked() + activations + size <= self.budget_bytes:
                 return
@@ -332,11 +339,17 @@ class DeviceMemory:
         return forget
 
     def _purge_dead_locked(self) -> None:
+        still_pinned = []
         while self._dead:
             key = self._dead.popleft()
             entry = self._copies.get(key)
-            if entry is not None and entry.master() is None and entry.pins <= 0:
+            if entry is None or entry.master() is not None:
+                continue
+            if entry.pins > 0:
+                still_pinned.append(key)  # a running job uses it: it goes at the first purge after the job
+            else:
                 del self._copies[key]
+        self._dead.extend(still_pinned)
 
 
 def _float_dtype(module: torch.nn.Module) -> torch.dtype:

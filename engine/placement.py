@@ -128,12 +128,14 @@ def device_modules(
 ) -> list[tuple[torch.nn.Module, torch.dtype]]:
     """The (master, dtype) pairs :func:`place_inputs` would place: what a job's admission counts."""
     found: list[tuple[torch.nn.Module, torch.dtype]] = []
+    claimed: set[int] = set()  # modules a model type's field gave a kind: not re-kinded by class when met
 
     def leaf(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return value
         if isinstance(value, torch.nn.Module):
-            found.append((value, memory.policy.of(module_kind(value))))
+            if id(value) not in claimed:
+                found.append((value, memory.policy.of(module_kind(value))))
             return value
         kinds = _kinds_of(value)
         if kinds is None:
@@ -142,7 +144,10 @@ def device_modules(
             part = getattr(value, name)
             parts = part if isinstance(part, tuple) else (part,)
             dtype = memory.policy.of(kind)
-            found.extend((item, dtype) for item in parts if isinstance(item, torch.nn.Module))
+            for item in parts:
+                if isinstance(item, torch.nn.Module):
+                    found.append((item, dtype))
+                    claimed.add(id(item))
         return DESCEND  # a model type may hold more (a hint's ControlNet, a guider's model)
 
     map_value(dict(inputs), leaf, {}, into_dataclasses=True)
