@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
         "workers, tcp://a:5555,tcp://b:5555, tried in turn when one is gone or overloaded",
     )
     run.add_argument("--stats", metavar="FILE", help="write per-node timings and wire bytes as JSON")
+    run.add_argument("--compare-local", action="store_true",
+                     help="after the split run, run the workflow again all here (same --set, --device and "
+                     "dtypes; images into a temporary folder) and print, per IMAGE output and saved image, "
+                     "the max difference and PSNR (in --stats too: psnr_db \"inf\" when identical); "
+                     "needs --remote")
     run.add_argument("--upload-missing", action="store_true",
                      help="send a model file once to a worker that lacks it (needs --allow-upload there)")
     run.add_argument(

@@ -27,6 +27,10 @@ def run(args: argparse.Namespace) -> int:
     from diffsplit.engine.overrides import parse_set_options
     from diffsplit.engine.remote_assign import assign_remotes, describe_assignment
 
+    if getattr(args, "compare_local", False):
+        from diffsplit.compare_local import require_remote
+
+        require_remote(args.remote)  # before anything runs
     printer = ProgressPrinter(quiet=args.quiet)
     registry = default_registry()
     store = open_store(args.models, args.extra_model_paths)
@@ -62,6 +66,15 @@ def run(args: argparse.Namespace) -> int:
     for path in result.saved_files:
         print(path)
     printer.message(f"done in {elapsed:.2f}s ({len(result.executed)} nodes ran)")
+    comparison = None
+    if getattr(args, "compare_local", False):
+        from diffsplit.compare_local import compare_with_local
+
+        printer.message("compare-local: running the workflow again, all here, for reference")
+        comparison = compare_with_local(workflow, registry, store, result, inputs_dir=Path(args.inputs),
+                                        memory=memory, max_workers=executor.max_workers)
+        for line in comparison.lines():  # the report asked for: printed even with -q
+            print(line, file=sys.stderr, flush=True)
     if args.stats:
         stats = {
             "total_s": elapsed,
@@ -73,18 +86,19 @@ def run(args: argparse.Namespace) -> int:
             "remote": runner.stats_json() if runner is not None else {},
             "device": _device_stats(memory),
         }
+        if comparison is not None:
+            stats["compare_local"] = comparison.to_json()
         Path(args.stats).write_text(json.dumps(stats, indent=2) + "\n")
     return 0
 
 
 def _local_device(args: argparse.Namespace, printer: ProgressPrinter) -> Any:
     """The device memory manager for the nodes run here, or None where they run as loaded (CPU, fp32)."""
-    from diffsplit.device_args import describe, device_memory_from_args
+    from diffsplit.device_args import describe, local_device_memory
 
-    memory = device_memory_from_args(args)
-    if memory.device.type == "cpu" and memory.policy.all_float32 and memory.budget_bytes is None:
-        return None  # models compute where and as they were loaded: nothing to place
-    printer.message(f"local nodes compute on {describe(memory)}")
+    memory = local_device_memory(args)
+    if memory is not None:
+        printer.message(f"local nodes compute on {describe(memory)}")
     return memory
 
 

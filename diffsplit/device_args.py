@@ -50,6 +50,19 @@ def device_memory_from_args(args: argparse.Namespace) -> DeviceMemory:
     return DeviceMemory(device, policy, budget)
 
 
+def local_device_memory(args: argparse.Namespace) -> DeviceMemory | None:
+    """The device memory manager for the nodes run in this process, or None where none is needed.
+
+    None for the CPU in float32 with no budget: models then compute where and as they were loaded,
+    with no wrapper in the way, so a plain CPU run is exactly what it was before the device flags
+    (``diffsplit run``, ``profile`` and ``plan`` share this rule).
+    """
+    memory = device_memory_from_args(args)
+    if memory.device.type == "cpu" and memory.policy.all_float32 and memory.budget_bytes is None:
+        return None
+    return memory
+
+
 def describe(memory: DeviceMemory) -> str:
     """``cuda:0 (unet=fp16 vae=bf16 ...; budget 70.2 GiB)`` for the start-up line."""
     budget_bytes = memory.budget_bytes

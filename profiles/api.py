@@ -107,7 +107,7 @@ class _StepListener:
 
 def profile(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> CallProfile:
     """Call ``fn(*args, **kwargs)`` once and measure its ``@node``/``@loader`` steps."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device_in_use()
     watched = resolve_known_functions(specs=())
     name = getattr(fn, "__qualname__", repr(fn))
     with MemoryProbe(device=device) as probe:
@@ -128,6 +128,18 @@ def profile(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> CallProfile:
         steps = (StepMeasure(name, "call", 1, total_s, cpu_s, whole_memory.peak_bytes, whole_memory.kind,
                              dict.fromkeys(CATEGORIES, 0), 0),)
     return CallProfile(name, total_s, steps, hooked, result)
+
+
+def _device_in_use() -> str:
+    """``cuda`` where this process already computes on CUDA (its context is up), else ``cpu``.
+
+    A CUDA device merely being present says nothing about where ``fn`` computes: on a GPU machine
+    CPU code would read the idle allocator (zero) and be labelled ``cuda``. Code that starts CUDA
+    inside the profiled call is measured by RSS, and its steps say ``rss``.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
 
 
 def _parameter_bytes(values: list[Any]) -> int:

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 from diffsplit.profiles.errors import ProfileError
 
+from diffsplit.device_args import add_device_arguments
+
 if TYPE_CHECKING:
     from diffsplit.profiles.session import Profile
 
@@ -59,6 +61,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the profile as JSON (schema diffsplit.profile/1)")
     parser.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+    add_device_arguments(parser, what="the nodes measured and run here")
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,11 +124,13 @@ def _run(args: argparse.Namespace) -> Profile:
     from diffsplit.engine.remote_assign import check_address
     from diffsplit.engine.trace_workflow import output_recipe_source
     from diffsplit.profiles.link import parse_link
+    from diffsplit.profiles.local_device import probe_device
     from diffsplit.profiles.remote_model import parse_remote_speed
     from diffsplit.profiles.remote_runs import RunSetup
     from diffsplit.profiles.session import ProfileSettings, profile_workflow
 
     from diffsplit.client_args import client_options
+    from diffsplit.device_args import local_device_memory
 
     if args.remote:
         check_address(args.remote, "--remote")
@@ -133,12 +138,13 @@ def _run(args: argparse.Namespace) -> Profile:
         raise ProfileError("--emulate-link needs both --remote and --link")
     if args.warmup < 0 or args.runs < 1 or args.remote_runs < 1:
         raise ProfileError("--warmup must be 0 or more, --runs and --remote-runs 1 or more")
+    memory = local_device_memory(args)  # a device this machine lacks fails here, before any run
     settings = ProfileSettings(
         address=args.remote, link=parse_link(args.link) if args.link else None,
         speed=parse_remote_speed(args.remote_speed) if args.remote_speed else None,
         queue_s=args.queue_delay, slots=args.slots, warmup_runs=args.warmup, measured_runs=args.runs,
         statistic=args.statistic, remote_runs=args.remote_runs, run_plan=not args.no_run_plan,
-        emulate_link=args.emulate_link, tolerance=args.tolerance, device=_device(),
+        emulate_link=args.emulate_link, tolerance=args.tolerance, device=probe_device(memory),
     )
     registry = default_registry()
     store = open_store(args.models, args.extra_model_paths)
@@ -148,14 +154,8 @@ def _run(args: argparse.Namespace) -> Profile:
     options = client_options(args)  # --curve/--server-key/--heartbeat-timeout (diffsplit.client_args)
     with _output_folder(args.out) as output_dir:
         setup = RunSetup(registry, store, recipes, output_dir, inputs_dir=Path(args.inputs),
-                         settings=options.settings, curve=options.curve)
+                         settings=options.settings, curve=options.curve, device_memory=memory)
         return profile_workflow(workflow, setup, settings, name=Path(args.workflow).stem)
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @contextlib.contextmanager

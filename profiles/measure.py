@@ -18,9 +18,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from diffsplit.engine.execution_cache import ExecutionCache
 from diffsplit.engine.executor import Executor, NodeCall, NodeRunner, run_node_locally
 from diffsplit.engine.graph import Workflow
@@ -30,11 +29,15 @@ from diffsplit.engine.store import ModelStore
 from diffsplit.engine.wire_values import is_model_value
 from diffsplit.profiles.combine import Statistic, combine_measures
 from diffsplit.profiles.lanes import LaneRunner
+from diffsplit.profiles.local_device import device_label, dtype_names, on_device, probe_device
 from diffsplit.profiles.memory import MemoryProbe
 from diffsplit.profiles.model import MemoryMeasure, NodeMeasure, Role, WorkflowMeasure
 from diffsplit.profiles.sizes import reply_size, request_size
 from diffsplit.profiles.weights import naive_weight_files
 from diffsplit.tracer.fingerprint import fingerprint
+
+if TYPE_CHECKING:
+    from diffsplit.engine.device_memory import DeviceMemory
 
 
 class _WatchingContext:
@@ -193,11 +196,12 @@ class MeasuringRunner:
                         self._recipes[id(value)] = (value, recipe)
 
 
-def device_description() -> str:
-    """Where local nodes run: the CUDA device's name, or the CPU and torch's thread count."""
-    if torch.cuda.is_available():
-        return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
-    return f"cpu ({torch.get_num_threads()} torch threads)"
+def device_description(memory: DeviceMemory | None = None) -> str:
+    """Where local nodes run: the device ``memory`` places models on (None: the CPU, as loaded).
+
+    The device really used, not the best one the machine has: a CPU run on a CUDA machine says cpu.
+    """
+    return device_label(memory)
 
 
 def measure_workflow(
@@ -214,29 +218,41 @@ def measure_workflow(
     statistic: Statistic = "median",
     cache: ExecutionCache | None = None,
     device: str = "cpu",
+    device_memory: DeviceMemory | None = None,
 ) -> WorkflowMeasure:
     """Run ``workflow`` locally (after ``warmup_runs`` unmeasured runs) and measure every node.
 
     With ``measured_runs`` above 1, times are combined over the runs by ``statistic`` (median or
-    minimum) and memory is the highest peak.
+    minimum) and memory is the highest peak. ``device_memory``: run the compute nodes with their
+    models placed there (``--device``/``--dtype``), as ``diffsplit run`` would; the memory probe
+    then reads that device. A run's loaders build its own masters, so each run places its own
+    copies and a node's time includes placing the models it is the first to use (as in a real
+    run). Without it the models run as loaded and ``device`` says what the probe reads.
     """
     if measured_runs < 1:
         raise ValueError("measured_runs must be at least 1")
     executor = Executor(registry, store, inputs_dir=inputs_dir, output_dir=output_dir,
                         max_workers=max(2, len(workflow.nodes)))
+    local = on_device(run_node_locally, device_memory)
     for _ in range(warmup_runs):
-        executor.run(workflow, node_runner=LaneRunner(run_node_locally, (), tuple(workflow.nodes)))
-    with MemoryProbe(device=device) as probe:
-        runs = [_measured_run(executor, workflow, registry, store, probe, recipe_for_output, cache, name)
+        executor.run(workflow, node_runner=LaneRunner(local, (), tuple(workflow.nodes)))
+    probe_on = probe_device(device_memory) if device_memory is not None else device
+    with MemoryProbe(device=probe_on) as probe:
+        runs = [_measured_run(executor, workflow, registry, store, probe, recipe_for_output, cache, name,
+                              device_memory)
                 for _ in range(measured_runs)]
-    return replace(combine_measures(runs, statistic), warmup_runs=warmup_runs)
+    stats = device_memory.stats() if device_memory is not None else None
+    return replace(combine_measures(runs, statistic), warmup_runs=warmup_runs,
+                   dtypes=dtype_names(device_memory), device_memory=stats)
 
 
 def _measured_run(
     executor: Executor, workflow: Workflow, registry: NodeRegistry, store: ModelStore | None,
     probe: MemoryProbe, recipe_for_output: RecipeForOutput, cache: ExecutionCache | None, name: str,
+    device_memory: DeviceMemory | None,
 ) -> WorkflowMeasure:
-    runner = MeasuringRunner(workflow, registry, store, probe, recipe_for_output)
+    runner = MeasuringRunner(workflow, registry, store, probe, recipe_for_output,
+                             inner=on_device(run_node_locally, device_memory))
     lanes = LaneRunner(runner, (), tuple(workflow.nodes))
     started = time.perf_counter()
     result = executor.run(workflow, cache=cache, node_runner=lanes)
@@ -250,7 +266,7 @@ def _measured_run(
             nodes.append(_cache_hit(workflow, registry, node_id, probe.kind))
     overhead = total_s - sum(t.wall_s for t in result.timings.values())
     return WorkflowMeasure(name=name, nodes=tuple(nodes), total_s=total_s, overhead_s=max(0.0, overhead),
-                           device=device_description())
+                           device=device_description(device_memory))
 
 
 def _cache_hit(workflow: Workflow, registry: NodeRegistry, node_id: str, memory_kind: Any) -> NodeMeasure:

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from diffsplit.engine.device_memory import DeviceMemoryStats
 
 Category = Literal["normal", "intermediate", "model"]
 Role = Literal["loader", "output", "compute"]
 CATEGORIES: tuple[Category, ...] = ("normal", "intermediate", "model")
+#: Model kind → dtype of a run whose models computed as loaded (the CPU in float32).
+AS_LOADED_DTYPES: Mapping[str, str] = {
+    "unet": "fp32", "vae": "fp32", "text_encoder": "fp32", "controlnet": "fp32", "other": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,9 @@ class WorkflowMeasure:
     ``total_s``: end-to-end wall time of the measured run; ``overhead_s``: the part
     of it outside the nodes (validation, scheduling), added to every prediction.
     With ``measured_runs`` above 1 both are medians, as are the nodes' times.
+    ``device``: where the compute nodes ran (``cpu (2 torch threads)``, ``cuda:0 (...)``);
+    ``dtypes``: model kind → the dtype it computed in; ``device_memory``: the device memory
+    manager's counters after the runs, None where models ran as loaded (nothing was placed).
     """
 
     name: str
@@ -133,6 +142,8 @@ class WorkflowMeasure:
     device: str
     warmup_runs: int = 0
     measured_runs: int = 1
+    dtypes: Mapping[str, str] = field(default_factory=lambda: dict(AS_LOADED_DTYPES))
+    device_memory: DeviceMemoryStats | None = None
 
     def node(self, node_id: str) -> NodeMeasure:
         """The measure of ``node_id`` (KeyError if it did not run)."""

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diffsplit.engine.errors import NodeFailed
 from diffsplit.engine.executor import Executor, NodeRunner, RunResult, run_node_locally
@@ -26,6 +27,7 @@ from diffsplit.engine.store import ModelStore
 from diffsplit.profiles.combine import Statistic, combine_remote
 from diffsplit.profiles.lanes import LaneRunner, Recorder
 from diffsplit.profiles.link import LinkModel
+from diffsplit.profiles.local_device import on_device
 from diffsplit.profiles.model import RemoteMeasure, WorkerInfo, WorkflowMeasure
 from diffsplit.profiles.simulate import Segment, Timeline
 from diffsplit.profiles.throttle import LinkEmulator
@@ -34,12 +36,16 @@ from diffsplit.transport.errors import DiffsplitError
 from diffsplit.transport.protocol import DEFAULT_SETTINGS, Settings
 from diffsplit.transport.sockets import Client
 
+if TYPE_CHECKING:
+    from diffsplit.engine.device_memory import DeviceMemory
+
 
 @dataclass(frozen=True)
 class RunSetup:
     """What every run needs besides the workflow: registry, store, folders, recipes, timeouts.
 
     ``settings`` and ``curve``: how to talk to the worker (heartbeats, CURVE keys; None: plain).
+    ``device_memory``: where the nodes run here compute (``--device``/``--dtype``; None: as loaded).
     """
 
     registry: NodeRegistry
@@ -50,6 +56,11 @@ class RunSetup:
     timeout_s: float = 600.0
     settings: Settings = DEFAULT_SETTINGS
     curve: ClientCurve | None = None
+    device_memory: DeviceMemory | None = None
+
+    def local(self, inner: NodeRunner, remote: Collection[str] = ()) -> NodeRunner:
+        """``inner`` with the nodes run here (all but ``remote``) on this setup's device."""
+        return on_device(inner, self.device_memory, remote)
 
     def executor(self, max_workers: int) -> Executor:
         """An executor over this setup's store and folders."""
@@ -122,7 +133,7 @@ def _remote_run(
 ) -> tuple[RunResult, dict[str, RemoteNodeStats]]:
     with RemoteRunner(assigned, setup.recipe_for_output, local_store=setup.store,
                       timeout_s=setup.timeout_s, settings=setup.settings, curve=setup.curve) as runner:
-        result = setup.executor(1).run(workflow, node_runner=runner)
+        result = setup.executor(1).run(workflow, node_runner=setup.local(runner, assigned))
         return result, runner.stats
 
 
@@ -161,7 +172,7 @@ def run_plan(
                                                       local_store=setup.store, timeout_s=setup.timeout_s,
                                                       settings=setup.settings, curve=setup.curve))
             inner = LinkEmulator(runner, emulate, recorder)
-        lanes = LaneRunner(inner, remote, local_order, recorder)
+        lanes = LaneRunner(setup.local(inner, assigned), remote, local_order, recorder)
         origin = recorder.now()
         started = time.perf_counter()
         executor.run(workflow, node_runner=lanes)

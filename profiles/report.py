@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from diffsplit.profiles.model import NodeMeasure
+from diffsplit.profiles.model import NodeMeasure, WorkflowMeasure
 from diffsplit.profiles.planner import Verdict
 from diffsplit.profiles.remote_model import NodeCost
 from diffsplit.profiles.session import Profile
@@ -27,7 +27,7 @@ def summary_lines(profile: Profile) -> list[str]:
     """The lines above the table: workflow, device, link, worker, plan, prediction vs measurement."""
     measure = profile.measure
     lines = [
-        f"workflow {measure.name}: {len(measure.nodes)} nodes ran on {measure.device}, "
+        f"workflow {measure.name}: {len(measure.nodes)} nodes ran on {measure.device}{_dtypes(measure)}, "
         f"{measure.total_s:.3f} s end-to-end ({measure.warmup_runs} warm-up run(s) before)",
         f"link: {profile.link.describe() if profile.link is not None else 'none given'}",
     ]
@@ -48,6 +48,14 @@ def summary_lines(profile: Profile) -> list[str]:
                      f"measured/predicted {run.measured_s / plan.predicted_s:.2f})")
     lines.extend(f"note: {note}" for note in profile.notes)
     return lines
+
+
+def _dtypes(measure: WorkflowMeasure) -> str:
+    """`` with models in unet=fp16 ...`` where they were placed (as loaded: nothing to say)."""
+    if measure.device_memory is None:
+        return ""
+    kinds = " ".join(f"{kind}={name}" for kind, name in measure.dtypes.items())
+    return f" with models in {kinds}"
 
 
 def node_rows(profile: Profile) -> list[tuple[str, ...]]:

@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffsplit.profiles.model import NodeMeasure
 from diffsplit.profiles.planner import Plan
@@ -19,6 +19,9 @@ from diffsplit.profiles.remote_model import NodeCost
 from diffsplit.profiles.session import Profile
 from diffsplit.profiles.simulate import Timeline
 from diffsplit.transport.errors import DiffsplitError
+
+if TYPE_CHECKING:
+    from diffsplit.engine.device_memory import DeviceMemoryStats
 
 SCHEMA = "diffsplit.profile/1"
 
@@ -47,6 +50,8 @@ def profile_to_json(profile: Profile) -> dict[str, Any]:
         "created": profile.created,
         "workflow": {"name": measure.name, "nodes": len(measure.nodes), "warmup_runs": measure.warmup_runs},
         "device": measure.device,
+        "dtypes": dict(measure.dtypes),
+        "device_memory": None if measure.device_memory is None else _device_memory(measure.device_memory),
         "settings": {
             "warmup_runs": settings.warmup_runs, "measured_runs": settings.measured_runs,
             "statistic": settings.statistic,
@@ -102,6 +107,14 @@ def _node(node: NodeMeasure, cost: NodeCost | None, measured: Any, verdict: Any)
         "verdict": None if verdict is None else {
             "offload": verdict.offload, "short": verdict.short, "reason": verdict.reason,
             "flipped_s": verdict.flipped_s},
+    }
+
+
+def _device_memory(stats: DeviceMemoryStats) -> dict[str, Any]:
+    return {
+        "device": stats.device, "budget_bytes": stats.budget_bytes, "resident_bytes": stats.resident_bytes,
+        "copies": stats.entries, "placed": stats.placed, "reused": stats.reused, "evicted": stats.evicted,
+        "oom_retries": stats.oom_retries, "peak_bytes": stats.peak_bytes,
     }
 
 

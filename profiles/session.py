@@ -50,6 +50,7 @@ class ProfileSettings:
     run_plan: bool = True
     emulate_link: bool = False
     tolerance: float = 0.02
+    #: the device the memory probe reads when the setup has no device memory (with one: its device)
     device: str = "cpu"
 
 
@@ -76,6 +77,7 @@ def profile_workflow(workflow: Workflow, setup: RunSetup, settings: ProfileSetti
         workflow, setup.registry, setup.store, setup.recipe_for_output, name=name,
         output_dir=setup.output_dir, inputs_dir=setup.inputs_dir, warmup_runs=settings.warmup_runs,
         measured_runs=settings.measured_runs, statistic=settings.statistic, device=settings.device,
+        device_memory=setup.device_memory,
     )
     worker, samples, measured_link = None, (), None
     if settings.address is not None:
