@@ -459,7 +459,7 @@ class RemoteRunner:
 
 def _forward_progress(call: NodeCall, message: Mapping[str, Any]) -> None:
     waiting = message.get("waiting")
-    if isinstance(waiting, str):  # the worker's admission: this node waits for device memory
+    if isinstance(waiting, str):  # why the node waits on the worker: its place in the queue, or device memory
         log.warning("node %s (%s): the worker says: %s", call.node.id, call.node.class_type,
                     shown(waiting, 300))
     step, total = message.get("step"), message.get("total")

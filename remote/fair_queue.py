@@ -4,6 +4,8 @@ A client that queues ten requests does not make another client's single
 request wait behind all ten: the slots take the next request of each client
 in turn. :class:`ClientShares` caps how many requests one client has in
 flight, so one client cannot fill a bounded queue and lock the others out.
+:meth:`FairQueue.put` says where the item stands (:class:`QueuePlace`), so a
+worker can tell a client its place in line and why it waits.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
@@ -20,6 +23,16 @@ class QueueClosed(Exception):
     """The queue was closed and has nothing left to hand out."""
 
 
+@dataclass(frozen=True)
+class QueuePlace:
+    """Where an item stood when it was queued (both counted at that instant, under the queue's lock)."""
+
+    #: items the queue will hand out before this one, in its round-robin order as things stood
+    ahead: int
+    #: items handed out by :meth:`FairQueue.get` and not yet marked :meth:`FairQueue.done` (busy takers)
+    taken: int
+
+
 class FairQueue(Generic[Item]):
     """Per-client FIFOs served round robin; thread-safe."""
 
@@ -27,14 +40,31 @@ class FairQueue(Generic[Item]):
         self._queues: OrderedDict[Hashable, deque[Item]] = OrderedDict()
         self._ready = threading.Condition()
         self._closed = False
+        self._taken = 0
 
-    def put(self, client: Hashable, item: Item) -> None:
-        """Queue ``item`` behind the same client's earlier items."""
+    def put(self, client: Hashable, item: Item) -> QueuePlace:
+        """Queue ``item`` behind the same client's earlier items; where it stands now.
+
+        ``ahead`` follows the round robin as the queue is now: the client's own earlier items, up to
+        as many of each other client's, and one more of each client served before it in the turn it
+        is in. A client with fewer items that queues later can still go ahead of it (that is the
+        fairness), so the place is an estimate that only a newcomer makes worse.
+        """
         with self._ready:
             if self._closed:
                 raise QueueClosed("the queue is closed")
-            self._queues.setdefault(client, deque()).append(item)
+            own = self._queues.setdefault(client, deque())
+            turn = len(own)  # this item is taken in round ``turn`` (0: the first round)
+            ahead = turn
+            before = True
+            for other, items in self._queues.items():
+                if other == client:
+                    before = False
+                    continue
+                ahead += min(len(items), turn) + (1 if before and len(items) > turn else 0)
+            own.append(item)
             self._ready.notify()
+            return QueuePlace(ahead=ahead, taken=self._taken)
 
     def get(self, timeout: float | None = None) -> Item | None:
         """The next item, taking clients in turn; None after ``timeout``; QueueClosed once drained."""
@@ -48,7 +78,13 @@ class FairQueue(Generic[Item]):
             del self._queues[client]
             if items:  # the client goes to the back of the line
                 self._queues[client] = items
+            self._taken += 1
             return item
+
+    def done(self) -> None:
+        """An item :meth:`get` handed out is finished with (its taker is free again)."""
+        with self._ready:
+            self._taken = max(0, self._taken - 1)
 
     def close(self) -> list[Item]:
         """Refuse new items and return the ones still waiting (for the caller to answer)."""

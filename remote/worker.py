@@ -9,7 +9,12 @@ structured error: ``MissingModel``, ``BadRequest``, ``NodeFailed``,
 ``Overloaded``, ``NotHeld``.
 
 Requests wait in one queue per client, served round robin by ``slots``
-threads (time-sharing: one client's backlog does not starve another).
+threads (time-sharing: one client's backlog does not starve another); one
+that no free slot takes at once is told its place in line (a progress
+message ``{"queued": n, "waiting": why}``). Compute nodes run on the device
+through ``engine.device_runner``: several slots share it while their weights
+and activations fit its budget, and a node that must wait for device memory
+says so the same way (``{"node": id, "waiting": why}``).
 
 Op ``call`` serves ``diffsplit.offload``: a traced object's recipe, a method
 (``forward`` of a module or ``__call__`` of a pipeline) and its arguments.
@@ -51,7 +56,7 @@ from diffsplit.remote.cache import CachedModel, ModelCache
 from diffsplit.remote.echo_budget import MAX_ECHO_BYTES, EchoBudget
 from diffsplit.remote.errors import BadRequest, NodeFailed, Overloaded, RemoteError
 from diffsplit.remote.exposure import check_worker_exposure
-from diffsplit.remote.fair_queue import ClientShares, FairQueue, QueueClosed
+from diffsplit.remote.fair_queue import ClientShares, FairQueue, QueueClosed, QueuePlace
 from diffsplit.remote.held import HeldValues
 from diffsplit.remote.idle_unload import IdleUnloader
 from diffsplit.remote.operations import free_reply, log_unloads, may_control
@@ -370,7 +375,8 @@ class Worker:
             if refusal is not None:
                 self._reply_error(request, Overloaded(refusal))
                 return
-            self._queue.put(client_of(request), _Job(request, time.monotonic()))
+            place = self._queue.put(client_of(request), _Job(request, time.monotonic()))
+            self._tell_queued(request, place)
             return
         handlers = {"hello": self._hello, "echo": self._echo, "stats": self._stats, "status": self._status,
                     "free": self._free}
@@ -384,6 +390,29 @@ class Worker:
         except Exception as exc:  # one bad request never stops the daemon
             log.exception("op %s failed", shown(request.op))
             self._reply_error(request, BadRequest(f"{shown(request.op)} failed: {type(exc).__name__}: {exc}"))
+
+    def _tell_queued(self, request: Request, place: QueuePlace) -> None:
+        """Tell the client where its request waits, once, when no free slot takes it at once.
+
+        ``queued`` is its 1-based place in line: the requests the fair queue will serve before it as
+        things stand (``FairQueue.put``), plus one; a later client with fewer requests waiting can
+        still go ahead of it. Not sent when a free slot is there for it.
+        """
+        slots = self.config.slots
+        if place.ahead + place.taken < slots:
+            return
+        taken = place.taken
+        busy = f"all {slots} slot(s) busy" if taken >= slots else f"{taken} of {slots} slot(s) busy"
+        message: dict[str, Any] = {"queued": place.ahead + 1,
+                                   "waiting": f"queued: {place.ahead} request(s) ahead, {busy}"}
+        node = request.header.get("node")
+        if isinstance(node, dict) and isinstance(node.get("id"), str | int):
+            message["node"] = str(node["id"])[:64]
+        try:
+            self.server.progress(request, message)
+        except TransportError as exc:  # only news: the request still runs when its turn comes
+            log.warning("could not tell request %s its place in the queue: %s",
+                        shown(request.request_id), exc)
 
     def _hello(self, request: Request) -> None:
         self._send(request, {"op": "result", "worker": self._describe()})
@@ -484,6 +513,7 @@ class Worker:
         else:
             self._send(request, reply)
         finally:
+            self._queue.done()  # this slot is free (a request queued from now on counts it so)
             with self._running_lock:
                 self._running.pop(request.request_id, None)
             self._shares.release(client_of(request))
