@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: venv demo test bench lint typecheck clean chromium fuzz
+.PHONY: venv demo test bench gpu-check lint typecheck clean chromium fuzz
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: $(STAMP) chromium
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider bench --benchmark-columns=min,median,max,rounds
+
+# Full-size random-weight SD 1.5 and SDXL on one CUDA GPU, locally and on a worker (under 5 min on an H200):
+# `make gpu-check GPU_CHECK_ARGS="--out gpu-check.json"`. Without CUDA it says so and exits 0.
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 # The worker fuzz tests at length: 100,000 cases unless DIFFSPLIT_FUZZ_EXAMPLES says otherwise
 # (`make fuzz DIFFSPLIT_FUZZ_EXAMPLES=20000`); prints the worker's RSS after warm-up and at the end.
