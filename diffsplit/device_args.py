@@ -37,17 +37,13 @@ def add_device_arguments(parser: argparse.ArgumentParser, *, what: str = "nodes 
 def device_memory_from_args(args: argparse.Namespace) -> DeviceMemory:
     """The device memory manager the flags ask for (DeviceError/DtypeError name a bad flag)."""
     from diffsplit.engine.device_memory import DeviceMemory
-    from diffsplit.engine.devices import default_budget_bytes, resolve_device
-    from diffsplit.engine.dtypes import DtypePolicy
 
-    device = resolve_device(getattr(args, "device", "auto"))
-    policy = DtypePolicy.choose(
-        device, dtype=getattr(args, "dtype", "auto"), unet=getattr(args, "unet_dtype", "auto"),
-        vae=getattr(args, "vae_dtype", "auto"), text_encoder=getattr(args, "text_encoder_dtype", "auto"),
-    )
     vram_gb = getattr(args, "vram_gb", None)
-    budget = int(vram_gb * (1 << 30)) if vram_gb is not None else default_budget_bytes(device)
-    return DeviceMemory(device, policy, budget)
+    return DeviceMemory.from_settings(
+        getattr(args, "device", "auto"), dtype=getattr(args, "dtype", "auto"),
+        unet_dtype=getattr(args, "unet_dtype", "auto"), vae_dtype=getattr(args, "vae_dtype", "auto"),
+        text_encoder_dtype=getattr(args, "text_encoder_dtype", "auto"),
+        budget_bytes=int(vram_gb * (1 << 30)) if vram_gb is not None else None)
 
 
 def local_device_memory(args: argparse.Namespace) -> DeviceMemory | None:

@@ -163,6 +163,22 @@ class DeviceMemory:
         self._dead: deque[int] = deque()  # keys whose master was collected (appended by weakref callbacks)
         self._placed = self._reused = self._evicted = self._oom_retries = self._peak = 0
 
+    @classmethod
+    def from_settings(cls, device: str = "auto", *, dtype: str = "auto", unet_dtype: str = "auto",
+                      vae_dtype: str = "auto", text_encoder_dtype: str = "auto",
+                      budget_bytes: int | None = None) -> DeviceMemory:
+        """The manager for the ``--device``/dtype flags as text (``budget_bytes`` None: the device's default).
+
+        DeviceError/DtypeError name a bad setting.
+        """
+        from diffsplit.engine.devices import default_budget_bytes, resolve_device
+
+        resolved = resolve_device(device)
+        policy = DtypePolicy.choose(resolved, dtype=dtype, unet=unet_dtype, vae=vae_dtype,
+                                    text_encoder=text_encoder_dtype)
+        budget = budget_bytes if budget_bytes is not None else default_budget_bytes(resolved)
+        return cls(resolved, policy, budget)
+
     # -- what jobs call ---------------------------------------------------------------------------
     @contextmanager
     def job(self, activation_bytes: int = 0, *, modules: Sequence[tuple[torch.nn.Module, torch.dtype]] = (),

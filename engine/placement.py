@@ -12,6 +12,7 @@ master, so a worker can still name it by its recipe.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,6 +161,4 @@ def _kinds_of(value: Any) -> dict[str, ModelKind] | None:
 
 
 def _replace(value: Any, changed: Mapping[str, Any]) -> Any:
-    import dataclasses
-
     return dataclasses.replace(value, **changed)

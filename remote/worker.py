@@ -43,8 +43,6 @@ from typing import Any
 import torch
 from diffsplit.engine.device_memory import DeviceMemory, DeviceOutOfMemory, is_placed
 from diffsplit.engine.device_runner import computes_on_device, run_on_device
-from diffsplit.engine.devices import default_budget_bytes, resolve_device
-from diffsplit.engine.dtypes import DtypePolicy
 from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.extra_paths import open_store
 from diffsplit.engine.nodes.registry import NodeRegistry, default_registry
@@ -149,11 +147,9 @@ class WorkerConfig:
 
 def worker_device_memory(config: WorkerConfig) -> DeviceMemory:
     """The device memory manager for ``config`` (DeviceError/DtypeError name a bad setting)."""
-    device = resolve_device(config.device)
-    policy = DtypePolicy.choose(device, dtype=config.dtype, unet=config.unet_dtype, vae=config.vae_dtype,
-                                text_encoder=config.text_encoder_dtype)
-    budget = config.vram_bytes if config.vram_bytes is not None else default_budget_bytes(device)
-    return DeviceMemory(device, policy, budget)
+    return DeviceMemory.from_settings(
+        config.device, dtype=config.dtype, unet_dtype=config.unet_dtype, vae_dtype=config.vae_dtype,
+        text_encoder_dtype=config.text_encoder_dtype, budget_bytes=config.vram_bytes)
 
 
 class WorkerFailed(DiffsplitError):
