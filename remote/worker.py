@@ -37,6 +37,7 @@ import time
 import traceback
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -492,6 +493,7 @@ class Worker:
         with self._running_lock:
             self._running[request.request_id] = request
         self.requests.started(request)
+        answer: Callable[[], None]
         try:
             if self._stopping.is_set():
                 raise Overloaded("the worker is shutting down")
@@ -500,20 +502,24 @@ class Worker:
             with intra_op_threads(self._threads_for(request)), self.cache.job_scope():
                 reply = run[request.op](request, job.received)
         except RemoteError as exc:
-            self._reply_error(request, exc)
+            answer = partial(self._reply_error, request, exc)
         except ModelFileError as exc:
-            self._reply_error(request, BadRequest(str(exc)))
+            answer = partial(self._reply_error, request, BadRequest(str(exc)))
         except Exception as exc:  # the node's own failure: reported, never fatal to the worker
             log.exception("node failed for request %s", request.request_id)
-            self._reply_error(request, NodeFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            answer = partial(self._reply_error, request,
+                             NodeFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         else:
-            self._send(request, reply)
+            answer = partial(self._send, request, reply)
         finally:
-            self._queue.done()  # this slot is free (a request queued from now on counts it so)
+            # the slot is free before the client hears back, so the request it sends next never finds
+            # this one still counted as running (and is not told it waits for a free slot)
+            self._queue.done()
             with self._running_lock:
                 self._running.pop(request.request_id, None)
             self._shares.release(client_of(request))
             self._in_flight.release()
+        answer()
 
     def _threads_for(self, request: Request) -> int | None:
         if self.config.threads is not None:

@@ -55,7 +55,8 @@ def test_plan_apply_labels_the_chosen_nodes(
     output = tmp_path / "wf.split.json"
     args = _parse(add_plan_arguments, [
         str(workflow_file), "--models", str(models_dir), "--inputs", str(inputs_dir), "--warmup", "0",
-        "--link", "10gbit,0.1ms", "--remote-speed", "KSampler=1000x", "--address", "tcp://gpu:5555",
+        "--link", "10gbit,0.1ms", "--remote-speed", "KSampler=1000x", "--tolerance", "0",
+        "--address", "tcp://gpu:5555",
         "--apply", "-o", str(output), "-q",
     ])
     assert plan_command(args) == 0

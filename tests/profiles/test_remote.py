@@ -75,6 +75,7 @@ def test_plan_apply_with_a_worker_writes_its_address(
     add_plan_arguments(parser)
     args = parser.parse_args([str(source), "--models", str(models_dir), "--inputs", str(inputs_dir),
                               "--remote", worker_address, "--remote-speed", "KSampler=1000x", "--warmup", "0",
+                              "--tolerance", "0",
                               "--no-run-plan", "--apply", "-o", str(output), "-q"])
     assert plan_command(args) == 0
     labelled = json.loads(output.read_text())

@@ -337,3 +337,18 @@ def test_the_client_logs_its_place_in_the_queue(models_dir: Path, tmp_path: Path
     assert not thread.is_alive() and len(outcome) == 1 and outcome[0].outputs["6"]
     lines = [r.getMessage() for r in caplog.records if "queued:" in r.getMessage()]
     assert lines == ["node 6 (KSampler): the worker says: 'queued: 0 request(s) ahead, all 1 slot(s) busy'"]
+
+
+def test_a_request_sent_right_after_a_reply_is_never_told_it_waits(models_dir: Path) -> None:
+    """One client, one slot, each request sent the moment the last reply lands: the slot is already free.
+
+    The worker frees a slot before it answers, so a client that sends its next node straight away
+    (as a split workflow does) never reads a spurious "queued: 0 request(s) ahead, all 1 slot(s) busy".
+    """
+    with serving(fp16_config(models_dir, slots=1)) as worker, Client(worker.endpoint) as client:
+        told: list[dict[str, Any]] = []
+        for seed in range(12):
+            reply = client.request(sampler(models_dir, steps=1, seed=seed), timeout=WAIT_S,
+                                   on_progress=told.append)
+            samples_of(reply)
+    assert not [m for m in told if "queued" in m or "waiting" in m], told
