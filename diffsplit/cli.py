@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arguments(run, what="the nodes run here")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
+    from diffsplit.batch_command import add_batch_arguments
+
+    add_batch_arguments(sub.add_parser(
+        "batch", help="run a workflow once per prompt of a text, JSONL or CSV file (resumable)",
+        description="Run the workflow for each item of ITEMS: its prompt and overrides applied, images "
+        "named by the item, one manifest line per item (JSON: item, prompt, seed, outputs, workers, times). "
+        "Finished items are skipped when the batch is run again; a failed item is recorded and the batch "
+        "goes on (exit 1 at the end)."))
+
     keys = sub.add_parser("keys", help="CURVE key pairs for workers and clients")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     new_key = keys_sub.add_parser(
@@ -212,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     handler = {
         "run": commands.run,
+        "batch": commands.batch,
         "models": commands.models,
         "trace": commands.trace,
         "demo": commands.demo,

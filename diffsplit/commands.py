@@ -46,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
         registry, store, inputs_dir=Path(args.inputs), output_dir=Path(args.out),
         progress=printer.step, max_workers=max(1, args.workers or (2 if assigned else 1)),
     )
-    memory = _local_device(args, printer)
+    memory = local_device_for(args, printer)
     started = time.perf_counter()
-    runner = _remote_runner(assigned, workflow, registry, store, args) if assigned else None
+    runner = remote_runner_for(assigned, workflow, registry, store, args) if assigned else None
     inner = runner or run_node_locally
     if memory is not None:
         from diffsplit.engine.device_runner import DeviceNodeRunner
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_device(args: argparse.Namespace, printer: ProgressPrinter) -> Any:
+def local_device_for(args: argparse.Namespace, printer: ProgressPrinter) -> Any:
     """The device memory manager for the nodes run here, or None where they run as loaded (CPU, fp32)."""
     from diffsplit.device_args import describe, local_device_memory
 
@@ -133,7 +133,7 @@ def _where(remote: Any, node_id: str) -> str:
     return "fallback" if placement == LOCAL else "remote"
 
 
-def _remote_runner(assigned: dict[str, str], workflow: Any, registry: Any, store: Any,
+def remote_runner_for(assigned: dict[str, str], workflow: Any, registry: Any, store: Any,
                    args: argparse.Namespace) -> Any:
     from diffsplit.client_args import client_options
     from diffsplit.engine.offload import RemoteRunner
@@ -143,6 +143,13 @@ def _remote_runner(assigned: dict[str, str], workflow: Any, registry: Any, store
     return RemoteRunner(assigned, output_recipe_source(workflow, registry, store), local_store=store,
                         upload_missing=args.upload_missing, settings=options.settings, curve=options.curve,
                         fallback_local=args.fallback == "local")
+
+
+def batch(args: argparse.Namespace) -> int:
+    """``diffsplit batch``: the workflow once per item of a prompts file."""
+    from diffsplit.batch_command import batch_command
+
+    return batch_command(args)
 
 
 def keys(args: argparse.Namespace) -> int:

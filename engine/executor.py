@@ -128,12 +128,15 @@ class Executor:
         targets: Iterable[str] | None = None,
         given: Mapping[str, Sequence[Any]] | None = None,
         node_runner: NodeRunner = run_node_locally,
+        cancel: threading.Event | None = None,
     ) -> RunResult:
         """Validate and run ``workflow``; raises WorkflowError before running, NodeFailed while.
 
         ``targets``: node ids to produce (default: the output nodes). ``given``:
         outputs of nodes supplied by the caller (a worker running a sub-workflow
         passes the tensors it received); those nodes are not run or validated.
+        ``cancel``: set from another thread, it stops the run as a Ctrl-C in this one
+        does (running nodes stop at their next step; Interrupted is raised).
         """
         for node in workflow.nodes.values():
             required_class(self.registry, node)
@@ -146,7 +149,8 @@ class Executor:
         signatures = node_signatures(workflow, order, uncacheable=supplied, file_stamp=self._file_stamp)
         to_run, hits = self._plan(workflow, wanted, supplied, signatures, cache)
         validate_workflow(workflow, self.registry, self.store, only=to_run)
-        completed = self._execute(workflow, to_run, {**supplied, **hits}, signatures, cache, node_runner)
+        completed = self._execute(workflow, to_run, {**supplied, **hits}, signatures, cache, node_runner,
+                                  cancel or threading.Event())
         outputs: dict[str, tuple[Any, ...]] = {}
         timings: dict[str, NodeTiming] = {}
         for node_id in order:
@@ -238,6 +242,7 @@ class Executor:
         signatures: Mapping[str, str | None],
         cache: ExecutionCache | None,
         node_runner: NodeRunner,
+        cancel: threading.Event,
     ) -> dict[str, _Completed]:
         """Run ``to_run`` as inputs become ready; the first failure stops new submissions.
 
@@ -247,7 +252,6 @@ class Executor:
         Ctrl-C while they stop does not abandon them.
         """
         schedule = _Schedule.start(workflow, to_run, available)
-        cancel = threading.Event()
         with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="diffsplit-node") as pool:
             try:
                 failure = self._drive(schedule, signatures, cache, node_runner, pool, cancel)
@@ -271,8 +275,9 @@ class Executor:
         """Submit ready nodes and collect finished ones until nothing runs; the first failure."""
         workflow, running = schedule.workflow, schedule.running
         failure: NodeFailed | None = None
-        while running or (schedule.ready and failure is None):
-            while schedule.ready and failure is None and len(running) < self.max_workers:
+        while running or (schedule.ready and failure is None and not cancel.is_set()):
+            while (schedule.ready and failure is None and not cancel.is_set()
+                   and len(running) < self.max_workers):
                 _, node_id = heapq.heappop(schedule.ready)
                 call, context = self._call(workflow, workflow.nodes[node_id], schedule.values, cancel)
                 running[pool.submit(self._run_one, call, context, node_runner)] = node_id
@@ -288,6 +293,8 @@ class Executor:
                 if cache is not None and signature is not None and not self._is_output(workflow, node_id):
                     cache.put(signature, result.outputs)
                 schedule.finished(node_id, result)
+        if failure is None and cancel.is_set() and schedule.ready:
+            raise Interrupted()  # cancelled from outside between nodes: the rest never started
         return failure
 
     def _is_output(self, workflow: Workflow, node_id: str) -> bool:

@@ -1,0 +1,158 @@
+"""``diffsplit batch``: arguments and the command (the work is in :mod:`diffsplit.batch_run`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from diffsplit.arg_types import positive_int
+from diffsplit.client_args import add_client_arguments
+from diffsplit.device_args import add_device_arguments
+
+if TYPE_CHECKING:
+    from diffsplit.batch_items import BatchItem
+    from diffsplit.batch_manifest import ManifestEntry
+    from diffsplit.engine.graph import Workflow
+    from diffsplit.engine.nodes.registry import NodeRegistry
+
+MANIFEST_NAME = "manifest.jsonl"
+
+
+def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``batch`` sub-command's arguments."""
+    parser.add_argument("items", help="the prompts: text (one per line), .jsonl (one object per line: "
+                        "prompt, negative, id, and overrides such as seed, steps, cfg or NODE.INPUT) or .csv "
+                        "(a header row of the same keys)")
+    parser.add_argument("--workflow", required=True, help="workflow JSON file run for each item")
+    parser.add_argument("--models", required=True, help="ComfyUI-style models folder")
+    parser.add_argument("--extra-model-paths", metavar="YAML",
+                        help="ComfyUI extra_model_paths.yaml: more folders for each kind of model")
+    parser.add_argument("--out", default="out", help="where images and the manifest go (default: ./out)")
+    parser.add_argument("--inputs", default="input", help="where LoadImage reads (default: ./input)")
+    parser.add_argument("--manifest", metavar="FILE",
+                        help=f"the manifest (JSON lines, one per item; default: OUT/{MANIFEST_NAME}); items "
+                        "it shows finished, unchanged, with their images present, are not redone")
+    parser.add_argument("--restart", action="store_true",
+                        help="redo every item, whatever the manifest says (new lines are appended)")
+    parser.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                        help="override an input for every item (an item's own value wins; repeatable)")
+    parser.add_argument("--prompt-input", action="append", default=[], metavar="NODE.INPUT",
+                        help="where an item's prompt goes (repeatable; default: the text of the encoder "
+                        "feeding the sampler's positive input)")
+    parser.add_argument("--remote", action="append", default=[], metavar="NODE=ADDR",
+                        help="run a node on a worker, as for `diffsplit run` (repeatable; ADDR may list "
+                        "several workers, comma-separated)")
+    parser.add_argument("--ahead", type=positive_int, default=None, metavar="N",
+                        help="items in flight at once after the first (default: 2 when nodes run remotely, "
+                        "so this machine encodes the next prompt while a worker samples; else 1)")
+    parser.add_argument("--workers", type=positive_int, default=None,
+                        help="nodes of one item run at once (default: 2 when some run remotely; else 1)")
+    parser.add_argument("--upload-missing", action="store_true",
+                        help="send a model file once to a worker that lacks it (needs --allow-upload there)")
+    parser.add_argument("--fallback", choices=("local",), default=None,
+                        help="local: a node whose workers are all gone or overloaded runs here instead")
+    add_client_arguments(parser)
+    add_device_arguments(parser, what="the nodes run here")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def check_items(items: Sequence[BatchItem], workflow: Workflow, registry: NodeRegistry, store: Any) -> None:
+    """Every item must make a valid workflow before the first one runs: all the bad ones, by line."""
+    from diffsplit.batch_items import MAX_LISTED_ERRORS, BatchItemsError
+    from diffsplit.engine.errors import WorkflowError
+
+    errors = []
+    for item in items:
+        try:
+            workflow.with_overrides(item.override_map(), registry).validate(registry, store)
+        except WorkflowError as exc:
+            errors.append(f"line {item.line} (item {item.key}): {exc}")
+    if errors:
+        listed = errors[:MAX_LISTED_ERRORS]
+        more = f"\n  ... and {len(errors) - len(listed)} more" if len(errors) > len(listed) else ""
+        raise BatchItemsError(f"{len(errors)} item(s) would not run:\n  " + "\n  ".join(listed) + more)
+
+
+class _Bar:
+    """A tqdm bar over the items: rate, ETA, and the count of failed items."""
+
+    def __init__(self, total: int, done: int, quiet: bool) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, initial=done, unit="item", desc="batch", disable=quiet,
+                         file=sys.stderr, dynamic_ncols=True)
+        self._failed = 0
+
+    def finished(self, entry: ManifestEntry) -> None:
+        from diffsplit.batch_manifest import FAILED
+
+        if entry.status == FAILED:
+            self._failed += 1
+            self._bar.write(f"item {entry.item} (line {entry.line}) failed: {entry.error}", file=sys.stderr)
+            self._bar.set_postfix(failed=self._failed)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def batch_command(args: argparse.Namespace) -> int:
+    """Run the workflow for every item; 0 when all finished, 1 when some failed (see the manifest)."""
+    from diffsplit.batch_items import read_items
+    from diffsplit.batch_manifest import Manifest
+    from diffsplit.batch_run import BatchPlan, pending_items, run_batch
+    from diffsplit.commands import local_device_for, remote_runner_for
+    from diffsplit.engine.executor import Executor, run_node_locally
+    from diffsplit.engine.extra_paths import open_store
+    from diffsplit.engine.formats import load_workflow
+    from diffsplit.engine.nodes.registry import default_registry
+    from diffsplit.engine.overrides import parse_set_options
+    from diffsplit.engine.remote_assign import assign_remotes, describe_assignment
+    from diffsplit.progress import ProgressPrinter
+
+    printer = ProgressPrinter(quiet=args.quiet)
+    registry = default_registry()
+    store = open_store(args.models, args.extra_model_paths)
+    workflow = load_workflow(Path(args.workflow), registry)
+    overrides = parse_set_options(args.set)
+    if overrides:
+        workflow = workflow.with_overrides(overrides, registry)
+    workflow.validate(registry, store)
+    items = read_items(Path(args.items), workflow, prompt_targets=args.prompt_input)
+    check_items(items, workflow, registry, store)
+    out = Path(args.out)
+    manifest = Manifest(Path(args.manifest) if args.manifest else out / MANIFEST_NAME)
+    todo = pending_items(items, manifest, restart=args.restart)
+    skipped = len(items) - len(todo)
+    if skipped:
+        printer.message(f"{skipped} of {len(items)} item(s) already done (per {manifest.path}); "
+                        "--restart redoes them")
+    assigned = assign_remotes(workflow, registry, args.remote)
+    if assigned:
+        printer.message("remote nodes:\n" + describe_assignment(assigned, workflow))
+    executor = Executor(registry, store, inputs_dir=Path(args.inputs), output_dir=out,
+                        max_workers=args.workers or (2 if assigned else 1))
+    memory = local_device_for(args, printer)
+    runner = remote_runner_for(assigned, workflow, registry, store, args) if assigned else None
+    inner: Any = runner or run_node_locally
+    if memory is not None:
+        from diffsplit.engine.device_runner import DeviceNodeRunner
+
+        inner = DeviceNodeRunner(inner, memory, elsewhere=lambda node_id: node_id in assigned)
+    plan = BatchPlan(workflow=workflow, registry=registry, executor=executor, node_runner=inner,
+                     manifest=manifest, ahead=args.ahead or (2 if assigned else 1), remote=runner,
+                     assigned=frozenset(assigned))
+    bar = _Bar(len(items), skipped, args.quiet)
+    try:
+        summary = run_batch(plan, todo, bar, skipped=skipped)
+    finally:
+        bar.close()
+        if runner is not None:
+            runner.close()
+    rate = summary.done / summary.seconds if summary.seconds > 0 else 0.0
+    print(f"batch: {summary.done} done, {summary.skipped} already done, {summary.failed} failed "
+          f"in {summary.seconds:.1f}s ({rate:.2f} item/s); manifest: {manifest.path}", file=sys.stderr)
+    return 1 if summary.failed else 0
