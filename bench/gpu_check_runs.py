@@ -234,8 +234,8 @@ def _wait_ready(process: subprocess.Popen[str], log_path: Path) -> str:
     raise WorkerStartError(f"the worker {state}; its log ends:\n{tail}")
 
 
-#: Keys of a measured device memory peak (torch's allocator) a worker's ``stats`` reply may carry.
-MEASURED_PEAK_KEYS = ("max_memory_allocated", "max_allocated_bytes", "peak_allocated_bytes")
+#: The key of the measured device memory peak (torch.cuda.max_memory_allocated) in a worker's ``stats``.
+MEASURED_PEAK_KEYS = ("measured_peak_bytes",)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from diffsplit.engine.devices import measured_peak_bytes
 from diffsplit.engine.dtypes import DtypePolicy, ModelKind, dtype_name
 from diffsplit.engine.errors import EngineError
 
@@ -70,6 +71,8 @@ class DeviceMemoryStats:
     oom_retries: int
     #: the most bytes resident at once (copies plus running jobs' activation estimates)
     peak_bytes: int
+    #: the allocator's own peak on a CUDA device (torch.cuda.max_memory_allocated); None elsewhere
+    measured_peak_bytes: int | None = None
 
 
 @dataclass
@@ -267,7 +270,8 @@ class DeviceMemory:
                 device=str(self.device), budget_bytes=self.budget_bytes,
                 resident_bytes=self._resident_locked(),
                 entries=len(self._copies), placed=self._placed, reused=self._reused, evicted=self._evicted,
-                oom_retries=self._oom_retries, peak_bytes=self._peak)
+                oom_retries=self._oom_retries, peak_bytes=self._peak,
+                measured_peak_bytes=measured_peak_bytes(self.device))
 
     def resident(self) -> list[tuple[str, int, int]]:
         """(class name, bytes, pins) of each copy, least recently used first."""

@@ -78,6 +78,13 @@ def cuda_free_bytes(device: torch.device) -> int:
     return int(free)
 
 
+def measured_peak_bytes(device: torch.device) -> int | None:
+    """The most memory torch's allocator held on ``device`` since start (CUDA only; None elsewhere)."""
+    if device.type != "cuda" or not torch.cuda.is_initialized():
+        return None
+    return int(torch.cuda.max_memory_allocated(device))
+
+
 def bf16_supported(device: torch.device) -> bool:
     """Whether ``device`` computes in bfloat16 natively (CUDA: Ampere and later; the CPU emulates it)."""
     if device.type == "cuda":
