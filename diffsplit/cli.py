@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--remote", action="append", default=[], metavar="NODE=ADDR",
         help="run a node on a worker: NODE is a node id or a class name (repeatable); ADDR may list "
-        "workers, tcp://a:5555,tcp://b:5555, tried in turn when one is gone or overloaded",
+        "workers, tcp://a:5555,tcp://b:5555: one holding the node's models goes first, else the least "
+        "loaded; the next takes over when one is gone or overloaded",
     )
     run.add_argument("--stats", metavar="FILE", help="write per-node timings and wire bytes as JSON")
     run.add_argument("--compare-local", action="store_true",

@@ -10,14 +10,19 @@ sent as its digest. Progress streams back into the local progress output.
 Model files a node reads while running (the ``embedding:`` files of a prompt)
 travel as FileRefs in the request's ``files`` (``engine.run_files``).
 
-Worker faults: an assignment may list several workers (``engine.remote_assign``).
-A worker that is gone (silent past the heartbeat timeout, the connection lost),
-overloaded, stopping, or past the deadline is *unavailable*: the node goes to
-the next worker, and with ``fallback_local`` finally runs here (the outputs are
-the same: split == local). A worker found silent is skipped by later nodes for
-``DOWN_FOR_S``. Every attempt is a new request with a new id, so a late reply
-from an abandoned attempt can never be taken for another's (the Client drops
-replies to ids it no longer waits for). Other errors (MissingModel without
+Several workers: an assignment may list several (``engine.remote_assign``). A
+node tries first the worker that holds its models, else the least loaded, the
+user's order breaking ties (``engine.worker_choice``: each worker's ``status``,
+asked with a short timeout and kept a few seconds; one worker is never asked).
+
+Worker faults: a worker that is gone (silent past the heartbeat timeout, the
+connection lost), overloaded, stopping, or past the deadline is *unavailable*:
+the node goes to the next worker in that order, and with ``fallback_local``
+finally runs here (the outputs are the same: split == local). A worker found
+silent is skipped by later nodes for ``DOWN_FOR_S``. Every attempt (and every
+``status`` question) is a new request with a new id, so a late reply from an
+abandoned attempt can never be taken for another's (the Client drops replies to
+ids it no longer waits for). Other errors (MissingModel without
 uploads, BadRequest, a node that fails) are not retried.
 """
 
@@ -45,6 +50,13 @@ from diffsplit.engine.wire_values import (
     is_model_value,
     to_wire,
     walk_values,
+)
+from diffsplit.engine.worker_choice import (
+    STATUS_TIMEOUT_S,
+    WorkerChoice,
+    WorkerStatusCache,
+    order_workers,
+    recipe_digests,
 )
 from diffsplit.tracer.files import file_refs_for
 from diffsplit.tracer.fingerprint import fingerprint
@@ -130,8 +142,10 @@ class RemoteNodeStats:
 class RemoteRunner:
     """Runs assigned nodes on workers and the rest locally. Thread-safe (one per run or longer).
 
-    ``assigned``: node id → worker address, or several comma-separated, tried in
-    order. ``fallback_local``: a node none of its workers can take runs here.
+    ``assigned``: node id → worker address, or several comma-separated, tried in the
+    order ``engine.worker_choice`` gives them (``status_timeout_s``: how long their
+    ``status`` answers are awaited). ``fallback_local``: a node none of its workers can
+    take runs here.
     """
 
     def __init__(
@@ -145,6 +159,7 @@ class RemoteRunner:
         timeout_s: float | None = None,
         curve: ClientCurve | None = None,
         fallback_local: bool = False,
+        status_timeout_s: float = STATUS_TIMEOUT_S,
     ) -> None:
         self.assigned = dict(assigned)
         self._workers = {node_id: worker_addresses(spec, f"node {node_id}")
@@ -166,6 +181,8 @@ class RemoteRunner:
         self._upload_lock = threading.Lock()  # one upload at a time: two nodes may miss the same file
         self._down: dict[str, float] = {}  # address → until when later nodes skip it
         self._placements: dict[str, str] = {}
+        self.status_timeout_s = status_timeout_s
+        self._status = WorkerStatusCache()  # what each worker's status said lately
 
     # The NodeRunner protocol.
     def __call__(self, call: NodeCall) -> Sequence[Any]:
@@ -233,23 +250,34 @@ class RemoteRunner:
             return client
 
     def _run_assigned(self, call: NodeCall, addresses: Sequence[str]) -> Sequence[Any]:
-        """Each worker in turn until one runs the node; then, with ``fallback_local``, here."""
+        """Each worker in the chosen order until one runs the node; then, with ``fallback_local``, here."""
         node = call.node
         failures: list[_Unavailable] = []
-        for address in addresses:
+        digests: frozenset[str] = frozenset()
+        order = tuple(WorkerChoice(address, "") for address in addresses)
+        if len(addresses) > 1:  # one worker is not asked anything: no extra round trip
+            digests = self._model_digests(call)
+            order = self._choose(addresses, digests)
+        for choice in order:
+            address = choice.address
             if self._is_down(address):
                 reason = "it fell silent or lost its connection earlier in this run"
                 log.info("node %s (%s): worker %s skipped: %s", node.id, node.class_type, address, reason)
                 failures.append(_Unavailable(address, f"skipped: {reason}", NodeFailed(
                     node.id, node.class_type, f"worker {address} was skipped: {reason}")))
                 continue
+            if choice.reason:
+                log.info("node %s (%s): worker %s %s: %s", node.id, node.class_type, address,
+                         "tried next" if failures else "chosen", choice.reason)
             try:
                 outputs = self._run_remote(call, address)
             except _Unavailable as failure:
+                self._status.forget(address)  # what it said is out of date
                 failures.append(failure)
                 log.warning("node %s (%s): worker %s is unavailable: %s", node.id, node.class_type,
                             address, failure.reason)
                 continue
+            self._status.note_holds(address, digests)
             with self._lock:
                 self._placements[node.id] = address
             return outputs
@@ -264,6 +292,22 @@ class RemoteRunner:
         tried = "; ".join(f"{failure.address}: {failure.reason}" for failure in failures)
         last = failures[-1].error
         raise NodeFailed(node.id, node.class_type, f"no worker could run it ({tried})") from last
+
+    def _choose(self, addresses: Sequence[str], digests: frozenset[str]) -> tuple[WorkerChoice, ...]:
+        """The order to try ``addresses`` in; workers known to be down are not asked and go last."""
+        asked = [address for address in addresses if not self._is_down(address)]
+        pictures = self._status.pictures(asked, self._client, timeout_s=self.status_timeout_s)
+        return order_workers(addresses, pictures, digests)
+
+    def _model_digests(self, call: NodeCall) -> frozenset[str]:
+        """The build digests of the models the node's inputs send (what a worker's status lists)."""
+        wire = []
+        for name, value in call.inputs.items():
+            try:
+                wire.append(to_wire(value, self.recipe_of, where=name))
+            except WireValueError:
+                continue  # the request itself reports it
+        return recipe_digests(wire)
 
     def _is_down(self, address: str) -> bool:
         with self._lock:

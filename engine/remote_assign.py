@@ -6,8 +6,9 @@ does (``--remote 12=tcp://host:5555`` by node id, ``--remote KSampler=...`` by
 class). The command line wins over labels; a node id wins over a class name.
 
 An assignment may name several workers, comma-separated
-(``--remote KSampler=tcp://a:5555,tcp://b:5555``): the node goes to the first, and to
-the next when one is gone or overloaded (``engine.offload``).
+(``--remote KSampler=tcp://a:5555,tcp://b:5555``): the node goes to one that holds its
+models, else the least loaded (``engine.worker_choice``), and to the next when one is
+gone or overloaded (``engine.offload``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from diffsplit.engine.graph import Workflow
 from diffsplit.engine.nodes.registry import NodeRegistry
 
 _SCHEMES = ("tcp://", "ipc://", "inproc://")
-#: Separates the workers of one assignment, tried in order.
+#: Separates the workers of one assignment.
 WORKER_SEPARATOR = ","
 
 
