@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffsplit.arg_types import positive_int
-from diffsplit.client_args import add_client_arguments
+from diffsplit.client_args import add_client_arguments, add_priority_argument
 from diffsplit.device_args import add_device_arguments
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fallback", choices=("local",), default=None,
                         help="local: a node whose workers are all gone or overloaded runs here instead")
     add_client_arguments(parser)
+    add_priority_argument(parser)
     add_device_arguments(parser, what="the nodes run here")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -94,6 +95,10 @@ class _Bar:
             self._bar.write(f"item {entry.item} (line {entry.line}) failed: {entry.error}", file=sys.stderr)
             self._bar.set_postfix(failed=self._failed)
         self._bar.update(1)
+
+    def waiting(self, call: Any, why: str) -> None:
+        """A node waits on its worker: shown beside the bar, not as a log line per item."""
+        self._bar.set_postfix_str(f"node {call.node.id}: {why[:80]}")
 
     def close(self) -> None:
         self._bar.close()
@@ -136,7 +141,9 @@ def batch_command(args: argparse.Namespace) -> int:
     executor = Executor(registry, store, inputs_dir=Path(args.inputs), output_dir=out,
                         max_workers=args.workers or (2 if assigned else 1))
     memory = local_device_for(args, printer)
-    runner = remote_runner_for(assigned, workflow, registry, store, args) if assigned else None
+    bar = _Bar(len(items), skipped, args.quiet)
+    runner = (remote_runner_for(assigned, workflow, registry, store, args, on_waiting=bar.waiting)
+              if assigned else None)
     inner: Any = runner or run_node_locally
     if memory is not None:
         from diffsplit.engine.device_runner import DeviceNodeRunner
@@ -145,7 +152,6 @@ def batch_command(args: argparse.Namespace) -> int:
     plan = BatchPlan(workflow=workflow, registry=registry, executor=executor, node_runner=inner,
                      manifest=manifest, ahead=args.ahead or (2 if assigned else 1), remote=runner,
                      assigned=frozenset(assigned))
-    bar = _Bar(len(items), skipped, args.quiet)
     try:
         summary = run_batch(plan, todo, bar, skipped=skipped)
     finally:

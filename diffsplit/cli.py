@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from diffsplit import __version__
 from diffsplit.arg_types import non_negative_int, positive_float, positive_int, positive_seconds
-from diffsplit.client_args import add_client_arguments
+from diffsplit.client_args import add_client_arguments, add_priority_argument
 from diffsplit.device_args import add_device_arguments
 from diffsplit.worker_control import add_control_parsers
 
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="local: a node whose workers are all gone or overloaded runs here instead "
                      "(same result); without it the run fails naming the worker")
     add_client_arguments(run)
+    add_priority_argument(run)
     add_device_arguments(run, what="the nodes run here")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 

@@ -42,6 +42,30 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default 2.5: a killed worker is noticed within about 3 s)")
 
 
+#: The priorities a worker accepts (higher is served first; the same level is served round robin).
+PRIORITY_RANGE = (-10, 10)
+
+
+def priority(text: str) -> int:
+    """``--priority``: an int in PRIORITY_RANGE."""
+    low, high = PRIORITY_RANGE
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
+    return value
+
+
+def add_priority_argument(parser: argparse.ArgumentParser) -> None:
+    """``--priority N`` on a command that sends nodes to workers."""
+    low, high = PRIORITY_RANGE
+    parser.add_argument("--priority", type=priority, default=0, metavar="N",
+                        help=f"this run's nodes on a worker's queue, {low}..{high} (default 0): higher is "
+                        "served first; clients of one priority take turns")
+
+
 def client_options(args: argparse.Namespace) -> ClientOptions:
     """The settings and CURVE keys ``args`` ask for (keys from the environment where no flag names them)."""
     from diffsplit.transport.auth import client_curve

@@ -134,7 +134,7 @@ def _where(remote: Any, node_id: str) -> str:
 
 
 def remote_runner_for(assigned: dict[str, str], workflow: Any, registry: Any, store: Any,
-                   args: argparse.Namespace) -> Any:
+                      args: argparse.Namespace, *, on_waiting: Any = None) -> Any:
     from diffsplit.client_args import client_options
     from diffsplit.engine.offload import RemoteRunner
     from diffsplit.engine.trace_workflow import output_recipe_source
@@ -142,7 +142,8 @@ def remote_runner_for(assigned: dict[str, str], workflow: Any, registry: Any, st
     options = client_options(args)
     return RemoteRunner(assigned, output_recipe_source(workflow, registry, store), local_store=store,
                         upload_missing=args.upload_missing, settings=options.settings, curve=options.curve,
-                        fallback_local=args.fallback == "local")
+                        fallback_local=args.fallback == "local", priority=getattr(args, "priority", 0),
+                        on_waiting=on_waiting)
 
 
 def batch(args: argparse.Namespace) -> int:

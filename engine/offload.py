@@ -145,7 +145,8 @@ class RemoteRunner:
     ``assigned``: node id → worker address, or several comma-separated, tried in the
     order ``engine.worker_choice`` gives them (``status_timeout_s``: how long their
     ``status`` answers are awaited). ``fallback_local``: a node none of its workers can
-    take runs here.
+    take runs here. ``priority``: sent with every node (the worker serves higher first).
+    ``on_waiting``: told why a node waits on its worker (default: a warning in the log).
     """
 
     def __init__(
@@ -160,11 +161,16 @@ class RemoteRunner:
         curve: ClientCurve | None = None,
         fallback_local: bool = False,
         status_timeout_s: float = STATUS_TIMEOUT_S,
+        priority: int = 0,
+        on_waiting: Callable[[NodeCall, str], None] | None = None,
     ) -> None:
         self.assigned = dict(assigned)
         self._workers = {node_id: worker_addresses(spec, f"node {node_id}")
                          for node_id, spec in assigned.items()}
         self.fallback_local = fallback_local
+        self.priority = priority
+        #: told why a node waits on its worker (queue place, device memory); default: a log warning
+        self.on_waiting = on_waiting or _log_waiting
         self.curve = curve if curve is not None else client_curve_from_environment()
         self.recipe_for_output = recipe_for_output
         self.local_store = local_store
@@ -346,7 +352,7 @@ class RemoteRunner:
             try:
                 exchange = self._client(address).exchange(
                     header, timeout=self.timeout_s,
-                    on_progress=lambda message: _forward_progress(call, message),
+                    on_progress=lambda message: _forward_progress(call, message, self.on_waiting),
                     cancel=getattr(call.context, "cancel", None),
                 )
             except RequestCancelled:
@@ -412,6 +418,8 @@ class RemoteRunner:
         }
         if self.timeout_s is not None:
             header["deadline_s"] = self.timeout_s
+        if self.priority:
+            header["priority"] = self.priority
         return header, len(uses_held)
 
     def _decode_outputs(self, reply: Mapping[str, Any], call: NodeCall) -> tuple[Any, ...]:
@@ -501,11 +509,15 @@ class RemoteRunner:
                     return
 
 
-def _forward_progress(call: NodeCall, message: Mapping[str, Any]) -> None:
+def _log_waiting(call: NodeCall, why: str) -> None:
+    log.warning("node %s (%s): the worker says: %s", call.node.id, call.node.class_type, shown(why, 300))
+
+
+def _forward_progress(call: NodeCall, message: Mapping[str, Any],
+                      on_waiting: Callable[[NodeCall, str], None]) -> None:
     waiting = message.get("waiting")
     if isinstance(waiting, str):  # why the node waits on the worker: its place in the queue, or device memory
-        log.warning("node %s (%s): the worker says: %s", call.node.id, call.node.class_type,
-                    shown(waiting, 300))
+        on_waiting(call, waiting)
     step, total = message.get("step"), message.get("total")
     if isinstance(step, int) and isinstance(total, int):
         call.context.progress(step, total)

@@ -31,6 +31,9 @@ How the derivative is computed (:class:`Curvature`):
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -82,7 +85,7 @@ class Curvature:
 
         self.nfe += JVP_COST_NFE
         # the fused attention kernels have no forward-mode rule; the math kernel computes the same function
-        with sdpa_kernel([SDPBackend.MATH]), continuous_time():
+        with exclusive_jvp(), continuous_time():
             _, tangent = torch.func.jvp(epsilon_of, (x, sigma), (eps, torch.ones_like(sigma)))
         return tangent
 
@@ -92,6 +95,23 @@ class Curvature:
             ahead, _ = self.epsilon(x + delta * eps, sigma + delta)
             behind, _ = self.epsilon(x - delta * eps, sigma - delta)
         return (ahead - behind) / (2 * delta)
+
+
+#: torch's forward-mode AD levels and its SDPA kernel switch are process-wide, not per thread: two
+#: threads inside ``torch.func.jvp`` at once break each other's dual levels, and one leaving
+#: ``sdpa_kernel`` turns the fused kernels back on under the other. One JVP at a time, then.
+_JVP_LOCK = threading.Lock()
+
+
+@contextmanager
+def exclusive_jvp() -> Iterator[None]:
+    """This thread alone takes a JVP, with the math attention kernel (fused ones have no forward rule).
+
+    Other threads keep sampling meanwhile; one that runs attention with another sampler while
+    a JVP holds the switch gets the math kernel: the same function, rounded differently.
+    """
+    with _JVP_LOCK, sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
 def genie_step(
