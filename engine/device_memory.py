@@ -235,6 +235,7 @@ class DeviceMemory:
                 self._copies.move_to_end(key)
                 self._reused += 1
                 self._pin_locked(key, entry, pins)
+                self._note_peak_locked()  # a job sharing a copy adds its activations beside the others'
                 return entry.placed
             size = target_bytes(module, wanted)
             self._make_room_locked(size, f"{type(module).__name__} in {dtype_name(wanted)}")

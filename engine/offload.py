@@ -170,7 +170,8 @@ class RemoteRunner:
         self.fallback_local = fallback_local
         self.priority = priority
         #: told why a node waits on its worker (queue place, device memory); default: a log warning
-        self.on_waiting = on_waiting or _log_waiting
+        self.on_waiting = on_waiting or self._log_waiting
+        self._told_waiting: set[str] = set()
         self.curve = curve if curve is not None else client_curve_from_environment()
         self.recipe_for_output = recipe_for_output
         self.local_store = local_store
@@ -247,6 +248,14 @@ class RemoteRunner:
             with self._lock:
                 self._recipes[id(value)] = (value, recipe)
                 self._by_recipe[canonical_json(recipe)] = value
+
+    def _log_waiting(self, call: NodeCall, why: str) -> None:
+        """The first wait of a node is a warning; its later news (moved up in the queue) is info."""
+        with self._lock:
+            first = call.node.id not in self._told_waiting
+            self._told_waiting.add(call.node.id)
+        log.log(logging.WARNING if first else logging.INFO, "node %s (%s): the worker says: %s",
+                call.node.id, call.node.class_type, shown(why, 300))
 
     def _client(self, address: str) -> Client:
         with self._lock:
@@ -507,10 +516,6 @@ class RemoteRunner:
                 offset += len(data)
                 if final:
                     return
-
-
-def _log_waiting(call: NodeCall, why: str) -> None:
-    log.warning("node %s (%s): the worker says: %s", call.node.id, call.node.class_type, shown(why, 300))
 
 
 def _forward_progress(call: NodeCall, message: Mapping[str, Any],

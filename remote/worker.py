@@ -9,9 +9,13 @@ structured error: ``MissingModel``, ``BadRequest``, ``NodeFailed``,
 ``Overloaded``, ``NotHeld``.
 
 Requests wait in one queue per client, served round robin by ``slots``
-threads (time-sharing: one client's backlog does not starve another); one
-that no free slot takes at once is told its place in line (a progress
-message ``{"queued": n, "waiting": why}``). Compute nodes run on the device
+threads (time-sharing: one client's backlog does not starve another), a
+higher ``priority`` (header field, -10..10, default 0) first; one that no
+free slot takes at once is told its place in line, and told again each time
+it changes (a progress message ``{"queued": n, "waiting": why}``, with
+``eta_s`` once jobs of its kind ran here: ``remote.wait_estimate``). A
+request cancelled while it waits leaves the queue and is answered at once.
+Compute nodes run on the device
 through ``engine.device_runner``: several slots share it while their weights
 and activations fit its budget, and a node that must wait for device memory
 says so the same way (``{"node": id, "waiting": why}``).
@@ -55,7 +59,7 @@ from diffsplit.remote.cache import CachedModel, ModelCache
 from diffsplit.remote.echo_budget import MAX_ECHO_BYTES, EchoBudget
 from diffsplit.remote.errors import BadRequest, NodeFailed, Overloaded, RemoteError
 from diffsplit.remote.exposure import check_worker_exposure
-from diffsplit.remote.fair_queue import ClientShares, FairQueue, QueueClosed, QueuePlace
+from diffsplit.remote.fair_queue import ClientShares, FairQueue, QueueClosed, request_priority
 from diffsplit.remote.held import HeldValues
 from diffsplit.remote.idle_unload import IdleUnloader
 from diffsplit.remote.operations import free_reply, log_unloads, may_control
@@ -63,6 +67,7 @@ from diffsplit.remote.redact import PathRedactor
 from diffsplit.remote.request_log import CANCELLED, UNSENT, RequestLog, outcome_of
 from diffsplit.remote.status import status_report
 from diffsplit.remote.uploads import UploadLimits, UploadReceiver
+from diffsplit.remote.wait_estimate import RunTimes, job_kind, node_label, queued_message, wait_s
 from diffsplit.remote.work_limits import (
     WorkLimits,
     check_node_inputs,
@@ -215,6 +220,8 @@ def client_of(request: Request) -> Hashable:
 class _Job:
     request: Request
     received: float
+    kind: str = ""  # for its wait estimate (``remote.wait_estimate.job_kind``)
+    told: int | None = None  # the ``ahead`` its client was last told (None: not told)
 
 
 class _WorkerContext:
@@ -291,11 +298,14 @@ class Worker:
         self._in_flight = threading.Semaphore(config.slots + config.max_queue)
         self._shares = ClientShares(config.client_share)  # one client never takes the whole queue
         self._queue: FairQueue[_Job] = FairQueue()
+        self._telling = threading.Lock()  # one pass of telling queued clients their places at a time
+        self._run_times = RunTimes()
         self._slots = [
             threading.Thread(target=self._serve_slot, name=f"diffsplit-slot-{n}", daemon=True)
             for n in range(config.slots)
         ]
-        self.server = Server(config.listen, settings=config.settings, curve=config.curve)
+        self.server = Server(config.listen, settings=config.settings, curve=config.curve,
+                             on_cancel=self._drop_cancelled)
         self.endpoint = self.server.endpoint
         #: one log line per request; client counts for ``status``
         self.requests = RequestLog(connected_s=config.settings.heartbeat_timeout)
@@ -368,12 +378,20 @@ class Worker:
     def _dispatch(self, request: Request) -> None:
         self.requests.received(request)
         if request.op in POOLED_OPS:
+            try:
+                priority = request_priority(request.header)
+            except BadRequest as exc:  # before it takes a place or a client share
+                self._reply_error(request, exc)
+                return
             refusal = self._admit(request)
             if refusal is not None:
                 self._reply_error(request, Overloaded(refusal))
                 return
-            place = self._queue.put(client_of(request), _Job(request, time.monotonic()))
-            self._tell_queued(request, place)
+            job = _Job(request, time.monotonic(), job_kind(request.op, request.header))
+            self._queue.put(client_of(request), job, priority)
+            # cancelled before it was queued: the server's on_cancel found nothing to drop
+            if not (request.cancelled.is_set() and self._drop_cancelled(request)):
+                self._tell_places()
             return
         handlers = {"hello": self._hello, "echo": self._echo, "stats": self._stats, "status": self._status,
                     "free": self._free}
@@ -388,28 +406,42 @@ class Worker:
             log.exception("op %s failed", shown(request.op))
             self._reply_error(request, BadRequest(f"{shown(request.op)} failed: {type(exc).__name__}: {exc}"))
 
-    def _tell_queued(self, request: Request, place: QueuePlace) -> None:
-        """Tell the client where its request waits, once, when no free slot takes it at once.
+    def _tell_places(self) -> None:
+        """Tell each queued client where its request waits, whenever that changed since it was last told.
 
         ``queued`` is its 1-based place in line: the requests the fair queue will serve before it as
-        things stand (``FairQueue.put``), plus one; a later client with fewer requests waiting can
-        still go ahead of it. Not sent when a free slot is there for it.
+        things stand (``FairQueue.order``), plus one; a later request of a higher priority, or of a
+        client with fewer waiting, can still go ahead of it. Nothing is said to a request that a
+        free slot is there for. Call after every change to the queue.
         """
         slots = self.config.slots
-        if place.ahead + place.taken < slots:
-            return
-        taken = place.taken
-        busy = f"all {slots} slot(s) busy" if taken >= slots else f"{taken} of {slots} slot(s) busy"
-        message: dict[str, Any] = {"queued": place.ahead + 1,
-                                   "waiting": f"queued: {place.ahead} request(s) ahead, {busy}"}
-        node = request.header.get("node")
-        if isinstance(node, dict) and isinstance(node.get("id"), str | int):
-            message["node"] = str(node["id"])[:64]
-        try:
-            self.server.progress(request, message)
-        except TransportError as exc:  # only news: the request still runs when its turn comes
-            log.warning("could not tell request %s its place in the queue: %s",
-                        shown(request.request_id), exc)
+        with self._telling:
+            order = self._queue.order()
+            for ahead, job in enumerate(order.items):
+                if ahead + order.taken < slots or job.told == ahead:
+                    continue
+                job.told = ahead
+                eta = wait_s(self._run_times.mean(job.kind), ahead=ahead, busy=order.taken, slots=slots)
+                message = queued_message(ahead=ahead, busy=order.taken, slots=slots, eta_s=eta,
+                                         node=node_label(job.request.header))
+                try:
+                    self.server.progress(job.request, message)
+                except TransportError as exc:  # only news: the request still runs when its turn comes
+                    log.warning("could not tell request %s its place in the queue: %s",
+                                shown(job.request.request_id), exc)
+
+    def _drop_cancelled(self, request: Request) -> bool:
+        """A cancelled request still queued leaves the queue and is answered now (the server's
+        ``on_cancel``, on its I/O thread); False when it is not queued (running, or answered)."""
+        dropped = self._queue.remove(lambda job: job.request is request)
+        for job in dropped:
+            self._shares.release(client_of(job.request))
+            self._in_flight.release()
+            self._reply_error(job.request,
+                              Cancelled(f"request {request.request_id} was cancelled while queued"))
+        if dropped:
+            self._tell_places()
+        return bool(dropped)
 
     def _hello(self, request: Request) -> None:
         self._send(request, {"op": "result", "worker": self._describe()})
@@ -479,6 +511,7 @@ class Worker:
                 except QueueClosed:
                     return
                 if job is not None:
+                    self._tell_places()  # those behind it moved up
                     self._run_job(job)
         except BaseException as exc:  # the thread ends here: the process must exit non-zero
             name = threading.current_thread().name
@@ -493,10 +526,13 @@ class Worker:
         with self._running_lock:
             self._running[request.request_id] = request
         self.requests.started(request)
+        started = time.monotonic()
         answer: Callable[[], None]
         try:
             if self._stopping.is_set():
                 raise Overloaded("the worker is shutting down")
+            if request.cancelled.is_set():  # a slot took it just before its cancel could drop it
+                raise Cancelled(f"request {request.request_id} was cancelled while queued")
             run = {"run_node": self._run_node, "call": self._run_call, "run_function": self._run_function,
                    "upload": self._upload}
             with intra_op_threads(self._threads_for(request)), self.cache.job_scope():
@@ -511,6 +547,7 @@ class Worker:
                              NodeFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         else:
             answer = partial(self._send, request, reply)
+            self._run_times.record(job.kind, time.monotonic() - started)
         finally:
             # the slot is free before the client hears back, so the request it sends next never finds
             # this one still counted as running (and is not told it waits for a free slot)

@@ -26,7 +26,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -77,7 +77,12 @@ class Request:
 
 
 class Server:
-    """A ROUTER bound to ``endpoint`` (``tcp://HOST:*`` picks a free port; see ``.endpoint``)."""
+    """A ROUTER bound to ``endpoint`` (``tcp://HOST:*`` picks a free port; see ``.endpoint``).
+
+    ``on_cancel`` hears of each request whose ``cancelled`` the client's cancel or its silence set:
+    it runs on the I/O thread, after the event is set, so it must not block (a failure is logged,
+    what it returns is ignored).
+    """
 
     def __init__(
         self,
@@ -86,8 +91,10 @@ class Server:
         settings: Settings = DEFAULT_SETTINGS,
         curve: ServerCurve | None = None,
         context: zmq.Context[Any] | None = None,
+        on_cancel: Callable[[Request], object] | None = None,
     ) -> None:
         self.settings = settings
+        self._on_cancel = on_cancel
         self.is_authenticated = curve is not None and curve.authenticates_clients
         self._own_context = context is None
         self._context = context if context is not None else zmq.Context()
@@ -235,13 +242,27 @@ class Server:
                 cancelled = requests.pop(request_id, None)
                 if cancelled is not None:
                     cancelled.cancelled.set()
-                return
-            if request_id in requests:
+            elif request_id in requests:
                 log.warning("duplicate request id %s from one client: ignored", shown(request_id))
                 return
-            request = Request(request_id, op, header, peer, self._client_key(first))
-            requests[request_id] = request
+            else:
+                request = Request(request_id, op, header, peer, self._client_key(first))
+                requests[request_id] = request
+        if op == OP_CANCEL:
+            self._tell_cancelled([cancelled] if cancelled is not None else [])
+            return
         self._inbox.put(request)
+
+    def _tell_cancelled(self, requests: list[Request]) -> None:
+        """``on_cancel`` for each request (outside the lock: it may reply); its failures are logged."""
+        callback = self._on_cancel
+        if callback is None:
+            return
+        for request in requests:
+            try:
+                callback(request)
+            except Exception:  # the owner's bug: the I/O thread goes on
+                log.exception("on_cancel failed for request %s", shown(request.request_id))
 
     def _send_error(self, peer: bytes, request_id: str | None, kind: str, message: str) -> None:
         """Queue a transport-level error reply (bounded in size); log and drop it if even that fails."""
@@ -262,6 +283,7 @@ class Server:
     def _on_tick(self, now: float) -> None:
         timeout = self.settings.heartbeat_timeout
         beat = []
+        gone: list[Request] = []
         with self._lock:
             for peer, last in list(self._last_heard.items()):
                 requests = self._pending.get(peer)
@@ -273,5 +295,7 @@ class Server:
                 del self._last_heard[peer]
                 for request in (self._pending.pop(peer, None) or {}).values():
                     request.cancelled.set()
+                    gone.append(request)
+        self._tell_cancelled(gone)
         for peer in beat:
             self._io.post([peer, *heartbeat()])

@@ -302,9 +302,12 @@ def test_a_request_no_slot_takes_is_told_its_place_in_line(models_dir: Path, one
                       "waiting": "queued: 0 request(s) ahead, all 1 slot(s) busy"}
     assert queued_behind == {**queued_behind, "node": "9", "queued": 2,
                              "waiting": "queued: 1 request(s) ahead, all 1 slot(s) busy"}
-    for job in (next_in_line, behind):  # told once, before it ran
-        assert [m for m in job.messages if "queued" in m] == [job.messages[0]]
-        assert any(is_step(m) for m in job.messages)
+    # told its place when it queued and again each time it moved up, always before it ran
+    assert [m["queued"] for m in next_in_line.messages if "queued" in m] == [1]
+    assert [m["queued"] for m in behind.messages if "queued" in m] == [2, 1]
+    for job in (next_in_line, behind):
+        first_step = next(n for n, m in enumerate(job.messages) if is_step(m))
+        assert all(n < first_step for n, m in enumerate(job.messages) if "queued" in m)
     assert torch.equal(images[0], one_job.reference) and torch.equal(images[1], one_job.reference)
 
 
