@@ -46,3 +46,19 @@ def positive_seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0 s, not {text}")
     return value
+
+
+def batch_size(text: str) -> int:
+    """``--batch-max``: 1 (off) to 64 requests sampled together."""
+    value = int(_number(text, int, "a whole number"))
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"must be in 1..64, not {value}")
+    return value
+
+
+def batch_wait(text: str) -> float:
+    """``--batch-wait-ms``: 0 to 10000 milliseconds."""
+    value = _number(text, float, "a number of milliseconds")
+    if not 0 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"must be in 0..10000 ms, not {text}")
+    return value

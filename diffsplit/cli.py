@@ -13,7 +13,14 @@ import sys
 from collections.abc import Sequence
 
 from diffsplit import __version__
-from diffsplit.arg_types import non_negative_int, positive_float, positive_int, positive_seconds
+from diffsplit.arg_types import (
+    batch_size,
+    batch_wait,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    positive_seconds,
+)
 from diffsplit.client_args import add_client_arguments, add_priority_argument
 from diffsplit.device_args import add_device_arguments
 from diffsplit.worker_control import add_control_parsers
@@ -131,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="nodes run at once (default 1); with a device budget, a node whose models and "
                         "activations do not fit beside the running ones waits, and its client is told why")
     add_device_arguments(worker, what="the worker's nodes")
+    worker.add_argument("--batch-max", type=batch_size, default=1, metavar="N",
+                        help="sample up to N compatible requests of any clients as one batch: same model, "
+                        "sampler, scheduler, steps, denoise and latent shape, each with its own seed, CFG "
+                        "and prompts (default 1: off, results bit for bit as unbatched)")
+    worker.add_argument("--batch-wait-ms", type=batch_wait, default=10.0, metavar="MS",
+                        help="how long a slot waits to gather a batch (default 10)")
     worker.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads per job (default: each job runs with its client's thread count, "
                         "so results equal the client's local run)")

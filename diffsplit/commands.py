@@ -221,6 +221,7 @@ def _worker_limits(args: argparse.Namespace) -> dict[str, Any]:
         "max_pixels": args.max_pixels, "max_batch": args.max_batch,
         "max_queue_per_client": args.max_queue_per_client, "max_upload_bytes": int(args.max_upload_gb * gib),
         "max_uploads_per_client": args.max_uploads_per_client, "upload_idle_s": args.upload_idle_s,
+        "batch_max": args.batch_max, "batch_wait_ms": args.batch_wait_ms,
     }
 
 

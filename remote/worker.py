@@ -53,7 +53,9 @@ from diffsplit.engine.extra_paths import open_store
 from diffsplit.engine.nodes.registry import NodeRegistry, default_registry
 from diffsplit.engine.placement import outputs_to_host, tensors_to
 from diffsplit.engine.run_files import RUN_FILES_FIELD, RunFilesError, parse_run_files
+from diffsplit.engine.sampling.lockstep import LockstepGroup
 from diffsplit.engine.wire_values import HintTable, WireValueError, from_wire, to_wire, walk_values
+from diffsplit.remote.batching import BatchMembership, BatchSettings, Member, batch_signature
 from diffsplit.remote.builder import ModelBuilder
 from diffsplit.remote.cache import CachedModel, ModelCache
 from diffsplit.remote.echo_budget import MAX_ECHO_BYTES, EchoBudget
@@ -94,6 +96,8 @@ POOLED_OPS = frozenset({"run_node", "call", "run_function", "upload"})
 CALLABLE_METHODS = frozenset({"forward", "__call__"})
 #: After the grace period, how long cancelled jobs get to reach their next step and stop.
 STOP_JOIN_S = 30.0
+#: How often a slot gathering a batch looks at the queue again (within ``--batch-wait-ms``).
+GATHER_POLL_S = 0.002
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,10 @@ class WorkerConfig:
     text_encoder_dtype: str = "auto"
     #: device memory for models and activations (None: free memory at start minus 1 GiB on CUDA)
     vram_bytes: int | None = None
+    #: sampler requests of any clients that may sample together as one batch (1: no batching), and
+    #: how long a slot waits to gather them (``remote.batching``)
+    batch_max: int = 1
+    batch_wait_ms: float = 10.0
 
     @property
     def work_limits(self) -> WorkLimits:
@@ -291,6 +299,11 @@ class Worker:
             max_file_bytes=config.max_upload_bytes, max_partials_per_client=config.max_uploads_per_client,
             idle_s=config.upload_idle_s))
         self.limits = config.work_limits
+        try:
+            self.batching = BatchSettings(config.batch_max, config.batch_wait_ms / 1000)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        self._membership = BatchMembership()
         self._stopping = threading.Event()
         self._failure: str | None = None
         self._running: dict[str, Request] = {}
@@ -448,6 +461,7 @@ class Worker:
 
     def _stats(self, request: Request) -> None:
         self._send(request, {"op": "result", "cache": vars(self.cache.stats()),
+                             "batching": self._membership.report(self.batching),
                              "device": dataclasses.asdict(self.memory.stats())})
 
     def _status(self, request: Request) -> None:
@@ -512,7 +526,7 @@ class Worker:
                     return
                 if job is not None:
                     self._tell_places()  # those behind it moved up
-                    self._run_job(job)
+                    self._run_gathered(job)
         except BaseException as exc:  # the thread ends here: the process must exit non-zero
             name = threading.current_thread().name
             log.exception("%s died", name)
@@ -521,8 +535,64 @@ class Worker:
                 self._reply_error(job.request, NodeFailed(f"the worker's {reason}; it is restarting"))
             self._fail(reason)
 
-    def _run_job(self, job: _Job) -> None:
+    def _run_gathered(self, job: _Job) -> None:
+        """Run ``job``, with the queued requests that can sample beside it when batching is on."""
+        signature = batch_signature(job.request.header) if self.batching.enabled else None
+        extras = self._gather(signature) if signature is not None else []
+        if not extras:
+            self._run_job(job)
+            return
+        group = LockstepGroup(1 + len(extras))
+        threads = [threading.Thread(target=self._run_batch_member, args=(extra, Member(group, n + 1)),
+                                    name=f"diffsplit-batch-{n + 1}", daemon=True)
+                   for n, extra in enumerate(extras)]
+        log.info("sampling %d requests as one batch (%s)", len(threads) + 1,
+                 shown(job.request.header.get("node"), 120))
+        for thread in threads:
+            thread.start()
+        self._run_job(job, Member(group, 0))
+        for thread in threads:
+            thread.join()
+        self._membership.record(group, len(threads) + 1)
+
+    def _gather(self, signature: str) -> list[_Job]:
+        """Queued requests with ``signature`` (up to ``--batch-max`` in all), waiting ``--batch-wait-ms``."""
+        wanted = self.batching.max_size - 1
+        deadline = time.monotonic() + self.batching.wait_s
+        taken: list[_Job] = []
+        while True:
+            room = wanted - len(taken)
+
+            def fits(candidate: _Job) -> bool:
+                nonlocal room
+                if room <= 0 or candidate.request.cancelled.is_set():
+                    return False
+                if batch_signature(candidate.request.header) != signature:
+                    return False
+                room -= 1
+                return True
+
+            taken += self._queue.remove(fits)
+            left = deadline - time.monotonic()
+            if len(taken) >= wanted or left <= 0 or self._stopping.is_set():
+                break
+            time.sleep(min(GATHER_POLL_S, left))
+        if taken:
+            self._tell_places()  # those behind them moved up
+        return taken
+
+    def _run_batch_member(self, job: _Job, member: Member) -> None:
+        try:
+            self._run_job(job, member, counted=False)
+        except BaseException as exc:  # the batch's own thread: its client hears why, the worker goes on
+            log.exception("batch member %d died", member.index)
+            self._reply_error(job.request, NodeFailed(f"the worker's batch thread died: {exc!r}"))
+
+    def _run_job(self, job: _Job, member: Member | None = None, *, counted: bool = True) -> None:
+        """Run one request and answer it. ``member``: its place in a batch; ``counted``: a slot
+        took it from the queue (a batch's other members were taken by :meth:`_gather`)."""
         request = job.request
+        self._membership.join(member)
         with self._running_lock:
             self._running[request.request_id] = request
         self.requests.started(request)
@@ -551,7 +621,9 @@ class Worker:
         finally:
             # the slot is free before the client hears back, so the request it sends next never finds
             # this one still counted as running (and is not told it waits for a free slot)
-            self._queue.done()
+            self._membership.leave()
+            if counted:
+                self._queue.done()
             with self._running_lock:
                 self._running.pop(request.request_id, None)
             self._shares.release(client_of(request))
@@ -630,8 +702,13 @@ class Worker:
         def waiting(why: str) -> None:
             self.server.progress(request, {"node": node_id, "waiting": why})
 
-        outputs = self._compute(node_class, inputs, lambda placed: node_class.function(context, **placed),
-                                waiting=waiting)
+        def run(placed: dict[str, Any]) -> Any:
+            try:
+                return node_class.function(context, **self._membership.in_batch(placed))
+            finally:
+                self._membership.leave()  # its batch's next rounds do not wait for it
+
+        outputs = self._compute(node_class, inputs, run, waiting=waiting)
         finished = time.monotonic()
         builds_after = self.cache.stats()
         try:

@@ -1,0 +1,138 @@
+"""Cross-client batching on a worker (``--batch-max N``, ``--batch-wait-ms MS``).
+
+A slot that takes a sampler request waits up to ``--batch-wait-ms`` for queued
+requests of any client that can sample beside it: the same node class and
+model recipe, sampler, scheduler, steps, denoise (every input but the seed,
+CFG scale and conditioning), and latents of one shape and dtype. Up to
+``--batch-max`` of them run together, each on its own thread with its own
+noise, seed, CFG scale and conditioning, and their UNet calls meet in a
+:class:`~diffsplit.engine.sampling.lockstep.LockstepGroup`: one batched
+forward pass per step for all of them. Each request is still answered on its
+own, as if it ran alone; results differ from an unbatched run by fp32 rounding
+(see ``tests/remote/test_cross_client_batching.py`` for the measured bound).
+
+Off by default (``--batch-max 1``): then nothing here runs and split == local
+stays bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffsplit.engine.sampling.lockstep import UNBATCHABLE_SAMPLERS, LockstepGroup, LockstepUNet
+from diffsplit.engine.types import DiffusionModel
+
+#: Node classes whose requests may sample together (they sample a MODEL input with sample_latent).
+BATCHABLE_CLASSES = frozenset({"KSampler", "KSamplerAdvanced"})
+#: Inputs that may differ between requests sampled together (each keeps its own).
+PER_REQUEST_INPUTS = frozenset({"seed", "noise_seed", "cfg", "positive", "negative"})
+#: The most requests ``--batch-max`` may ask to sample together.
+MAX_BATCH = 64
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """How a worker batches: at most ``max_size`` requests, waiting at most ``wait_s`` to gather them."""
+
+    max_size: int = 1
+    wait_s: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_size <= MAX_BATCH:
+            raise ValueError(f"--batch-max must be in 1..{MAX_BATCH}, not {self.max_size}")
+        if not 0 <= self.wait_s <= 10:
+            raise ValueError(f"--batch-wait-ms must be in 0..10000, not {self.wait_s * 1000:g}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_size > 1
+
+
+def batch_signature(header: Mapping[str, Any]) -> str | None:
+    """What requests must share to sample together, from the request alone (None: it runs alone).
+
+    The node class and every input but :data:`PER_REQUEST_INPUTS`, with tensors described by
+    shape and dtype (two latents of one shape batch; their values are per request).
+    """
+    if header.get("op") != "run_node":
+        return None
+    node = header.get("node")
+    inputs = header.get("inputs")
+    if not isinstance(node, Mapping) or node.get("class_type") not in BATCHABLE_CLASSES:
+        return None
+    if not isinstance(inputs, Mapping) or inputs.get("sampler_name") in UNBATCHABLE_SAMPLERS:
+        return None
+    shared = {name: value for name, value in inputs.items() if name not in PER_REQUEST_INPUTS}
+    try:
+        return json.dumps({"class": node["class_type"], "inputs": shared}, sort_keys=True,
+                          default=_described, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return None
+
+
+def _described(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return {"tensor": list(value.shape), "dtype": str(value.dtype)}
+    raise TypeError(f"{type(value).__name__} does not batch")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One request's place in a batch."""
+
+    group: LockstepGroup
+    index: int
+
+
+class BatchMembership:
+    """Which batch this thread's request belongs to (a thread-local), and what batches ran."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self.batches = 0
+        self.batched_requests = 0
+        self.unet_passes = 0
+        self.member_calls = 0
+
+    def current(self) -> Member | None:
+        return getattr(self._local, "member", None)
+
+    def join(self, member: Member | None) -> None:
+        self._local.member = member
+
+    def leave(self) -> None:
+        member = self.current()
+        if member is not None:
+            member.group.leave(member.index)
+        self._local.member = None
+
+    def record(self, group: LockstepGroup, size: int) -> None:
+        stats = group.stats()
+        with self._lock:
+            self.batches += 1
+            self.batched_requests += size
+            self.unet_passes += stats.unet_calls
+            self.member_calls += stats.member_calls
+
+    def report(self, settings: BatchSettings) -> dict[str, Any]:
+        """For ``stats``: the settings and what batching saved (UNet passes run vs asked for)."""
+        with self._lock:
+            return {"max": settings.max_size, "wait_ms": settings.wait_s * 1000, "batches": self.batches,
+                    "batched_requests": self.batched_requests, "unet_passes": self.unet_passes,
+                    "unet_calls_asked": self.member_calls}
+
+    def in_batch(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``inputs`` with the MODEL's UNet seen through this thread's batch (unchanged outside one)."""
+        member = self.current()
+        model = inputs.get("model")
+        if member is None or not isinstance(model, DiffusionModel):
+            return inputs
+        unet = LockstepUNet(model.unet, member.group, member.index)
+        return {**inputs, "model": dataclasses.replace(model, unet=unet)}
