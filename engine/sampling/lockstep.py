@@ -46,7 +46,8 @@ import dataclasses
 import math
 import threading
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,7 @@ from diffsplit.engine.sampling.denoiser import CFGDenoiser
 from diffsplit.engine.sampling.ksampler import ProgressFn, ksampler_sigmas, sample_with_sigmas, slice_sigmas
 from diffsplit.engine.sampling.samplers import DenoiseFn, get_sampler
 from diffsplit.engine.types import DiffusionModel
+from diffsplit.transport.compute_threads import intra_op_threads
 
 #: Seconds the waiting members give a member that has not called before running a round without it.
 DEFAULT_GATHER_TIMEOUT = 60.0
@@ -247,19 +249,33 @@ def _run_shared(calls: Sequence[_Call]) -> None:
         call.result = output
 
 
+def _run_groups(groups: Iterable[list[_Call]], threads: int | None = None) -> None:
+    """The forward passes of one round: one per group of calls that share a key."""
+    with torch.no_grad(), intra_op_threads(threads):
+        for members in groups:
+            _run_shared(members)
+
+
 class LockstepGroup:
     """The rendezvous of ``size`` members' UNet calls (members are ``0 .. size-1``, all live at first).
 
     Use one group per batch of runs: a member that left cannot come back.
     """
 
-    def __init__(self, size: int, *, gather_timeout: float | None = DEFAULT_GATHER_TIMEOUT) -> None:
+    def __init__(self, size: int, *, gather_timeout: float | None = DEFAULT_GATHER_TIMEOUT,
+                 pass_threads: int | None = None) -> None:
+        """``pass_threads``: run the shared forward passes on one thread of the group's own with that
+        many intra-op CPU threads (None: on the member thread that completes each round, as it is).
+        Members can then sample with one thread each: one OpenMP team does the heavy work, rather
+        than one team per member thread, whose idle workers spin against each other."""
         if size < 1:
             raise ValueError(f"a lockstep group needs at least one member, got {size}")
         if gather_timeout is not None and gather_timeout <= 0:
             raise ValueError(f"gather_timeout must be positive or None, got {gather_timeout}")
         self.size = size
         self.gather_timeout = gather_timeout
+        self.pass_threads = pass_threads
+        self._pass_thread: ThreadPoolExecutor | None = None
         self._cond = threading.Condition(threading.Lock())
         self._live = set(range(size))
         self._detached: set[int] = set()  # live members not waited for (stalled past gather_timeout)
@@ -291,6 +307,16 @@ class LockstepGroup:
             self._detached.discard(index)
             self._queued.pop(index, None)
             self._event()
+            if not self._live and self._pass_thread is not None:
+                self._pass_thread.shutdown(wait=False)  # no round can come any more
+                self._pass_thread = None
+
+    def _passes(self) -> ThreadPoolExecutor:
+        """The group's pass thread (made at the first round that needs it)."""
+        with self._cond:
+            if self._pass_thread is None:
+                self._pass_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffsplit-lockstep")
+            return self._pass_thread
 
     def call(self, index: int, inner: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """``inner(*args, **kwargs)`` for member ``index``, in one pass with others' calls where it can."""
@@ -362,9 +388,10 @@ class LockstepGroup:
             groups.setdefault(call.key, []).append(call)
         self._cond.release()
         try:
-            with torch.no_grad():
-                for members in groups.values():
-                    _run_shared(members)
+            if self.pass_threads is None:
+                _run_groups(groups.values())
+            else:
+                self._passes().submit(_run_groups, list(groups.values()), self.pass_threads).result()
         finally:
             self._cond.acquire()
             for call in calls:
