@@ -109,23 +109,13 @@ def batch_command(args: argparse.Namespace) -> int:
     from diffsplit.batch_items import read_items
     from diffsplit.batch_manifest import Manifest
     from diffsplit.batch_run import BatchPlan, pending_items, run_batch
-    from diffsplit.commands import local_device_for, remote_runner_for
+    from diffsplit.commands import load_for_run, local_device_for, remote_runner_for
     from diffsplit.engine.executor import Executor, run_node_locally
-    from diffsplit.engine.extra_paths import open_store
-    from diffsplit.engine.formats import load_workflow
-    from diffsplit.engine.nodes.registry import default_registry
-    from diffsplit.engine.overrides import parse_set_options
     from diffsplit.engine.remote_assign import assign_remotes, describe_assignment
     from diffsplit.progress import ProgressPrinter
 
     printer = ProgressPrinter(quiet=args.quiet)
-    registry = default_registry()
-    store = open_store(args.models, args.extra_model_paths)
-    workflow = load_workflow(Path(args.workflow), registry)
-    overrides = parse_set_options(args.set)
-    if overrides:
-        workflow = workflow.with_overrides(overrides, registry)
-    workflow.validate(registry, store)
+    registry, store, workflow = load_for_run(args)
     items = read_items(Path(args.items), workflow, prompt_targets=args.prompt_input)
     check_items(items, workflow, registry, store)
     out = Path(args.out)

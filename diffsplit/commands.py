@@ -21,10 +21,6 @@ EXIT_WORKER_FAILED = 70
 def run(args: argparse.Namespace) -> int:
     """``diffsplit run``: execute a workflow, some nodes perhaps on workers."""
     from diffsplit.engine.executor import Executor, run_node_locally
-    from diffsplit.engine.extra_paths import open_store
-    from diffsplit.engine.formats import load_workflow
-    from diffsplit.engine.nodes.registry import default_registry
-    from diffsplit.engine.overrides import parse_set_options
     from diffsplit.engine.remote_assign import assign_remotes, describe_assignment
 
     if getattr(args, "compare_local", False):
@@ -32,13 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
         require_remote(args.remote)  # before anything runs
     printer = ProgressPrinter(quiet=args.quiet)
-    registry = default_registry()
-    store = open_store(args.models, args.extra_model_paths)
-    workflow = load_workflow(Path(args.workflow), registry)
-    overrides = parse_set_options(args.set)
-    if overrides:
-        workflow = workflow.with_overrides(overrides, registry)
-    workflow.validate(registry, store)
+    registry, store, workflow = load_for_run(args)
     assigned = assign_remotes(workflow, registry, args.remote)
     if assigned:
         printer.message("remote nodes:\n" + describe_assignment(assigned, workflow))
@@ -90,6 +80,23 @@ def run(args: argparse.Namespace) -> int:
             stats["compare_local"] = comparison.to_json()
         Path(args.stats).write_text(json.dumps(stats, indent=2) + "\n")
     return 0
+
+
+def load_for_run(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(registry, store, workflow) for ``run`` and ``batch``: ``--set`` applied, validated."""
+    from diffsplit.engine.extra_paths import open_store
+    from diffsplit.engine.formats import load_workflow
+    from diffsplit.engine.nodes.registry import default_registry
+    from diffsplit.engine.overrides import parse_set_options
+
+    registry = default_registry()
+    store = open_store(args.models, args.extra_model_paths)
+    workflow = load_workflow(Path(args.workflow), registry)
+    overrides = parse_set_options(args.set)
+    if overrides:
+        workflow = workflow.with_overrides(overrides, registry)
+    workflow.validate(registry, store)
+    return registry, store, workflow
 
 
 def local_device_for(args: argparse.Namespace, printer: ProgressPrinter) -> Any:

@@ -45,12 +45,7 @@ SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m")
 CFGS = (4.0, 7.0, 1.0)
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

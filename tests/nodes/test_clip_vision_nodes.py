@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,11 +47,8 @@ class StoreContext:
 
 
 @pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def single_thread(one_torch_thread: None) -> None:
+    """Tiny models run fastest on one thread on a shared machine (``one_torch_thread``)."""
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,8 @@ from diffsplit.remote.worker import Worker, WorkerConfig
 from diffsplit.tracer.recipe import Recipe
 from diffsplit.transport.sockets import Client
 
+from .test_space_sharing import serving as serving_config
+
 WAIT_S = 120.0
 #: Far more steps than the test waits for: the job holds its worker's only slot until it is cancelled.
 LONG_STEPS = 10_000
@@ -203,18 +205,10 @@ def dead_address() -> str:
 
 @contextmanager
 def serving(models_dir: Path) -> Iterator[Worker]:
-    """An in-process CPU worker (one slot) on a loopback port, served by a thread, answering once up."""
-    worker = Worker(WorkerConfig(models=models_dir, listen="tcp://127.0.0.1:*", device="cpu", grace_s=2.0))
-    thread = threading.Thread(target=worker.serve, name="test-worker-serve", daemon=True)
-    thread.start()
-    try:
-        with Client(worker.endpoint) as client:
-            assert client.request({"op": "hello"}, timeout=60)["op"] == "result"
+    """An in-process CPU worker (one slot) on a loopback port, answering once up."""
+    with serving_config(WorkerConfig(models=models_dir, listen="tcp://127.0.0.1:*", device="cpu",
+                                     grace_s=2.0)) as worker:
         yield worker
-    finally:
-        worker.stop()
-        thread.join(60)
-        assert not thread.is_alive()
 
 
 def status_of(address: str) -> dict[str, Any]:

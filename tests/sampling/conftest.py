@@ -7,7 +7,7 @@ random weights, and run in milliseconds on one thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -22,12 +22,8 @@ TIME_EMBED_DIM = 4
 
 
 @pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread on a shared machine; the previous setting is restored."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def single_thread(one_torch_thread: None) -> None:
+    """Tiny models run fastest on one thread on a shared machine (``one_torch_thread``)."""
 
 
 def micro_unet(family: ModelFamily, seed: int = 0) -> UNet2DConditionModel:
