@@ -30,3 +30,14 @@ def worker_address(models_dir: Path) -> Iterator[str]:
 
     with local_worker(models_dir) as address:
         yield address
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """The module's benchmarks compute on one intra-op thread (the count restored after)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,7 +18,7 @@ asserts a timing.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,8 @@ SIZES = (8, 16)  # latent side (64 and 128 pixels)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread: None) -> None:
+    """One intra-op thread for the whole module (``one_torch_thread``)."""
 
 
 @pytest.fixture(scope="module")

@@ -63,10 +63,6 @@ class BatchSummary:
     failed: int
     seconds: float
 
-    @property
-    def total(self) -> int:
-        return self.done + self.skipped + self.failed
-
 
 @dataclass(frozen=True)
 class BatchPlan:

@@ -233,6 +233,8 @@ class _Job:
     received: float
     kind: str = ""  # for its wait estimate (``remote.wait_estimate.job_kind``)
     told: int | None = None  # the ``ahead`` its client was last told (None: not told)
+    #: what it must share with others to sample in one batch (``remote.batching``); None: runs alone
+    batch_signature: str | None = None
 
 
 class _WorkerContext:
@@ -403,7 +405,9 @@ class Worker:
             if refusal is not None:
                 self._reply_error(request, Overloaded(refusal))
                 return
-            job = _Job(request, time.monotonic(), job_kind(request.op, request.header))
+            signature = batch_signature(request.header) if self.batching.enabled else None
+            job = _Job(request, time.monotonic(), job_kind(request.op, request.header),
+                       batch_signature=signature)
             self._queue.put(client_of(request), job, priority)
             # cancelled before it was queued: the server's on_cancel found nothing to drop
             if not (request.cancelled.is_set() and self._drop_cancelled(request)):
@@ -540,8 +544,7 @@ class Worker:
 
     def _run_gathered(self, job: _Job) -> None:
         """Run ``job``, with the queued requests that can sample beside it when batching is on."""
-        signature = batch_signature(job.request.header) if self.batching.enabled else None
-        extras = self._gather(signature) if signature is not None else []
+        extras = self._gather(job.batch_signature) if job.batch_signature is not None else []
         if not extras:
             self._run_job(job)
             return
@@ -574,7 +577,7 @@ class Worker:
                 nonlocal room
                 if room <= 0 or candidate.request.cancelled.is_set():
                     return False
-                if batch_signature(candidate.request.header) != signature:
+                if candidate.batch_signature != signature:
                     return False
                 room -= 1
                 return True
