@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from diffsplit.engine.device_memory import DeviceMemory, DeviceOutOfMemory
 from diffsplit.engine.executor import NodeCall, NodeRunner
+from diffsplit.engine.lazy_models import with_materialised_inputs
 from diffsplit.engine.nodes.base import NodeClass
 from diffsplit.engine.placement import device_modules, outputs_to_host, place_inputs
 from diffsplit.engine.types import MODEL_TYPES
@@ -124,6 +125,7 @@ class DeviceNodeRunner:
     def __call__(self, call: NodeCall) -> Sequence[Any]:
         if self.elsewhere(call.node.id) or not computes_on_device(call.node_class):
             return self.inner(call)
+        call = with_materialised_inputs(call)  # deferred loader outputs, built here: this node uses them
         if not device_modules(call.inputs, self.memory):
             return self.inner(call)
         return run_on_device(self.memory, call.node_class, call.inputs,

@@ -61,8 +61,13 @@ NodeRunner = Callable[[NodeCall], Sequence[Any]]
 
 
 def run_node_locally(call: NodeCall) -> Sequence[Any]:
-    """The default runner: call the node class's function in this process."""
-    return call.node_class.function(call.context, **call.inputs)
+    """The default runner: call the node class's function in this process.
+
+    Deferred loader outputs among the inputs (``engine.lazy_models``) are built first.
+    """
+    from diffsplit.engine.lazy_models import materialised_inputs
+
+    return call.node_class.function(call.context, **materialised_inputs(call.inputs))
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from diffsplit.engine.errors import EngineError, Interrupted, NodeFailed
 from diffsplit.engine.executor import NodeCall, run_node_locally
+from diffsplit.engine.lazy_models import LazyModel, can_defer, defer_loader, materialised
 from diffsplit.engine.remote_assign import worker_addresses
 from diffsplit.engine.run_files import RUN_FILES_FIELD, run_files
 from diffsplit.engine.store import ModelStore
@@ -147,6 +149,9 @@ class RemoteRunner:
     ``status`` answers are awaited). ``fallback_local``: a node none of its workers can
     take runs here. ``priority``: sent with every node (the worker serves higher first).
     ``on_waiting``: told why a node waits on its worker (default: a warning in the log).
+    ``lazy_loaders``: loader nodes here return handles (``engine.lazy_models``), built only
+    when a node here uses them, so a model only remote nodes use is never loaded here; the
+    recipes and fingerprints of handles are worked out in a background thread meanwhile.
     """
 
     def __init__(
@@ -163,6 +168,7 @@ class RemoteRunner:
         status_timeout_s: float = STATUS_TIMEOUT_S,
         priority: int = 0,
         on_waiting: Callable[[NodeCall, str], None] | None = None,
+        lazy_loaders: bool = True,
     ) -> None:
         self.assigned = dict(assigned)
         self._workers = {node_id: worker_addresses(spec, f"node {node_id}")
@@ -190,11 +196,18 @@ class RemoteRunner:
         self._placements: dict[str, str] = {}
         self.status_timeout_s = status_timeout_s
         self._status = WorkerStatusCache()  # what each worker's status said lately
+        self.lazy_loaders = lazy_loaders
+        self._pending: dict[int, tuple[Any, Future[Mapping[str, Any] | None]]] = {}
+        self._background: ThreadPoolExecutor | None = None
 
     # The NodeRunner protocol.
     def __call__(self, call: NodeCall) -> Sequence[Any]:
         addresses = self._workers.get(call.node.id)
         if addresses is None:
+            if self.lazy_loaders and can_defer(call.node_class):
+                handles = defer_loader(call.node.id, call.node_class, call.context, call.inputs)
+                self._remember_later(call.node.id, handles)
+                return handles
             outputs = run_node_locally(call)
             if call.node_class.is_loader:
                 self._remember_recipes(call.node.id, outputs)
@@ -217,15 +230,30 @@ class RemoteRunner:
         return {node_id: asdict(stats) for node_id, stats in sorted(self.stats.items())}
 
     def recipe_of(self, value: Any) -> Mapping[str, Any] | None:
-        """The recipe of a model object a local loader produced in this run, or None."""
+        """The recipe of a model object a local loader produced in this run, or None.
+
+        For a deferred loader's handle this waits for its recipe (hashing, fingerprint).
+        """
         with self._lock:
+            pending = self._pending.get(id(value))
             known = self._recipes.get(id(value))
-        return known[1] if known is not None and known[0] is value else None
+            handles = list(self._pending.values()) if pending is None and known is None else []
+        if pending is not None and pending[0] is value:
+            return pending[1].result()
+        if known is not None and known[0] is value:
+            return known[1]
+        for handle, future in handles:  # a handle built here: its model has the handle's recipe
+            if handle.holds(value):
+                return future.result()
+        return None
 
     def close(self) -> None:
-        """Close the connections to workers."""
+        """Close the connections to workers (and stop the background recipe thread)."""
         with self._lock:
             clients, self._clients = list(self._clients.values()), {}
+            background, self._background = self._background, None
+        if background is not None:
+            background.shutdown(wait=True, cancel_futures=True)
         for client in clients:
             client.close()
 
@@ -248,6 +276,27 @@ class RemoteRunner:
             with self._lock:
                 self._recipes[id(value)] = (value, recipe)
                 self._by_recipe[canonical_json(recipe)] = value
+
+    def _remember_later(self, node_id: str, handles: Sequence[LazyModel]) -> None:
+        """Work out each handle's recipe in the background; ``recipe_of`` waits for it."""
+        with self._lock:
+            if self._background is None:
+                self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffsplit-recipes")
+            for handle in handles:
+                future = self._background.submit(self._handle_recipe, node_id, handle)
+                self._pending[id(handle)] = (handle, future)
+
+    def _handle_recipe(self, node_id: str, handle: LazyModel) -> Mapping[str, Any] | None:
+        recipe = self.recipe_for_output(node_id, handle.index)
+        if recipe is None:
+            return None
+        if not recipe.get("fingerprint"):
+            found = handle.file_fingerprint()  # from the file: the model is not built for it
+            if found is not None:
+                recipe = {**recipe, "fingerprint": found}
+        with self._lock:
+            self._by_recipe[canonical_json(recipe)] = handle
+        return recipe
 
     def _log_waiting(self, call: NodeCall, why: str) -> None:
         """The first wait of a node is a warning; its later news (moved up in the queue) is info."""
@@ -454,7 +503,9 @@ class RemoteRunner:
         except (TypeError, ValueError):
             return None
         with self._lock:
-            return self._by_recipe.get(key)
+            value = self._by_recipe.get(key)
+        # a model the worker hands back is built here (it may sit inside a control hint)
+        return materialised(value)
 
     def _record(
         self, call: NodeCall, address: str, header: Mapping[str, Any], exchange: Exchange,

@@ -65,6 +65,10 @@ class WireValueError(DiffsplitError):
 
 def is_model_value(value: Any) -> bool:
     """Whether a value is a model (recipe on the wire) rather than data."""
+    from diffsplit.engine.lazy_models import LazyModel
+
+    if isinstance(value, LazyModel):  # a loader output not built here (yet)
+        return True
     if isinstance(value, torch.nn.Module | DiffusionModel | TextEncoders | Vae | ControlNet | ClipVision):
         return True
     if isinstance(value, UpscaleModel):

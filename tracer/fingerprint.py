@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,12 +78,25 @@ def _state_lines(path: str, value: Any) -> list[str]:
     return lines
 
 
-def fingerprint(value: Any) -> str:
-    """The fingerprint of a model object (module, pipeline, engine model, scheduler, tokenizer...)."""
+#: The real tensor at a path of an object whose tensors are on the meta device (see :func:`fingerprint`).
+TensorSource = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def fingerprint(value: Any, *, tensor_at: TensorSource | None = None) -> str:
+    """The fingerprint of a model object (module, pipeline, engine model, scheduler, tokenizer...).
+
+    ``tensor_at(path, meta_tensor)`` gives the values of each meta-device tensor
+    of ``value``, one at a time: a model built on the meta device is fingerprinted
+    from its file without ever holding more than one tensor, and the result equals
+    the fingerprint of the same model built for real.
+    """
     lines = _state_lines("", value)
     for name, part in parts(value):
         lines.extend(_state_lines(name, part))
-    return fingerprint_of_tensors(type(value).__qualname__, named_tensors(value), lines)
+    tensors = named_tensors(value)
+    if tensor_at is not None:
+        tensors = ((path, tensor_at(path, t) if t.is_meta else t) for path, t in tensors)
+    return fingerprint_of_tensors(type(value).__qualname__, tensors, lines)
 
 
 def _version(tensor: torch.Tensor) -> int:

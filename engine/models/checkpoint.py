@@ -38,6 +38,7 @@ from diffsplit.engine.models.ldm_keys import (
     assemble_module,
     build_on_meta,
     ldm_shapes_of,
+    missing_message,
     open_tensor_file,
     read_module_state,
     same_rules,
@@ -150,6 +151,14 @@ def infer_checkpoint_configs(
     return configs
 
 
+def _meta_module(path: Path, prefix: str, factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """The module for ``prefix`` built on the meta device; ModelFileError when its config is refused."""
+    try:
+        return build_on_meta(factory)
+    except (TypeError, ValueError) as error:
+        raise ModelFileError(f"{path}: cannot build a module for '{prefix}*': {error}") from error
+
+
 def _load_module(
     source: TensorFile,
     prefix: str,
@@ -157,10 +166,7 @@ def _load_module(
     rules_for: RuleBuilder,
     dtype: torch.dtype,
 ) -> torch.nn.Module:
-    try:
-        module = build_on_meta(factory)
-    except (TypeError, ValueError) as error:
-        raise ModelFileError(f"{source.path}: cannot build a module for '{prefix}*': {error}") from error
+    module = _meta_module(source.path, prefix, factory)
     rules = rules_for(module.state_dict().keys())
     return assemble_module(module, read_module_state(source, rules, prefix, dtype), source.path)
 
@@ -177,38 +183,170 @@ def _read_sampling(source: TensorFile) -> ModelSampling:
     return ModelSampling()
 
 
+#: The parts of a checkpoint, as CheckpointLoaderSimple returns them: MODEL, CLIP, VAE.
+CheckpointPart = Literal["model", "clip", "vae"]
+CHECKPOINT_PARTS: tuple[CheckpointPart, ...] = ("model", "clip", "vae")
+
+
+@dataclass(frozen=True)
+class _ModulePlan:
+    """How one module of a checkpoint is built: its key prefix, constructor and key rules."""
+
+    prefix: str
+    factory: Callable[[], torch.nn.Module]
+    rules_for: RuleBuilder
+
+
+@dataclass(frozen=True)
+class _CheckpointPlan:
+    """What a checkpoint's header says: its family and, per part, the modules to build."""
+
+    family: ModelFamily
+    modules: Mapping[CheckpointPart, tuple[_ModulePlan, ...]]
+    sampling: ModelSampling
+
+
+def _plan(source: TensorFile) -> _CheckpointPlan:
+    """Read the header of an open checkpoint (shapes and metadata only, no weights)."""
+    path = source.path
+    with reading(path, "checkpoint"):
+        family = detect_family(source.shapes)
+    configs = infer_checkpoint_configs(source.shapes, family, path)
+    encoders = []
+    for slot in text_slots(family):
+        cls, rules_for = _text_parts(slot.kind)
+        config = CLIPTextConfig(**{**configs[slot.kind], **infer.read_overrides(source.metadata, slot.kind)})
+        encoders.append(_ModulePlan(slot.prefix, partial(cls, config), rules_for))
+    unet_config = {**configs["unet"], **infer.read_overrides(source.metadata, "unet")}
+    vae_config = {**configs["vae"], **infer.read_overrides(source.metadata, "vae")}
+    modules: dict[CheckpointPart, tuple[_ModulePlan, ...]] = {
+        "model": (_ModulePlan(UNET_PREFIX, partial(UNet2DConditionModel, **unet_config), unet_key_rules),),
+        "clip": tuple(encoders),
+        "vae": (_ModulePlan(LDM_VAE_PREFIX, partial(AutoencoderKL, **vae_config), vae_key_rules),),
+    }
+    return _CheckpointPlan(family, modules, _read_sampling(source))
+
+
+def _wrap(plan: _CheckpointPlan, part: CheckpointPart, modules: Sequence[torch.nn.Module]) -> Any:
+    """The engine value of one part (DiffusionModel, TextEncoders or Vae) around its modules."""
+    from diffsplit.engine.models.tokenizers import clip_tokenizer
+
+    if part == "model":
+        return DiffusionModel(unet=modules[0], family=plan.family, sampling=plan.sampling)
+    if part == "clip":
+        tokenizers = tuple(clip_tokenizer(slot.kind) for slot in text_slots(plan.family))
+        return TextEncoders(encoders=tuple(modules), tokenizers=tokenizers, family=plan.family)
+    return Vae(model=modules[0], scaling_factor=float(modules[0].config.scaling_factor))
+
+
+def _check_part(part: str) -> CheckpointPart:
+    if part not in CHECKPOINT_PARTS:
+        raise ValueError(f"unknown checkpoint part {part!r}; expected one of {', '.join(CHECKPOINT_PARTS)}")
+    return part  # type: ignore[return-value]
+
+
+def load_checkpoint_part(path: Path, part: CheckpointPart, *, dtype: torch.dtype = torch.float32) -> Any:
+    """One part of a checkpoint (``model``, ``clip`` or ``vae``), reading only that part's weights.
+
+    Equal, tensor for tensor, to the same part of :func:`load_checkpoint`.
+    """
+    part = _check_part(part)
+    path = Path(path)
+    with open_tensor_file(path) as source:
+        plan = _plan(source)
+        modules = [_load_module(source, m.prefix, m.factory, m.rules_for, dtype) for m in plan.modules[part]]
+    return _wrap(plan, part, modules)
+
+
+def check_checkpoint(path: Path) -> ModelFamily:
+    """The family of a checkpoint, from its header alone; ModelFileError for anything the loader refuses."""
+    with open_tensor_file(Path(path)) as source:
+        plan = _plan(source)
+        for part in CHECKPOINT_PARTS:
+            for module in plan.modules[part]:
+                _missing_weights(source, module)
+    return plan.family
+
+
+def _missing_weights(source: TensorFile, module: _ModulePlan) -> None:
+    meta = _meta_module(source.path, module.prefix, module.factory)
+    rules = module.rules_for(meta.state_dict().keys())
+    missing = [module.prefix + r.ldm_key for r in rules if module.prefix + r.ldm_key not in source.shapes]
+    if missing:
+        raise ModelFileError(missing_message(source.path, missing))
+
+
+def checkpoint_part_fingerprint(
+    path: Path, part: CheckpointPart, *, dtype: torch.dtype = torch.float32
+) -> str:
+    """The fingerprint :func:`load_checkpoint_part` would give, without building the part.
+
+    The modules are built on the meta device and each tensor is read from the
+    file, converted as the loader converts it, sampled and dropped: at most one
+    tensor is in memory at a time.
+    """
+    from diffsplit.tracer.fingerprint import fingerprint
+
+    part = _check_part(part)
+    path = Path(path)
+    with open_tensor_file(path) as source:
+        plan = _plan(source)
+        modules: list[torch.nn.Module] = []
+        readers: dict[int, Callable[[], torch.Tensor]] = {}
+        for module_plan in plan.modules[part]:
+            module = _meta_module(path, module_plan.prefix, module_plan.factory)
+            by_key = {}
+            for rule in module_plan.rules_for(module.state_dict().keys()):
+                for index, key in enumerate(rule.module_keys):
+                    by_key[key] = (rule, index)
+            for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+                found = by_key.get(name)
+                readers[id(tensor)] = (
+                    partial(_read_converted, source, module_plan.prefix, *found, dtype)
+                    if found is not None else partial(_unstored_buffer, path, name, tensor)
+                )
+            modules.append(module)
+        value = _wrap(plan, part, modules)
+        return fingerprint(value, tensor_at=lambda _path, meta: readers[id(meta)]())
+
+
+def _read_converted(
+    source: TensorFile, prefix: str, rule: KeyRule, index: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The module tensor ``rule`` gives at ``index``, as :func:`read_module_state` would give it."""
+    key = prefix + rule.ldm_key
+    if key not in source.shapes:
+        raise ModelFileError(missing_message(source.path, [key]))
+    tensor = source.read(key)
+    if tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return rule.to_module(tensor)[index]
+
+
+def _unstored_buffer(path: Path, name: str, meta: torch.Tensor) -> torch.Tensor:
+    """A non-persistent buffer the loader rebuilds (transformers CLIP's ``position_ids``)."""
+    if name.rpartition(".")[2] == "position_ids":
+        return torch.arange(meta.shape[-1]).expand(1, -1)
+    raise ModelFileError(f"{path}: no weights for {name!r}")
+
+
 def load_checkpoint(path: Path, *, dtype: torch.dtype = torch.float32) -> CheckpointParts:
     """Load an SD 1.x / SDXL / SDXL refiner single-file checkpoint (LDM keys).
 
     Raises ModelFileError for a missing or unreadable file, an unknown
     architecture, or missing required weights (naming the first missing keys).
     """
-    from diffsplit.engine.models.tokenizers import clip_tokenizer
-
     path = Path(path)
     with open_tensor_file(path) as source:
-        with reading(path, "checkpoint"):
-            family = detect_family(source.shapes)
-        configs = infer_checkpoint_configs(source.shapes, family, path)
-        encoders = []
-        for slot in text_slots(family):
-            cls, rules_for = _text_parts(slot.kind)
-            config = CLIPTextConfig(
-                **{**configs[slot.kind], **infer.read_overrides(source.metadata, slot.kind)}
-            )
-            encoders.append(_load_module(source, slot.prefix, partial(cls, config), rules_for, dtype))
-        unet_config = {**configs["unet"], **infer.read_overrides(source.metadata, "unet")}
-        unet = _load_module(
-            source, UNET_PREFIX, partial(UNet2DConditionModel, **unet_config), unet_key_rules, dtype
-        )
-        vae_config = {**configs["vae"], **infer.read_overrides(source.metadata, "vae")}
-        vae = _load_module(source, LDM_VAE_PREFIX, partial(AutoencoderKL, **vae_config), vae_key_rules, dtype)
-        sampling = _read_sampling(source)
-    tokenizers = tuple(clip_tokenizer(slot.kind) for slot in text_slots(family))
+        plan = _plan(source)
+        built = {
+            part: [_load_module(source, m.prefix, m.factory, m.rules_for, dtype) for m in plan.modules[part]]
+            for part in ("clip", "model", "vae")
+        }
     return CheckpointParts(
-        model=DiffusionModel(unet=unet, family=family, sampling=sampling),
-        clip=TextEncoders(encoders=tuple(encoders), tokenizers=tokenizers, family=family),
-        vae=Vae(model=vae, scaling_factor=float(vae.config.scaling_factor)),
+        model=_wrap(plan, "model", built["model"]),
+        clip=_wrap(plan, "clip", built["clip"]),
+        vae=_wrap(plan, "vae", built["vae"]),
     )
 
 

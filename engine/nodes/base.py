@@ -77,6 +77,24 @@ class NodeContext(Protocol):
 
 
 @dataclass(frozen=True)
+class OutputLoader:
+    """How a loader node builds one of its outputs alone (``engine.lazy_models`` defers loaders with it).
+
+    ``load(ctx, **inputs)`` returns that one output; it reads only the inputs named
+    in ``uses`` (the others are given as None, and are never built for it).
+    ``fingerprint(ctx, **inputs)``, when given, is the output's weight fingerprint
+    computed from its files without building it. ``check(ctx, **inputs)`` is the
+    loader's cheap validation (names resolve, file headers fit) run when the node
+    is deferred, so a bad file is reported by its loader node, not later.
+    """
+
+    load: Callable[..., Any]
+    uses: frozenset[str]
+    fingerprint: Callable[..., str] | None = None
+    check: Callable[..., None] | None = None
+
+
+@dataclass(frozen=True)
 class NodeClass:
     """A node class: name, declared inputs and outputs, and its function."""
 
@@ -89,6 +107,13 @@ class NodeClass:
     #: loader nodes build models from files; the tracer and partitioner treat them specially
     is_loader: bool = False
     description: str = field(default="", compare=False)
+    #: one per output: how a loader builds each output alone; empty: only the whole function
+    output_loaders: tuple[OutputLoader, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.output_loaders and len(self.output_loaders) != len(self.outputs):
+            raise ValueError(f"{self.name}: {len(self.output_loaders)} output loaders for "
+                             f"{len(self.outputs)} outputs")
 
     def input(self, name: str) -> InputSpec | None:
         """The declared input called ``name``, or None."""

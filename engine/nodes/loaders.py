@@ -8,10 +8,20 @@ LoRA nodes return new MODEL/CLIP objects and never modify their inputs.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
+from typing import Any
 
-from diffsplit.engine.models.checkpoint import load_checkpoint, load_vae
+from diffsplit.engine.models.checkpoint import (
+    CHECKPOINT_PARTS,
+    CheckpointPart,
+    check_checkpoint,
+    checkpoint_part_fingerprint,
+    load_checkpoint,
+    load_checkpoint_part,
+    load_vae,
+)
 from diffsplit.engine.models.lora import apply_lora, load_lora
-from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec
+from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputLoader, OutputSpec
 from diffsplit.engine.types import DiffusionModel, TextEncoders, Vae
 
 #: Range of LoRA strengths, as in ComfyUI.
@@ -22,6 +32,18 @@ def checkpoint_loader_simple(ctx: NodeContext, *, ckpt_name: str) -> tuple[Diffu
     """ComfyUI CheckpointLoaderSimple: MODEL, CLIP and VAE from one single-file checkpoint."""
     parts = load_checkpoint(ctx.model_path("checkpoints", ckpt_name))
     return (parts.model, parts.clip, parts.vae)
+
+
+def _checkpoint_part(part: CheckpointPart, ctx: NodeContext, *, ckpt_name: str) -> Any:
+    return load_checkpoint_part(ctx.model_path("checkpoints", ckpt_name), part)
+
+
+def _checkpoint_part_fingerprint(part: CheckpointPart, ctx: NodeContext, *, ckpt_name: str) -> str:
+    return checkpoint_part_fingerprint(ctx.model_path("checkpoints", ckpt_name), part)
+
+
+def _check_checkpoint(ctx: NodeContext, *, ckpt_name: str) -> None:
+    check_checkpoint(ctx.model_path("checkpoints", ckpt_name))
 
 
 def lora_loader(
@@ -57,6 +79,42 @@ def lora_loader_model_only(
     return (new_model,)
 
 
+def _lora_model_part(
+    ctx: NodeContext, *, model: DiffusionModel, lora_name: str, strength_model: float, **_unused: Any
+) -> DiffusionModel:
+    """LoraLoader's MODEL alone (what ``lora_loader`` returns first); the CLIP is never built for it."""
+    if strength_model == 0:
+        return model
+    lora = load_lora(ctx.model_path("loras", lora_name))
+    source = f"node {ctx.node_id} (LoraLoader): LoRA {lora_name!r}"
+    new_model, _ = apply_lora(model, None, lora, strength_model, 0.0, source=source)
+    assert new_model is not None
+    return new_model
+
+
+def _lora_clip_part(
+    ctx: NodeContext, *, clip: TextEncoders, lora_name: str, strength_clip: float, **_unused: Any
+) -> TextEncoders:
+    """LoraLoader's CLIP alone (what ``lora_loader`` returns second); the MODEL is never built for it."""
+    if strength_clip == 0:
+        return clip
+    lora = load_lora(ctx.model_path("loras", lora_name))
+    source = f"node {ctx.node_id} (LoraLoader): LoRA {lora_name!r}"
+    _, new_clip = apply_lora(None, clip, lora, 0.0, strength_clip, source=source)
+    assert new_clip is not None
+    return new_clip
+
+
+_LORA_MODEL_INPUTS = frozenset({"model", "lora_name", "strength_model"})
+_LORA_CLIP_INPUTS = frozenset({"clip", "lora_name", "strength_clip"})
+
+
+def _check_lora(ctx: NodeContext, *, lora_name: str, strength_model: float, strength_clip: float,
+                **_unused: Any) -> None:
+    if strength_model != 0 or strength_clip != 0:
+        ctx.model_path("loras", lora_name)
+
+
 def vae_loader(ctx: NodeContext, *, vae_name: str) -> tuple[Vae]:
     """ComfyUI VAELoader: a standalone VAE file."""
     return (load_vae(ctx.model_path("vae", vae_name)),)
@@ -81,6 +139,11 @@ CHECKPOINT_LOADER_SIMPLE = NodeClass(
     category="loaders",
     is_loader=True,
     description="Load a single-file SD 1.x / SDXL checkpoint.",
+    output_loaders=tuple(
+        OutputLoader(partial(_checkpoint_part, part), frozenset({"ckpt_name"}),
+                     fingerprint=partial(_checkpoint_part_fingerprint, part), check=_check_checkpoint)
+        for part in CHECKPOINT_PARTS
+    ),
 )
 
 LORA_LOADER = NodeClass(
@@ -97,6 +160,10 @@ LORA_LOADER = NodeClass(
     category="loaders",
     is_loader=True,
     description="Apply a LoRA to a model and its text encoders.",
+    output_loaders=(
+        OutputLoader(_lora_model_part, _LORA_MODEL_INPUTS, check=_check_lora),
+        OutputLoader(_lora_clip_part, _LORA_CLIP_INPUTS, check=_check_lora),
+    ),
 )
 
 LORA_LOADER_MODEL_ONLY = NodeClass(
