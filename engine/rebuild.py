@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from diffsplit.engine.errors import EngineError
+from diffsplit.engine.nodes.base import NodeClass
 from diffsplit.engine.nodes.registry import NodeRegistry
 from diffsplit.engine.recipe_checks import (
     ALLOWED_BASES,
@@ -115,7 +116,7 @@ class Builder:
     def build(self, recipe: Recipe) -> Any:
         """The object ``recipe`` selects, fingerprint checked (when the recipe has one)."""
         self.check(recipe)
-        key = recipe.build_digest()
+        key = build_key(recipe, self.registry)
         if key not in self._built:
             self._built[key] = self._run(recipe)
         try:
@@ -129,14 +130,21 @@ class Builder:
         return selected
 
     def _run(self, recipe: Recipe) -> Any:
-        """Run the steps of a checked recipe; loader failures become RecipeErrors without local paths."""
+        """Run the steps of a checked recipe; loader failures become RecipeErrors without local paths.
+
+        A graph loader whose class builds outputs alone builds only the selected one
+        (:func:`part_index`): the others are None in the tuple it returns.
+        """
         self.check(recipe)
+        part = part_index(recipe, self.registry)
         value: Any = None
         for number, step in enumerate(recipe.steps):
             spec = OPS[step.op]
             where = f"{recipe.name()}: step {number} ({step.op}) failed"
             try:
-                if spec.kind == "loader":
+                if spec.kind == "loader" and part is not None:
+                    value = self._run_node_part(step, part)
+                elif spec.kind == "loader":
                     value = self._load(step, spec)
                 else:
                     self._mutate(get_path(value, step.on or ""), step, spec)
@@ -231,7 +239,7 @@ class Builder:
                 raise RecipeError(f"{type(target).__name__} has no method {spec.method!r}")
             bound(*args, **kwargs)
 
-    def _run_node(self, step: Step) -> tuple[Any, ...]:
+    def _node_class(self, step: Step) -> NodeClass:
         if self.registry is None:
             raise RecipeError("a graph recipe needs the node registry")
         if step.cls not in self.registry:
@@ -239,10 +247,31 @@ class Builder:
         node_class = self.registry[step.cls]
         if not node_class.is_loader:
             raise RecipeError(f"{step.cls} is not a loader node and cannot appear in a recipe")
+        return node_class
+
+    def _run_node(self, step: Step) -> tuple[Any, ...]:
+        node_class = self._node_class(step)
+        context, inputs = self._node_inputs(node_class, step, None)
+        return tuple(node_class.function(context, **inputs))
+
+    def _run_node_part(self, step: Step, index: int) -> tuple[Any, ...]:
+        """Output ``index`` of a loader node alone, in its place in the output tuple."""
+        node_class = self._node_class(step)
+        loader = node_class.output_loaders[index]
+        context, inputs = self._node_inputs(node_class, step, loader.uses)
+        built = loader.load(context, **inputs)
+        return tuple(built if position == index else None for position in range(len(node_class.outputs)))
+
+    def _node_inputs(
+        self, node_class: NodeClass, step: Step, uses: frozenset[str] | None
+    ) -> tuple[_RecipeNodeContext, dict[str, Any]]:
+        """The node's context and inputs; with ``uses``, the inputs not in it are None (nothing built)."""
         files: dict[tuple[str, str], Path] = {}
         inputs: dict[str, Any] = {}
         for name, value in step.kwargs.items():
-            if isinstance(value, FileRef):
+            if uses is not None and name not in uses:
+                inputs[name] = None
+            elif isinstance(value, FileRef):
                 ref = value
                 spec = node_class.input(name)
                 folder = spec.model_folder if spec is not None and spec.model_folder else ""
@@ -250,8 +279,33 @@ class Builder:
                 inputs[name] = ref.name
             else:
                 inputs[name] = self._decode(value, name)
-        outputs = node_class.function(_RecipeNodeContext(step.cls, files), **inputs)
-        return tuple(outputs)
+        return _RecipeNodeContext(str(step.cls), files), inputs
+
+
+def part_index(recipe: Recipe, registry: NodeRegistry | None) -> int | None:
+    """The output a one-step graph recipe selects, where its loader class builds that output alone.
+
+    CheckpointLoaderSimple's MODEL is then built without its CLIP and VAE (``NodeClass.output_loaders``).
+    """
+    if registry is None or len(recipe.steps) != 1:
+        return None
+    step = recipe.steps[0]
+    if step.op != "comfy.node" or step.cls not in registry:
+        return None
+    node_class = registry[step.cls]
+    head = recipe.select.partition(".")[0]
+    if not node_class.output_loaders or not head.isdigit() or int(head) >= len(node_class.outputs):
+        return None
+    return int(head)
+
+
+def build_key(recipe: Recipe, registry: NodeRegistry | None) -> str:
+    """What a build is cached under: the recipe's build digest, and the output when built alone.
+
+    The worker's cache and ``status`` use it, and a client routing by held models computes the same.
+    """
+    part = part_index(recipe, registry)
+    return recipe.build_digest() if part is None else f"{recipe.build_digest()}:{part}"
 
 
 def build(

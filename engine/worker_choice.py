@@ -5,12 +5,13 @@ node goes out, the client asks each candidate's ``status`` (a short timeout,
 all at once) and orders them:
 
 1. workers that hold more of the node's models first: a worker's ``status``
-   lists its cached models by *build digest* (``remote.cache.CachedModel.digest``,
+   lists its cached models by *build key* (``remote.cache.CachedModel.digest``,
    the key ``remote.builder.CachedBuilder`` caches a build under), which is
-   ``tracer.recipe.Recipe.build_digest()`` of the recipe the client sends in a
+   ``engine.rebuild.build_key`` of the recipe the client sends in a
    ``$ds:model`` input (or a ControlNet hint): sha256 of the recipe's version and
-   steps, leaving out ``select`` and ``fingerprint``, so the UNet, CLIP and VAE
-   of one checkpoint share one digest;
+   steps, leaving out ``select`` and ``fingerprint``, plus the selected output
+   where the loader builds it alone (the UNet, CLIP and VAE of one checkpoint are
+   three builds, ``<digest>:0`` ``:1`` ``:2``);
 2. then the least loaded: (busy slots + queued requests) / slots;
 3. ties keep the user's order; a worker that did not answer ``status`` goes
    last (in the user's order), and is still tried there.
@@ -162,10 +163,14 @@ def recipe_digests(wire_inputs: Any) -> frozenset[str]:
             while isinstance(hint, Mapping):
                 recipes.append(hint.get("controlnet"))
                 hint = hint.get("previous")
+    from diffsplit.engine.nodes.registry import default_registry
+    from diffsplit.engine.rebuild import build_key
+
+    registry = default_registry()
     found: set[str] = set()
     for data in recipes:
         try:
-            found.add(Recipe.from_dict(data).build_digest())
+            found.add(build_key(Recipe.from_dict(data), registry))
         except (RecipeError, TypeError, ValueError):
             continue
     return frozenset(found)

@@ -20,7 +20,7 @@ from typing import Any
 
 from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.nodes.registry import NodeRegistry
-from diffsplit.engine.rebuild import Builder
+from diffsplit.engine.rebuild import Builder, build_key
 from diffsplit.engine.store import ModelStore
 from diffsplit.remote.cache import ModelCache
 from diffsplit.remote.errors import BadRequest, MissingModel
@@ -47,22 +47,22 @@ class CachedBuilder(Builder):
         recipe that names a path, a refused keyword or an operation outside ``tracer.ops.OPS``.
         """
         self.check(recipe)
-        whole, _ = self.cache.get_or_build(recipe.build_digest(), lambda: self._run(recipe),
-                                           name=build_name(recipe))
+        key = build_key(recipe, self.registry)
+        whole, _ = self.cache.get_or_build(key, lambda: self._run(recipe), name=build_name(recipe))
         try:
             selected = get_path(whole, recipe.select)
         except LookupError as exc:
             raise RecipeError(f"{recipe.name()}: cannot select {recipe.select!r}: {exc}") from None
         if recipe.fingerprint is not None:
-            key = (recipe.build_digest(), recipe.select, recipe.fingerprint)
+            verified = (key, recipe.select, recipe.fingerprint)
             with self._lock:
-                known = key in self._verified
+                known = verified in self._verified
             if not known:
                 actual = fingerprint(selected)
                 if actual != recipe.fingerprint:
                     raise FingerprintMismatch(recipe.name(), recipe.fingerprint, actual)
                 with self._lock:
-                    self._verified.add(key)
+                    self._verified.add(verified)
         return selected
 
     def resolve_file(self, ref: FileRef) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -20,6 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
+_GIB = 1 << 30
 
 
 def module_bytes(obj: Any) -> int:
@@ -81,6 +85,8 @@ class CacheStats:
     build_seconds: float
     #: entries dropped by ``free_unused`` / ``drop_idle`` (not counted in ``evictions``)
     unloaded: int = 0
+    #: builds larger than the whole budget: not kept, so rebuilt for every request (each is warned about)
+    too_large: int = 0
 
 
 @dataclass(frozen=True)
@@ -123,7 +129,8 @@ class ModelCache:
 
     ``get_or_build(digest, build)`` builds each digest once even when several
     threads ask at the same time; later callers wait for the first build. An
-    entry larger than the whole budget is returned but not kept. ``clock``
+    entry larger than the whole budget is returned but not kept, with a warning
+    (once per entry) naming the budget it would need. ``clock``
     (seconds, monotonic) times how long entries sat unused.
     """
 
@@ -139,6 +146,7 @@ class ModelCache:
         self._misses = 0
         self._evictions = 0
         self._unloaded = 0
+        self._too_large: set[str] = set()
         self._build_seconds = 0.0
         self._in_use: Counter[str] = Counter()
         self._scope = threading.local()
@@ -216,6 +224,7 @@ class ModelCache:
                 hits=self._hits, misses=self._misses, evictions=self._evictions,
                 entries=len(self._entries), bytes=sum(e.size for e in self._entries.values()),
                 budget_bytes=self.budget_bytes, build_seconds=self._build_seconds, unloaded=self._unloaded,
+                too_large=len(self._too_large),
             )
 
     def models(self) -> list[CachedModel]:
@@ -259,6 +268,13 @@ class ModelCache:
     def _insert_locked(self, digest: str, value: Any, size: int, name: str) -> None:
         """Keep ``value`` (the lock is held), evicting least recently used entries over budget."""
         if size > self.budget_bytes:
+            if digest not in self._too_large:
+                self._too_large.add(digest)
+                log.warning(
+                    "%s is %.2f GiB, larger than the whole model cache (%.2f GiB): it is not kept and is "
+                    "built again for every request; give the worker --cache-gb %.1f or more",
+                    name, size / _GIB, self.budget_bytes / _GIB, -(-size * 10 // _GIB) / 10,
+                )
             return
         self._entries[digest] = _Entry(value, size, name, self._clock())
         self._entries.move_to_end(digest)

@@ -38,7 +38,7 @@ def status_report(
         "cache": {
             "bytes": stats.bytes, "budget_bytes": stats.budget_bytes, "entries": stats.entries,
             "hits": stats.hits, "misses": stats.misses, "evictions": stats.evictions,
-            "unloaded": stats.unloaded, "idle_unload_s": idle_unload_s,
+            "unloaded": stats.unloaded, "idle_unload_s": idle_unload_s, "too_large": stats.too_large,
         },
         "queue": {"length": queue_length, "max": max_queue},
         "slots": {"busy": busy_slots, "total": slots},

@@ -53,7 +53,8 @@ def test_unknown_file_is_missing_model(models_dir: Path, tmp_path: Path) -> None
     builder = ModelBuilder(ModelStore(tmp_path), default_registry(), ModelCache(1 << 30))
     with pytest.raises(MissingModel) as caught:
         builder.build(lora_recipe(models_dir, 0.8))
-    assert caught.value.name.endswith("tiny-sd15.safetensors")
+    # the first file of the recipe the build reaches: the LoRA's or its base checkpoint's
+    assert caught.value.name in {"loras/tiny-sd15-lora.safetensors", "checkpoints/tiny-sd15.safetensors"}
 
 
 def test_malformed_recipe_is_a_bad_request(models_dir: Path) -> None:
