@@ -90,6 +90,10 @@ class LazyModel:
     def node_id(self) -> str:
         return self._call.node_id
 
+    def handle_inputs(self) -> dict[str, LazyModel]:
+        """The loader's inputs that are themselves handles (the base model under a LoRA), by input name."""
+        return {name: value for name, value in self._call.inputs.items() if isinstance(value, LazyModel)}
+
     @property
     def loaded(self) -> bool:
         """Whether the model was built (something here used it)."""

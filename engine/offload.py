@@ -62,7 +62,7 @@ from diffsplit.engine.worker_choice import (
 )
 from diffsplit.tracer.files import file_refs_for
 from diffsplit.tracer.fingerprint import fingerprint
-from diffsplit.tracer.recipe import canonical_json
+from diffsplit.tracer.recipe import RECIPE_TAG, canonical_json
 from diffsplit.transport.auth import ClientCurve, client_curve_from_environment
 from diffsplit.transport.codec import pack
 from diffsplit.transport.compute_threads import HEADER_KEY as THREADS_KEY
@@ -139,6 +139,11 @@ class RemoteNodeStats:
     cache_misses: int
     held_inputs: int
     uploads: int
+
+
+def _unprinted(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """A recipe without its fingerprint (to tell the same build)."""
+    return {key: value for key, value in recipe.items() if key != "fingerprint"}
 
 
 class RemoteRunner:
@@ -290,6 +295,7 @@ class RemoteRunner:
         recipe = self.recipe_for_output(node_id, handle.index)
         if recipe is None:
             return None
+        recipe = self._with_base_fingerprints(recipe, handle)
         if not recipe.get("fingerprint"):
             found = handle.file_fingerprint()  # from the file: the model is not built for it
             if found is not None:
@@ -297,6 +303,28 @@ class RemoteRunner:
         with self._lock:
             self._by_recipe[canonical_json(recipe)] = handle
         return recipe
+
+    def _with_base_fingerprints(self, recipe: Mapping[str, Any], handle: LazyModel) -> Mapping[str, Any]:
+        """The recipe with the fingerprints of the handles it is built on in its nested recipes.
+
+        A LoRA'd model has no fingerprint until it is built, but the base under it does (from its
+        file): the worker checks the base it builds. Bases were deferred earlier, so on this one
+        background thread their recipes are already worked out.
+        """
+        steps = recipe.get("steps")
+        if not isinstance(steps, list) or len(steps) != 1 or not isinstance(steps[0].get("kwargs"), dict):
+            return recipe
+        kwargs = dict(steps[0]["kwargs"])
+        for name, base in handle.handle_inputs().items():
+            nested = kwargs.get(name)
+            if not isinstance(nested, dict) or not isinstance(nested.get(RECIPE_TAG), dict):
+                continue
+            with self._lock:
+                pending = self._pending.get(id(base))
+            base_recipe = pending[1].result() if pending is not None and pending[0] is base else None
+            if base_recipe is not None and _unprinted(base_recipe) == _unprinted(nested[RECIPE_TAG]):
+                kwargs[name] = {RECIPE_TAG: base_recipe}
+        return {**recipe, "steps": [{**steps[0], "kwargs": kwargs}]}
 
     def _log_waiting(self, call: NodeCall, why: str) -> None:
         """The first wait of a node is a warning; its later news (moved up in the queue) is info."""
