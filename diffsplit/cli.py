@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--idle-unload-s", type=positive_seconds, default=None, metavar="S",
                         help="drop cached models no job used for S seconds (default: keep them until "
                         "evicted or freed with `diffsplit worker free ADDR`)")
+    worker.add_argument("--no-index", dest="index_at_start", action="store_false",
+                        help="do not hash the store's models in the background at start (default: hash "
+                        "every model not indexed yet, so no request waits for it; progress is logged)")
     worker.add_argument("--log-json", action="store_true",
                         help="log as JSON lines on stderr (one per request: op, client, request id, node, "
                         "outcome, queue_s, run_s, bytes); default: text lines")

@@ -275,7 +275,8 @@ def worker(args: argparse.Namespace) -> int:
         cache_bytes=int(args.cache_gb * (1 << 30)),
         slots=args.slots, max_queue=args.max_queue, allow_upload=args.allow_upload, threads=args.threads,
         trust_code=args.trust_code, curve=curve, insecure=args.insecure,
-        idle_unload_s=getattr(args, "idle_unload_s", None), **_worker_limits(args), **_worker_device(args),
+        idle_unload_s=getattr(args, "idle_unload_s", None),
+        index_at_start=getattr(args, "index_at_start", True), **_worker_limits(args), **_worker_device(args),
         grace_s=args.grace, settings=Settings(heartbeat_interval=args.heartbeat,
                                              heartbeat_timeout=args.heartbeat_timeout),
     )

@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -80,6 +80,17 @@ class StoreEntry:
     name: str
     sha256: str
     bytes: int
+
+
+@dataclass(frozen=True)
+class IndexSummary:
+    """What :meth:`ModelStore.index_all` went through."""
+
+    models: int
+    bytes: int
+    unreadable: tuple[str, ...]
+    #: False when it was stopped before the last model
+    complete: bool
 
 
 def unsafe_name_reason(name: str) -> str | None:
@@ -228,6 +239,34 @@ class ModelStore:
         indexed = self._indexed(relative, located)
         return StoreEntry(folder=folder, name=name, sha256=indexed.sha256, bytes=indexed.bytes)
 
+    def index_all(
+        self,
+        *,
+        progress: Callable[[int, int, str, int], None] | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> IndexSummary:
+        """Hash every listed model the index does not know fresh (at a worker's start).
+
+        ``progress(done, total, "folder/name", bytes)`` is told after each model;
+        ``stop()`` is asked before each and ends the walk early when true. A model
+        that cannot be read is counted in ``unreadable`` (lookups report it later).
+        """
+        listed = sorted(self._every_listed(self.folders()).items())
+        done = total_bytes = 0
+        unreadable: list[str] = []
+        for relative, path in listed:
+            if stop is not None and stop():
+                break
+            try:
+                total_bytes += self._indexed(relative, path).bytes
+            except ModelFileError:
+                unreadable.append(relative)
+            done += 1
+            if progress is not None:
+                progress(done, len(listed), relative, total_bytes)
+        return IndexSummary(models=done, bytes=total_bytes, unreadable=tuple(unreadable),
+                            complete=done == len(listed))
+
     def find(
         self,
         *,
@@ -248,7 +287,7 @@ class ModelStore:
         if sha256 is None:
             return self._find_by_name(str(name), folders)
         wanted = sha256.lower()
-        listed = {f"{f}/{n}": path for f in folders for n, path in self._listed(f).items()}  # one walk
+        listed = self._every_listed(folders)  # one walk
         indexed_hits = [
             relative
             for relative, entry in sorted(self._index.fresh_entries().items())
@@ -266,6 +305,10 @@ class ModelStore:
             f"no model with sha256 {wanted} in {', '.join(f + '/' for f in folders) or 'the store'}"
             + (f" (a model named {name!r} was looked for too)" if name else "")
         )
+
+    def _every_listed(self, folders: Sequence[str]) -> dict[str, Path]:
+        """``folder/name`` → path of every model the listing shows in ``folders``."""
+        return {f"{folder}/{name}": path for folder in folders for name, path in self._listed(folder).items()}
 
     def _holds(self, relative: str, path: Path, sha256: str, size: int | None = None) -> bool:
         """Whether the listed model ``relative`` has this sha256 (and size); unreadable ones do not."""

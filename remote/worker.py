@@ -68,6 +68,7 @@ from diffsplit.remote.operations import free_reply, log_unloads, may_control
 from diffsplit.remote.redact import PathRedactor
 from diffsplit.remote.request_log import CANCELLED, UNSENT, RequestLog, outcome_of
 from diffsplit.remote.status import status_report
+from diffsplit.remote.store_indexer import StoreIndexer
 from diffsplit.remote.uploads import UploadLimits, UploadReceiver
 from diffsplit.remote.wait_estimate import RunTimes, job_kind, node_label, queued_message, wait_s
 from diffsplit.remote.work_limits import (
@@ -136,6 +137,8 @@ class WorkerConfig:
     upload_idle_s: float = 600.0
     #: drop cached models no job used for this many seconds (None: keep them until evicted or freed)
     idle_unload_s: float | None = None
+    #: hash every model of the store in the background at start (``remote.store_indexer``)
+    index_at_start: bool = True
     #: where nodes compute and in which dtypes (``engine.devices``, ``engine.dtypes``); auto: CUDA, MPS, CPU
     device: str = "auto"
     dtype: str = "auto"
@@ -290,6 +293,7 @@ class Worker:
         self.config = config
         self.registry = registry if registry is not None else default_registry()
         self.store = open_store(config.models, config.extra_model_paths)
+        self.indexer = StoreIndexer(self.store) if config.index_at_start else None
         #: rewrites this machine's paths out of every error reply (the last line of defence)
         self.redactor = PathRedactor.for_store(self.store.root, self.store.extra_folders)
         self.cache = ModelCache(config.cache_bytes)
@@ -341,6 +345,8 @@ class Worker:
             slot.start()
         if self._idle_unloader is not None:
             self._idle_unloader.start()
+        if self.indexer is not None:
+            self.indexer.start()
         try:
             while not self._stopping.is_set():
                 try:
@@ -866,6 +872,8 @@ class Worker:
         self._stopping.set()
         if self._idle_unloader is not None:
             self._idle_unloader.stop()
+        if self.indexer is not None:
+            self.indexer.stop()
         for job in self._queue.close():  # queued, never started: refused clearly
             self._reply_error(job.request, Overloaded("the worker is shutting down"))
             self._shares.release(client_of(job.request))

@@ -42,12 +42,11 @@ from diffsplit.engine.models.ldm_keys import (
     open_tensor_file,
     read_module_state,
     same_rules,
-    to_ldm_tensors,
 )
 from diffsplit.engine.models.ldm_text import clip_l_key_rules, open_clip_key_rules
 from diffsplit.engine.models.ldm_unet import unet_key_rules
 from diffsplit.engine.models.ldm_vae import LDM_VAE_PREFIX, vae_key_rules
-from diffsplit.engine.models.safetensors_io import save_file_sorted
+from diffsplit.engine.models.safetensors_io import PendingTensor, write_safetensors
 from diffsplit.engine.types import ControlNet, DiffusionModel, ModelFamily, ModelSampling, TextEncoders, Vae
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -350,14 +349,24 @@ def load_checkpoint(path: Path, *, dtype: torch.dtype = torch.float32) -> Checkp
     )
 
 
-def _ldm_tensors(module: torch.nn.Module, rules_for: RuleBuilder, prefix: str) -> dict[str, torch.Tensor]:
-    state = {key: tensor.detach().cpu() for key, tensor in module.state_dict().items()}
-    tensors = to_ldm_tensors(rules_for(state.keys()), state, prefix)
-    return {key: tensor.contiguous() for key, tensor in tensors.items()}
+def _ldm_tensors(module: torch.nn.Module, rules_for: RuleBuilder, prefix: str) -> dict[str, PendingTensor]:
+    """The module's tensors in LDM layout, each converted only when the writer asks for it."""
+    state = module.state_dict()
+    pending: dict[str, PendingTensor] = {}
+    for rule in rules_for(state.keys()):
+        parts = [state[key] for key in rule.module_keys]
+        meta = rule.to_ldm([torch.empty(part.shape, dtype=part.dtype, device="meta") for part in parts])
+        pending[prefix + rule.ldm_key] = PendingTensor(
+            meta.dtype, tuple(meta.shape), partial(_converted, rule, parts))
+    return pending
 
 
-def _shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+def _converted(rule: KeyRule, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    return rule.to_ldm([part.detach().cpu() for part in parts]).contiguous()
+
+
+def _shapes(tensors: Mapping[str, PendingTensor]) -> dict[str, tuple[int, ...]]:
+    return {key: tensor.shape for key, tensor in tensors.items()}
 
 
 def _vae_config(vae: Vae) -> dict[str, Any]:
@@ -382,7 +391,7 @@ def save_checkpoint(path: Path, parts: CheckpointParts, *, metadata: Mapping[str
     for slot, encoder in zip(slots, parts.clip.encoders, strict=True):
         tensors.update(_ldm_tensors(encoder, _text_parts(slot.kind)[1], slot.prefix))
     if parts.model.sampling.prediction_type == "v_prediction":
-        tensors[V_PRED_KEY] = torch.zeros(0)
+        tensors[V_PRED_KEY] = PendingTensor.of(torch.zeros(0))
     inferred = infer_checkpoint_configs(_shapes(tensors), family, Path(path))
     entries = dict(metadata or {})
     unet_overrides = infer.diffusers_overrides(
@@ -396,7 +405,7 @@ def save_checkpoint(path: Path, parts: CheckpointParts, *, metadata: Mapping[str
         entries.update(infer.write_overrides(slot.kind, clip))
     if parts.model.sampling != ModelSampling():
         entries.update(infer.write_overrides(SAMPLING_COMPONENT, dataclasses.asdict(parts.model.sampling)))
-    save_file_sorted(tensors, str(path), metadata=entries)
+    write_safetensors(tensors, path, metadata=entries)
 
 
 @dataclass(frozen=True)
@@ -458,7 +467,7 @@ def save_vae(path: Path, vae: Vae) -> None:
     tensors = _ldm_tensors(vae.model, vae_key_rules, "")
     inferred = infer.infer_vae_config(_shapes(tensors), "sd15")
     overrides = infer.diffusers_overrides(AutoencoderKL, _vae_config(vae), inferred)
-    save_file_sorted(tensors, str(path), metadata=infer.write_overrides("vae", overrides))
+    write_safetensors(tensors, path, metadata=infer.write_overrides("vae", overrides))
 
 
 def load_controlnet(path: Path, *, dtype: torch.dtype = torch.float32) -> ControlNet:
@@ -486,4 +495,4 @@ def save_controlnet(path: Path, controlnet: ControlNet) -> None:
     tensors = _ldm_tensors(controlnet.model, controlnet_key_rules, "")
     inferred = infer.infer_controlnet_config(_shapes(tensors))
     overrides = infer.diffusers_overrides(ControlNetModel, controlnet.model.config, inferred)
-    save_file_sorted(tensors, str(path), metadata=infer.write_overrides("controlnet", overrides))
+    write_safetensors(tensors, path, metadata=infer.write_overrides("controlnet", overrides))

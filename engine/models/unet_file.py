@@ -50,7 +50,7 @@ from diffsplit.engine.models.checkpoint import (
 )
 from diffsplit.engine.models.ldm_keys import TensorFile, open_tensor_file, same_rules
 from diffsplit.engine.models.ldm_unet import unet_key_rules
-from diffsplit.engine.models.safetensors_io import save_file_sorted
+from diffsplit.engine.models.safetensors_io import PendingTensor, write_safetensors
 from diffsplit.engine.types import DiffusionModel, ModelFamily, ModelSampling
 from diffusers import UNet2DConditionModel
 
@@ -178,7 +178,7 @@ def save_unet_file(path: Path, model: DiffusionModel, *, prefix: str = "") -> No
     if model.sampling.prediction_type == "v_prediction" and model.sampling == ModelSampling(
         prediction_type="v_prediction"
     ):
-        tensors[V_PRED_KEY] = torch.zeros(0)
+        tensors[V_PRED_KEY] = PendingTensor.of(torch.zeros(0))
     elif model.sampling != ModelSampling():
         metadata.update(infer.write_overrides(SAMPLING_COMPONENT, dataclasses.asdict(model.sampling)))
-    save_file_sorted(tensors, str(path), metadata=metadata)
+    write_safetensors(tensors, path, metadata=metadata)
