@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffsplit.arg_types import positive_int
-from diffsplit.client_args import add_client_arguments, add_priority_argument
+from diffsplit.client_args import add_client_arguments, add_loading_argument, add_priority_argument
 from diffsplit.device_args import add_device_arguments
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local: a node whose workers are all gone or overloaded runs here instead")
     add_client_arguments(parser)
     add_priority_argument(parser)
+    add_loading_argument(parser)
     add_device_arguments(parser, what="the nodes run here")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

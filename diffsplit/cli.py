@@ -21,7 +21,7 @@ from diffsplit.arg_types import (
     positive_int,
     positive_seconds,
 )
-from diffsplit.client_args import add_client_arguments, add_priority_argument
+from diffsplit.client_args import add_client_arguments, add_loading_argument, add_priority_argument
 from diffsplit.device_args import add_device_arguments
 from diffsplit.worker_control import add_control_parsers
 
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(same result); without it the run fails naming the worker")
     add_client_arguments(run)
     add_priority_argument(run)
+    add_loading_argument(run)
     add_device_arguments(run, what="the nodes run here")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 

@@ -75,3 +75,10 @@ def client_options(args: argparse.Namespace) -> ClientOptions:
     settings = DEFAULT_SETTINGS if timeout is None else settings_for_timeout(timeout)
     curve = client_curve(getattr(args, "curve", None), getattr(args, "server_key", None))
     return ClientOptions(settings, curve)
+
+
+def add_loading_argument(parser: argparse.ArgumentParser) -> None:
+    """``--eager-loaders`` on a command that sends nodes to workers."""
+    parser.add_argument("--eager-loaders", action="store_true",
+                        help="load every model here as its loader node runs (default: a model is loaded "
+                        "here only when a node here uses it; one only remote nodes use is never loaded)")

@@ -150,7 +150,7 @@ def remote_runner_for(assigned: dict[str, str], workflow: Any, registry: Any, st
     return RemoteRunner(assigned, output_recipe_source(workflow, registry, store), local_store=store,
                         upload_missing=args.upload_missing, settings=options.settings, curve=options.curve,
                         fallback_local=args.fallback == "local", priority=getattr(args, "priority", 0),
-                        on_waiting=on_waiting)
+                        on_waiting=on_waiting, lazy_loaders=not getattr(args, "eager_loaders", False))
 
 
 def batch(args: argparse.Namespace) -> int:

@@ -26,6 +26,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+from diffsplit.engine.dtypes import DtypePolicy, ModelKind
 from diffsplit.engine.errors import EngineError
 from diffsplit.engine.nodes.base import NodeClass
 from diffsplit.engine.nodes.registry import NodeRegistry
@@ -38,7 +40,7 @@ from diffsplit.engine.recipe_checks import (
 )
 from diffsplit.tracer.errors import FingerprintMismatch, RecipeError
 from diffsplit.tracer.fingerprint import fingerprint
-from diffsplit.tracer.objects import get_path
+from diffsplit.tracer.objects import get_path, named_tensors
 from diffsplit.tracer.ops import OPS, OpSpec
 from diffsplit.tracer.owned_memory import own_weights
 from diffsplit.tracer.recipe import FileRef, Recipe, Step
@@ -56,9 +58,15 @@ _SHOWN_ERROR_CHARS = 600
 class _RecipeNodeContext:
     """The NodeContext of a loader node rebuilt from a recipe: model files come from the recipe."""
 
-    def __init__(self, node_id: str, files: Mapping[tuple[str, str], Path]) -> None:
+    def __init__(self, node_id: str, files: Mapping[tuple[str, str], Path],
+                 master_dtypes: DtypePolicy | None = None) -> None:
         self.node_id = node_id
         self._files = files
+        self._master_dtypes = master_dtypes
+
+    def master_dtype(self, kind: ModelKind) -> torch.dtype:
+        """The dtype this machine keeps models of ``kind`` in where a file stores them so (else fp32)."""
+        return torch.float32 if self._master_dtypes is None else self._master_dtypes.of(kind)
 
     def model_path(self, folder: str, name: str) -> Path:
         """The file the recipe named for ``name`` in ``folder``."""
@@ -99,9 +107,12 @@ class Builder:
         registry: NodeRegistry | None = None,
         user_loaders: Mapping[str, Callable[..., Any]] | None = None,
         verify: bool = True,
+        master_dtypes: DtypePolicy | None = None,
     ) -> None:
         self.resolve_file = resolve_file
         self.registry = registry
+        #: a worker computing in fp16/bf16 keeps a file's weights in that dtype when stored so
+        self.master_dtypes = master_dtypes
         self.user_loaders = dict(user_loaders or {})
         self.verify = verify
         self.checker = RecipeChecker(registry)
@@ -124,9 +135,7 @@ class Builder:
         except LookupError as exc:
             raise RecipeError(f"{recipe.name()}: cannot select {recipe.select!r}: {exc}") from None
         if self.verify and recipe.fingerprint is not None:
-            actual = fingerprint(selected)
-            if actual != recipe.fingerprint:
-                raise FingerprintMismatch(recipe.name(), recipe.fingerprint, actual)
+            check_fingerprint(recipe, selected)
         return selected
 
     def _run(self, recipe: Recipe) -> Any:
@@ -279,7 +288,28 @@ class Builder:
                 inputs[name] = ref.name
             else:
                 inputs[name] = self._decode(value, name)
-        return _RecipeNodeContext(str(step.cls), files), inputs
+        return _RecipeNodeContext(str(step.cls), files, self.master_dtypes), inputs
+
+
+def check_fingerprint(recipe: Recipe, built: Any) -> None:
+    """Raise FingerprintMismatch unless ``built`` is what the recipe's fingerprint says.
+
+    A model kept in half precision from a file stored so matches a fingerprint taken of the same
+    file loaded in float32 (the conversion is exact), so it is compared as float32 too.
+    """
+    expected = recipe.fingerprint
+    if expected is None:
+        return
+    actual = fingerprint(built)
+    if actual == expected:
+        return
+    if _has_half_tensors(built) and fingerprint(built, as_dtype=torch.float32) == expected:
+        return
+    raise FingerprintMismatch(recipe.name(), expected, actual)
+
+
+def _has_half_tensors(value: Any) -> bool:
+    return any(t.dtype in (torch.float16, torch.bfloat16) for _path, t in named_tensors(value))
 
 
 def part_index(recipe: Recipe, registry: NodeRegistry | None) -> int | None:

@@ -18,14 +18,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from diffsplit.engine.dtypes import DtypePolicy
 from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.nodes.registry import NodeRegistry
-from diffsplit.engine.rebuild import Builder, build_key
+from diffsplit.engine.rebuild import Builder, build_key, check_fingerprint
 from diffsplit.engine.store import ModelStore
 from diffsplit.remote.cache import ModelCache
 from diffsplit.remote.errors import BadRequest, MissingModel
 from diffsplit.tracer.errors import FingerprintMismatch, RecipeError
-from diffsplit.tracer.fingerprint import fingerprint
 from diffsplit.tracer.objects import get_path
 from diffsplit.tracer.recipe import FileRef, Recipe
 
@@ -33,8 +33,9 @@ from diffsplit.tracer.recipe import FileRef, Recipe
 class CachedBuilder(Builder):
     """A recipe builder whose built objects live in a shared, bounded :class:`ModelCache`."""
 
-    def __init__(self, store: ModelStore, registry: NodeRegistry, cache: ModelCache) -> None:
-        super().__init__(self.resolve_file, registry=registry)
+    def __init__(self, store: ModelStore, registry: NodeRegistry, cache: ModelCache,
+                 master_dtypes: DtypePolicy | None = None) -> None:
+        super().__init__(self.resolve_file, registry=registry, master_dtypes=master_dtypes)
         self.store = store
         self.cache = cache
         self._lock = threading.Lock()
@@ -58,9 +59,7 @@ class CachedBuilder(Builder):
             with self._lock:
                 known = verified in self._verified
             if not known:
-                actual = fingerprint(selected)
-                if actual != recipe.fingerprint:
-                    raise FingerprintMismatch(recipe.name(), recipe.fingerprint, actual)
+                check_fingerprint(recipe, selected)
                 with self._lock:
                     self._verified.add(verified)
         return selected
@@ -96,8 +95,9 @@ def build_name(recipe: Recipe) -> str:
 class ModelBuilder:
     """What the worker asks for: a model from a recipe given as plain data, and the reverse."""
 
-    def __init__(self, store: ModelStore, registry: NodeRegistry, cache: ModelCache) -> None:
-        self.builder = CachedBuilder(store, registry, cache)
+    def __init__(self, store: ModelStore, registry: NodeRegistry, cache: ModelCache,
+                 master_dtypes: DtypePolicy | None = None) -> None:
+        self.builder = CachedBuilder(store, registry, cache, master_dtypes)
         self._lock = threading.Lock()
         self._recipes: weakref.WeakKeyDictionary[Any, Mapping[str, Any]] = weakref.WeakKeyDictionary()
 

@@ -299,7 +299,10 @@ class Worker:
         self.cache = ModelCache(config.cache_bytes)
         #: placed copies of the cached models on the compute device, under the device budget
         self.memory = worker_device_memory(config)
-        self.builder = ModelBuilder(self.store, self.registry, self.cache)
+        # computing in fp16/bf16: an fp16 file's weights are kept in fp16 (half the cache), not doubled
+        policy = self.memory.policy
+        self.builder = ModelBuilder(self.store, self.registry, self.cache,
+                                    master_dtypes=None if policy.all_float32 else policy)
         self.held = HeldValues(config.held_bytes)
         self.echo_budget = EchoBudget()
         #: one object per distinct ControlNet hint, across requests and held values (cond/uncond batching)

@@ -32,8 +32,9 @@ SAMPLES_PER_TENSOR = 16
 _LISTED_CHANGES = 3
 
 
-def tensor_sample(tensor: torch.Tensor) -> bytes:
-    """The raw bytes of ``SAMPLES_PER_TENSOR`` evenly strided elements of ``tensor`` (on the CPU)."""
+def tensor_sample(tensor: torch.Tensor, as_dtype: torch.dtype | None = None) -> bytes:
+    """The raw bytes of ``SAMPLES_PER_TENSOR`` evenly strided elements of ``tensor`` (on the CPU),
+    floating ones converted to ``as_dtype`` first when given."""
     if tensor.is_meta or tensor.layout != torch.strided or tensor.is_quantized:
         return b""
     flat = tensor.detach()
@@ -43,13 +44,16 @@ def tensor_sample(tensor: torch.Tensor) -> bytes:
         return b""
     stride = max(1, count // SAMPLES_PER_TENSOR)
     sample = flat[::stride][:SAMPLES_PER_TENSOR].cpu().contiguous()
+    if as_dtype is not None and sample.is_floating_point():
+        sample = sample.to(as_dtype)
     return sample.view(torch.uint8).numpy().tobytes()
 
 
-def tensor_line(path: str, tensor: torch.Tensor) -> str:
-    """One fingerprint line: path, dtype, shape and the sample's hash."""
-    sample = hashlib.sha256(tensor_sample(tensor)).hexdigest()[:32]
-    dtype = str(tensor.dtype).removeprefix("torch.")
+def tensor_line(path: str, tensor: torch.Tensor, as_dtype: torch.dtype | None = None) -> str:
+    """One fingerprint line: path, dtype, shape and the sample's hash (floating ones as ``as_dtype``)."""
+    sample = hashlib.sha256(tensor_sample(tensor, as_dtype)).hexdigest()[:32]
+    shown = as_dtype if as_dtype is not None and tensor.is_floating_point() else tensor.dtype
+    dtype = str(shown).removeprefix("torch.")
     return f"{path}|{dtype}|{tuple(tensor.shape)}|{sample}"
 
 
@@ -59,10 +63,12 @@ def _config_line(path: str, config: Mapping[str, Any]) -> str:
 
 
 def fingerprint_of_tensors(
-    type_name: str, tensors: Iterable[tuple[str, torch.Tensor]], configs: Iterable[str]
+    type_name: str, tensors: Iterable[tuple[str, torch.Tensor]], configs: Iterable[str],
+    as_dtype: torch.dtype | None = None,
 ) -> str:
     """The fingerprint of an object given its type name, tensors and config lines."""
-    lines = [f"type|{type_name}", *sorted(configs), *sorted(tensor_line(path, t) for path, t in tensors)]
+    lines = [f"type|{type_name}", *sorted(configs),
+             *sorted(tensor_line(path, t, as_dtype) for path, t in tensors)]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
@@ -82,13 +88,18 @@ def _state_lines(path: str, value: Any) -> list[str]:
 TensorSource = Callable[[str, torch.Tensor], torch.Tensor]
 
 
-def fingerprint(value: Any, *, tensor_at: TensorSource | None = None) -> str:
+def fingerprint(
+    value: Any, *, tensor_at: TensorSource | None = None, as_dtype: torch.dtype | None = None
+) -> str:
     """The fingerprint of a model object (module, pipeline, engine model, scheduler, tokenizer...).
 
     ``tensor_at(path, meta_tensor)`` gives the values of each meta-device tensor
     of ``value``, one at a time: a model built on the meta device is fingerprinted
     from its file without ever holding more than one tensor, and the result equals
-    the fingerprint of the same model built for real.
+    the fingerprint of the same model built for real. ``as_dtype``: the fingerprint
+    of the same model with every floating tensor converted to that dtype (a worker
+    keeping an fp16 file's weights in fp16 checks them against a client's fp32 load:
+    fp16 to fp32 is exact, so the two agree), computed from the samples alone.
     """
     lines = _state_lines("", value)
     for name, part in parts(value):
@@ -96,7 +107,7 @@ def fingerprint(value: Any, *, tensor_at: TensorSource | None = None) -> str:
     tensors = named_tensors(value)
     if tensor_at is not None:
         tensors = ((path, tensor_at(path, t) if t.is_meta else t) for path, t in tensors)
-    return fingerprint_of_tensors(type(value).__qualname__, tensors, lines)
+    return fingerprint_of_tensors(type(value).__qualname__, tensors, lines, as_dtype)
 
 
 def _version(tensor: torch.Tensor) -> int:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from diffsplit.engine.dtypes import ModelKind
 from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.models import infer_config as infer
 from diffsplit.engine.models import ldm_controlnet, ldm_vae
@@ -255,6 +256,26 @@ def load_checkpoint_part(path: Path, part: CheckpointPart, *, dtype: torch.dtype
         plan = _plan(source)
         modules = [_load_module(source, m.prefix, m.factory, m.rules_for, dtype) for m in plan.modules[part]]
     return _wrap(plan, part, modules)
+
+
+#: The dtype policy's model kind of each checkpoint part (``engine.dtypes``).
+PART_KINDS: Mapping[CheckpointPart, ModelKind] = {"model": "unet", "clip": "text_encoder", "vae": "vae"}
+_FLOATING = frozenset({"float64", "float32", "float16", "bfloat16"})
+
+
+def kept_dtype(path: Path, part: CheckpointPart, wanted: torch.dtype) -> torch.dtype:
+    """``wanted`` where the file stores every floating weight of ``part`` in exactly that dtype, else
+    float32: a worker that computes in fp16 keeps an fp16 file's weights as they are (not doubled),
+    and never rounds a float32 file's weights (its fingerprint would no longer match the client's)."""
+    if wanted == torch.float32:
+        return wanted
+    name = str(wanted).removeprefix("torch.")
+    with open_tensor_file(Path(path)) as source:
+        plan = _plan(source)
+        prefixes = tuple(module.prefix for module in plan.modules[_check_part(part)])
+        stored = {dtype for key, dtype in source.dtypes.items()
+                  if key.startswith(prefixes) and dtype in _FLOATING}
+    return wanted if stored == {name} else torch.float32
 
 
 def check_checkpoint(path: Path) -> ModelFamily:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -26,6 +26,10 @@ from safetensors import SafetensorError, safe_open
 
 #: File suffixes read with ``torch.load(weights_only=True)`` instead of safetensors.
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin"})
+#: safetensors' dtype names → torch's (without ``torch.``)
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                       "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 #: How many missing keys an error message lists.
 MISSING_KEYS_SHOWN = 5
 
@@ -114,6 +118,8 @@ class TensorFile:
     shapes: Mapping[str, tuple[int, ...]]
     metadata: Mapping[str, str]
     read: Callable[[str], torch.Tensor]
+    #: key → the dtype it is stored in (torch's name without ``torch.``: ``float16``)
+    dtypes: Mapping[str, str] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -137,12 +143,15 @@ def open_tensor_file(path: Path) -> Iterator[TensorFile]:
     except (SafetensorError, OSError, ValueError) as error:
         raise ModelFileError(f"{path}: not a readable safetensors file ({error})") from error
     with handle as opened:
-        shapes = {key: tuple(opened.get_slice(key).get_shape()) for key in opened.keys()}  # noqa: SIM118
+        slices = {key: opened.get_slice(key) for key in opened.keys()}  # noqa: SIM118
+        shapes = {key: tuple(piece.get_shape()) for key, piece in slices.items()}
+        dtypes = {key: _SAFETENSORS_DTYPES.get(piece.get_dtype(), piece.get_dtype().lower())
+                  for key, piece in slices.items()}
 
         def read(key: str) -> torch.Tensor:
             return owned_tensor(opened.get_tensor(key), force=True)
 
-        yield TensorFile(path, shapes, dict(opened.metadata() or {}), read)
+        yield TensorFile(path, shapes, dict(opened.metadata() or {}), read, dtypes)
 
 
 def _open_pickled(path: Path) -> TensorFile:
@@ -158,11 +167,12 @@ def _open_pickled(path: Path) -> TensorFile:
         raise ModelFileError(f"{path}: holds no state dict")
     tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
     shapes = {key: tuple(value.shape) for key, value in tensors.items()}
+    dtypes = {key: str(value.dtype).removeprefix("torch.") for key, value in tensors.items()}
 
     def read(key: str) -> torch.Tensor:
         return owned_tensor(tensors[key], force=True)
 
-    return TensorFile(path, shapes, {}, read)
+    return TensorFile(path, shapes, {}, read, dtypes)
 
 
 def read_module_state(

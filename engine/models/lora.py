@@ -312,7 +312,9 @@ def _merge_into_copy(
             target = clone.get_submodule(name)
             weight = target.weight
             merged = weight.detach().float() + strength * patch.delta(weight.shape).to(weight.device)
-            target.weight = torch.nn.Parameter(merged.to(weight.dtype), requires_grad=weight.requires_grad)
+            # a half-precision base keeps merged weights in float32: what a float32 base gives, exactly
+            kept = torch.promote_types(weight.dtype, torch.float32)
+            target.weight = torch.nn.Parameter(merged.to(kept), requires_grad=weight.requires_grad)
     return _MergeResult(clone, tuple(not_loaded))
 
 

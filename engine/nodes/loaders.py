@@ -11,11 +11,14 @@ import dataclasses
 from functools import partial
 from typing import Any
 
+import torch
 from diffsplit.engine.models.checkpoint import (
     CHECKPOINT_PARTS,
+    PART_KINDS,
     CheckpointPart,
     check_checkpoint,
     checkpoint_part_fingerprint,
+    kept_dtype,
     load_checkpoint,
     load_checkpoint_part,
     load_vae,
@@ -35,7 +38,11 @@ def checkpoint_loader_simple(ctx: NodeContext, *, ckpt_name: str) -> tuple[Diffu
 
 
 def _checkpoint_part(part: CheckpointPart, ctx: NodeContext, *, ckpt_name: str) -> Any:
-    return load_checkpoint_part(ctx.model_path("checkpoints", ckpt_name), part)
+    """One part; in the dtype the context asks for where the file stores it so (``kept_dtype``)."""
+    path = ctx.model_path("checkpoints", ckpt_name)
+    master_dtype = getattr(ctx, "master_dtype", None)  # a worker's rebuild context may ask for one
+    dtype = torch.float32 if master_dtype is None else kept_dtype(path, part, master_dtype(PART_KINDS[part]))
+    return load_checkpoint_part(path, part, dtype=dtype)
 
 
 def _checkpoint_part_fingerprint(part: CheckpointPart, ctx: NodeContext, *, ckpt_name: str) -> str:

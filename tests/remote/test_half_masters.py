@@ -1,0 +1,112 @@
+"""A worker computing in fp16 keeps an fp16 file's weights in fp16: half the memory, the same image."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from diffsplit.engine.dtypes import DtypePolicy
+from diffsplit.engine.example_workflows import sd15_workflow
+from diffsplit.engine.formats import load_workflow
+from diffsplit.engine.models.checkpoint import kept_dtype, load_checkpoint_part, save_checkpoint
+from diffsplit.engine.models.tiny import tiny_checkpoint_parts
+from diffsplit.engine.nodes.registry import NodeRegistry, default_registry
+from diffsplit.engine.store import ModelStore
+from diffsplit.engine.trace_workflow import output_recipe_source
+from diffsplit.remote.builder import ModelBuilder
+from diffsplit.remote.cache import ModelCache, module_bytes
+from diffsplit.remote.errors import BadRequest
+from diffsplit.tracer.fingerprint import fingerprint
+from diffsplit.transport.sockets import Client
+
+from diffsplit.demo import local_worker
+from tests.remote.test_split_dtypes import DECODER, SAMPLER, _run
+
+HALF = DtypePolicy.choose(torch.device("cpu"), dtype="fp16")
+
+
+@pytest.fixture(scope="module")
+def half_models(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD 1.5 checkpoint stored in fp16 (under its usual name), with the tiny LoRA."""
+    root = tmp_path_factory.mktemp("half-models")
+    (root / "checkpoints").mkdir()
+    shutil.copytree(models_dir / "loras", root / "loras")
+    parts = tiny_checkpoint_parts("sd15", seed=0)
+    for module in (parts.model.unet, parts.vae.model, *parts.clip.encoders):
+        module.to(torch.float16)
+    save_checkpoint(root / "checkpoints" / "tiny-sd15.safetensors", parts)
+    return root
+
+
+def recipe(models: Path, node_id: str, index: int) -> dict:
+    """The recipe a client sends for one loader output, with the fingerprint of its float32 load here."""
+    registry = default_registry()
+    workflow = load_workflow(sd15_workflow(), registry)
+    found = output_recipe_source(workflow, registry, ModelStore(models))(node_id, index)
+    assert found is not None
+    return found
+
+
+def test_the_kept_dtype_is_the_files_own_or_float32(half_models: Path, models_dir: Path) -> None:
+    half_file = half_models / "checkpoints" / "tiny-sd15.safetensors"
+    full_file = models_dir / "checkpoints" / "tiny-sd15.safetensors"
+    assert kept_dtype(half_file, "model", torch.float16) == torch.float16
+    assert kept_dtype(half_file, "model", torch.bfloat16) == torch.float32  # never rounds fp16 to bf16
+    assert kept_dtype(full_file, "model", torch.float16) == torch.float32  # never rounds fp32 weights
+    assert kept_dtype(half_file, "vae", torch.float32) == torch.float32
+
+
+def test_half_masters_take_half_the_cache_and_pass_the_clients_fingerprint(half_models: Path) -> None:
+    cache = ModelCache(1 << 30)
+    builder = ModelBuilder(ModelStore(half_models), default_registry(), cache, master_dtypes=HALF)
+    sent = recipe(half_models, "1", 0)
+    client_model = load_checkpoint_part(half_models / "checkpoints" / "tiny-sd15.safetensors", "model")
+    sent["fingerprint"] = fingerprint(client_model)  # the client loads float32
+    built = builder.build(sent)
+    assert {t.dtype for t in built.unet.parameters()} == {torch.float16}
+    assert module_bytes(built) * 2 == module_bytes(client_model)
+    assert fingerprint(built, as_dtype=torch.float32) == fingerprint(client_model)
+    wrong = {**sent, "fingerprint": "0" * 64}
+    with pytest.raises(BadRequest, match="differs"):
+        ModelBuilder(ModelStore(half_models), default_registry(), ModelCache(1 << 30),
+                     master_dtypes=HALF).build(wrong)
+
+
+def test_a_lora_on_a_half_master_matches_the_clients_float32_merge(half_models: Path) -> None:
+    from diffsplit.engine.executor import Executor
+
+    registry = default_registry()
+    workflow = load_workflow(sd15_workflow(), registry)
+    executor = Executor(registry, ModelStore(half_models), output_dir=half_models / "out")
+    client_lora = executor.run(workflow, targets=["2"]).outputs["2"]
+    builder = ModelBuilder(ModelStore(half_models), registry, ModelCache(1 << 30), master_dtypes=HALF)
+    for index in (0, 1):
+        sent = {**recipe(half_models, "2", index), "fingerprint": fingerprint(client_lora[index])}
+        builder.build(sent)  # raises if the merged weights differ from the client's
+
+
+@pytest.fixture(scope="module")
+def half_worker(half_models: Path) -> Iterator[str]:
+    with local_worker(half_models, extra_args=["--device", "cpu", "--dtype", "fp16"]) as address:
+        yield address
+
+
+def test_split_with_half_masters_equals_local_in_fp16(
+    half_worker: str, half_models: Path, tmp_path: Path, registry: NodeRegistry
+) -> None:
+    local = _run(half_models, tmp_path / "local", registry, "fp16", [])
+    split = _run(half_models, tmp_path / "split", registry, "fp16",
+                 [f"KSampler={half_worker}", f"VAEDecode={half_worker}"])
+    for node_id in (SAMPLER, DECODER):
+        a, b = local.outputs[node_id][0], split.outputs[node_id][0]
+        a = a["samples"] if isinstance(a, dict) else a
+        b = b["samples"] if isinstance(b, dict) else b
+        assert torch.equal(a, b), f"node {node_id} differs between the fp16 worker and fp16 here"
+    with Client(half_worker) as client:
+        status = client.request({"op": "status"}, timeout=30)["status"]
+    vae = next(model for model in status["models"] if model["digest"].endswith(":2"))
+    local_vae = load_checkpoint_part(half_models / "checkpoints" / "tiny-sd15.safetensors", "vae")
+    assert vae["bytes"] * 2 == module_bytes(local_vae), "the worker keeps the fp16 VAE in fp16"
