@@ -66,50 +66,42 @@ def lora_loader(
 
     With both strengths 0 the inputs come back unchanged and the file is not read.
     """
-    if strength_model == 0 and strength_clip == 0:
-        return (model, clip)
-    lora = load_lora(ctx.model_path("loras", lora_name))
-    source = f"node {ctx.node_id} (LoraLoader): LoRA {lora_name!r}"
-    new_model, new_clip = apply_lora(model, clip, lora, strength_model, strength_clip, source=source)
+    new_model, new_clip = _with_lora(ctx, "LoraLoader", lora_name, model, clip, strength_model, strength_clip)
     return (new_model, new_clip)
+
+
+def _with_lora(
+    ctx: NodeContext, node: str, lora_name: str, model: DiffusionModel | None, clip: TextEncoders | None,
+    strength_model: float, strength_clip: float,
+) -> tuple[DiffusionModel | None, TextEncoders | None]:
+    """``apply_lora`` with the node's file; with both strengths 0 the inputs as they are (no file read)."""
+    if strength_model == 0 and strength_clip == 0:
+        return model, clip
+    lora = load_lora(ctx.model_path("loras", lora_name))
+    source = f"node {ctx.node_id} ({node}): LoRA {lora_name!r}"
+    return apply_lora(model, clip, lora, strength_model, strength_clip, source=source)
 
 
 def lora_loader_model_only(
     ctx: NodeContext, *, model: DiffusionModel, lora_name: str, strength_model: float
 ) -> tuple[DiffusionModel]:
     """ComfyUI LoraLoaderModelOnly: the LoRA's UNet part merged into a new MODEL."""
-    if strength_model == 0:
-        return (model,)
-    lora = load_lora(ctx.model_path("loras", lora_name))
-    source = f"node {ctx.node_id} (LoraLoaderModelOnly): LoRA {lora_name!r}"
-    new_model, _ = apply_lora(model, None, lora, strength_model, 0.0, source=source)
+    new_model, _ = _with_lora(ctx, "LoraLoaderModelOnly", lora_name, model, None, strength_model, 0.0)
     return (new_model,)
 
 
 def _lora_model_part(
     ctx: NodeContext, *, model: DiffusionModel, lora_name: str, strength_model: float, **_unused: Any
-) -> DiffusionModel:
+) -> DiffusionModel | None:
     """LoraLoader's MODEL alone (what ``lora_loader`` returns first); the CLIP is never built for it."""
-    if strength_model == 0:
-        return model
-    lora = load_lora(ctx.model_path("loras", lora_name))
-    source = f"node {ctx.node_id} (LoraLoader): LoRA {lora_name!r}"
-    new_model, _ = apply_lora(model, None, lora, strength_model, 0.0, source=source)
-    assert new_model is not None
-    return new_model
+    return _with_lora(ctx, "LoraLoader", lora_name, model, None, strength_model, 0.0)[0]
 
 
 def _lora_clip_part(
     ctx: NodeContext, *, clip: TextEncoders, lora_name: str, strength_clip: float, **_unused: Any
-) -> TextEncoders:
+) -> TextEncoders | None:
     """LoraLoader's CLIP alone (what ``lora_loader`` returns second); the MODEL is never built for it."""
-    if strength_clip == 0:
-        return clip
-    lora = load_lora(ctx.model_path("loras", lora_name))
-    source = f"node {ctx.node_id} (LoraLoader): LoRA {lora_name!r}"
-    _, new_clip = apply_lora(None, clip, lora, 0.0, strength_clip, source=source)
-    assert new_clip is not None
-    return new_clip
+    return _with_lora(ctx, "LoraLoader", lora_name, None, clip, 0.0, strength_clip)[1]
 
 
 _LORA_MODEL_INPUTS = frozenset({"model", "lora_name", "strength_model"})

@@ -15,7 +15,6 @@ from diffsplit.engine.models.checkpoint import kept_dtype, load_checkpoint_part,
 from diffsplit.engine.models.tiny import tiny_checkpoint_parts
 from diffsplit.engine.nodes.registry import NodeRegistry, default_registry
 from diffsplit.engine.store import ModelStore
-from diffsplit.engine.trace_workflow import output_recipe_source
 from diffsplit.remote.builder import ModelBuilder
 from diffsplit.remote.cache import ModelCache, module_bytes
 from diffsplit.remote.errors import BadRequest
@@ -23,6 +22,7 @@ from diffsplit.tracer.fingerprint import fingerprint
 from diffsplit.transport.sockets import Client
 
 from diffsplit.demo import local_worker
+from tests.remote.test_part_builds import recipe_of_output
 from tests.remote.test_split_dtypes import DECODER, SAMPLER, _run
 
 HALF = DtypePolicy.choose(torch.device("cpu"), dtype="fp16")
@@ -41,15 +41,6 @@ def half_models(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return root
 
 
-def recipe(models: Path, node_id: str, index: int) -> dict:
-    """The recipe a client sends for one loader output, with the fingerprint of its float32 load here."""
-    registry = default_registry()
-    workflow = load_workflow(sd15_workflow(), registry)
-    found = output_recipe_source(workflow, registry, ModelStore(models))(node_id, index)
-    assert found is not None
-    return found
-
-
 def test_the_kept_dtype_is_the_files_own_or_float32(half_models: Path, models_dir: Path) -> None:
     half_file = half_models / "checkpoints" / "tiny-sd15.safetensors"
     full_file = models_dir / "checkpoints" / "tiny-sd15.safetensors"
@@ -62,7 +53,7 @@ def test_the_kept_dtype_is_the_files_own_or_float32(half_models: Path, models_di
 def test_half_masters_take_half_the_cache_and_pass_the_clients_fingerprint(half_models: Path) -> None:
     cache = ModelCache(1 << 30)
     builder = ModelBuilder(ModelStore(half_models), default_registry(), cache, master_dtypes=HALF)
-    sent = recipe(half_models, "1", 0)
+    sent = recipe_of_output(half_models, "1", 0)
     client_model = load_checkpoint_part(half_models / "checkpoints" / "tiny-sd15.safetensors", "model")
     sent["fingerprint"] = fingerprint(client_model)  # the client loads float32
     built = builder.build(sent)
@@ -84,7 +75,7 @@ def test_a_lora_on_a_half_master_matches_the_clients_float32_merge(half_models: 
     client_lora = executor.run(workflow, targets=["2"]).outputs["2"]
     builder = ModelBuilder(ModelStore(half_models), registry, ModelCache(1 << 30), master_dtypes=HALF)
     for index in (0, 1):
-        sent = {**recipe(half_models, "2", index), "fingerprint": fingerprint(client_lora[index])}
+        sent = {**recipe_of_output(half_models, "2", index), "fingerprint": fingerprint(client_lora[index])}
         builder.build(sent)  # raises if the merged weights differ from the client's
 
 
