@@ -32,24 +32,46 @@ SAMPLES_PER_TENSOR = 16
 _LISTED_CHANGES = 3
 
 
-def tensor_sample(tensor: torch.Tensor, as_dtype: torch.dtype | None = None) -> bytes:
+def sample_positions(count: int) -> range:
+    """The flat positions a fingerprint samples in a tensor of ``count`` elements."""
+    if count == 0:
+        return range(0)
+    return range(0, count, max(1, count // SAMPLES_PER_TENSOR))[:SAMPLES_PER_TENSOR]
+
+
+@dataclass(frozen=True, eq=False)
+class SampledTensor:
+    """A tensor known by its dtype, shape and the elements at :func:`sample_positions` only
+    (read from a file without reading the rest)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    sample: torch.Tensor
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+def tensor_sample(tensor: torch.Tensor | SampledTensor, as_dtype: torch.dtype | None = None) -> bytes:
     """The raw bytes of ``SAMPLES_PER_TENSOR`` evenly strided elements of ``tensor`` (on the CPU),
     floating ones converted to ``as_dtype`` first when given."""
-    if tensor.is_meta or tensor.layout != torch.strided or tensor.is_quantized:
+    if isinstance(tensor, SampledTensor):
+        sample = tensor.sample.contiguous()
+    elif tensor.is_meta or tensor.layout != torch.strided or tensor.is_quantized:
         return b""
-    flat = tensor.detach()
-    flat = flat.reshape(-1) if flat.is_contiguous() else flat.contiguous().reshape(-1)
-    count = flat.numel()
-    if count == 0:
-        return b""
-    stride = max(1, count // SAMPLES_PER_TENSOR)
-    sample = flat[::stride][:SAMPLES_PER_TENSOR].cpu().contiguous()
+    else:
+        flat = tensor.detach()
+        flat = flat.reshape(-1) if flat.is_contiguous() else flat.contiguous().reshape(-1)
+        positions = sample_positions(flat.numel())
+        if not positions:
+            return b""
+        sample = flat[:: positions.step][: len(positions)].cpu().contiguous()
     if as_dtype is not None and sample.is_floating_point():
         sample = sample.to(as_dtype)
     return sample.view(torch.uint8).numpy().tobytes()
 
 
-def tensor_line(path: str, tensor: torch.Tensor, as_dtype: torch.dtype | None = None) -> str:
+def tensor_line(path: str, tensor: torch.Tensor | SampledTensor, as_dtype: torch.dtype | None = None) -> str:
     """One fingerprint line: path, dtype, shape and the sample's hash (floating ones as ``as_dtype``)."""
     sample = hashlib.sha256(tensor_sample(tensor, as_dtype)).hexdigest()[:32]
     shown = as_dtype if as_dtype is not None and tensor.is_floating_point() else tensor.dtype
@@ -63,7 +85,7 @@ def _config_line(path: str, config: Mapping[str, Any]) -> str:
 
 
 def fingerprint_of_tensors(
-    type_name: str, tensors: Iterable[tuple[str, torch.Tensor]], configs: Iterable[str],
+    type_name: str, tensors: Iterable[tuple[str, torch.Tensor | SampledTensor]], configs: Iterable[str],
     as_dtype: torch.dtype | None = None,
 ) -> str:
     """The fingerprint of an object given its type name, tensors and config lines."""
@@ -85,7 +107,7 @@ def _state_lines(path: str, value: Any) -> list[str]:
 
 
 #: The real tensor at a path of an object whose tensors are on the meta device (see :func:`fingerprint`).
-TensorSource = Callable[[str, torch.Tensor], torch.Tensor]
+TensorSource = Callable[[str, torch.Tensor], "torch.Tensor | SampledTensor"]
 
 
 def fingerprint(
@@ -104,9 +126,9 @@ def fingerprint(
     lines = _state_lines("", value)
     for name, part in parts(value):
         lines.extend(_state_lines(name, part))
-    tensors = named_tensors(value)
+    tensors: Iterable[tuple[str, torch.Tensor | SampledTensor]] = named_tensors(value)
     if tensor_at is not None:
-        tensors = ((path, tensor_at(path, t) if t.is_meta else t) for path, t in tensors)
+        tensors = ((path, tensor_at(path, t) if t.is_meta else t) for path, t in named_tensors(value))
     return fingerprint_of_tensors(type(value).__qualname__, tensors, lines, as_dtype)
 
 

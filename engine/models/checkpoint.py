@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -36,6 +37,7 @@ from diffsplit.engine.models.ldm_controlnet import LDM_CONTROLNET_PREFIX, contro
 from diffsplit.engine.models.ldm_keys import (
     KeyRule,
     TensorFile,
+    Transform,
     assemble_module,
     build_on_meta,
     ldm_shapes_of,
@@ -49,6 +51,7 @@ from diffsplit.engine.models.ldm_unet import unet_key_rules
 from diffsplit.engine.models.ldm_vae import LDM_VAE_PREFIX, vae_key_rules
 from diffsplit.engine.models.safetensors_io import PendingTensor, write_safetensors
 from diffsplit.engine.types import ControlNet, DiffusionModel, ModelFamily, ModelSampling, TextEncoders, Vae
+from diffsplit.tracer.fingerprint import SampledTensor, sample_positions
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -322,7 +325,7 @@ def checkpoint_part_fingerprint(
             for name, tensor in (*module.named_parameters(), *module.named_buffers()):
                 found = by_key.get(name)
                 readers[id(tensor)] = (
-                    partial(_read_converted, source, module_plan.prefix, *found, dtype)
+                    partial(_read_converted, source, module_plan.prefix, *found, dtype, tensor)
                     if found is not None else partial(_unstored_buffer, path, name, tensor)
                 )
             modules.append(module)
@@ -331,16 +334,36 @@ def checkpoint_part_fingerprint(
 
 
 def _read_converted(
-    source: TensorFile, prefix: str, rule: KeyRule, index: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """The module tensor ``rule`` gives at ``index``, as :func:`read_module_state` would give it."""
+    source: TensorFile, prefix: str, rule: KeyRule, index: int, dtype: torch.dtype, meta: torch.Tensor
+) -> torch.Tensor | SampledTensor:
+    """The module tensor ``rule`` gives at ``index``, as :func:`read_module_state` would give it; from
+    a safetensors file only its sampled elements (:func:`file_positions` maps them into the file)."""
     key = prefix + rule.ldm_key
     if key not in source.shapes:
         raise ModelFileError(missing_message(source.path, [key]))
-    tensor = source.read(key)
-    if tensor.is_floating_point():
-        tensor = tensor.to(dtype)
-    return rule.to_module(tensor)[index]
+    if source.read_elements is None:
+        tensor = source.read(key)
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        return rule.to_module(tensor)[index]
+    shape = tuple(meta.shape)
+    positions = sample_positions(math.prod(shape))
+    values = source.read_elements(key, [file_position(rule, index, shape, p) for p in positions])
+    if values.is_floating_point():
+        values = values.to(dtype)
+    return SampledTensor(values.dtype, shape, values)
+
+
+def file_position(rule: KeyRule, index: int, shape: tuple[int, ...], position: int) -> int:
+    """Where flat element ``position`` of module tensor ``index`` (of ``shape``) sits in ``rule``'s
+    LDM tensor, flat: the inverse of :meth:`KeyRule.to_module`, element by element."""
+    if rule.transform is Transform.TRANSPOSE:  # module [rows, cols] is LDM [cols, rows] transposed
+        rows, cols = shape
+        row, col = divmod(position, cols)
+        return col * rows + row
+    if rule.transform is Transform.SPLIT_QKV:  # module tensor ``index`` is the index-th third, rows first
+        return index * math.prod(shape) + position
+    return position  # SAME, CONV_1X1: the same elements in the same order
 
 
 def _unstored_buffer(path: Path, name: str, meta: torch.Tensor) -> torch.Tensor:

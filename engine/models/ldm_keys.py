@@ -14,10 +14,14 @@ module built on the meta device from a state dict (:func:`assemble_module`).
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from diffsplit.engine.errors import ModelFileError
@@ -120,6 +124,9 @@ class TensorFile:
     read: Callable[[str], torch.Tensor]
     #: key → the dtype it is stored in (torch's name without ``torch.``: ``float16``)
     dtypes: Mapping[str, str] = field(default_factory=dict)
+    #: ``read_elements(key, flat_positions)``: just those elements, read from the file without the
+    #: rest of the tensor (None for pickled files: read the tensor)
+    read_elements: Callable[[str, Sequence[int]], torch.Tensor] | None = None
 
 
 @contextlib.contextmanager
@@ -151,7 +158,31 @@ def open_tensor_file(path: Path) -> Iterator[TensorFile]:
         def read(key: str) -> torch.Tensor:
             return owned_tensor(opened.get_tensor(key), force=True)
 
-        yield TensorFile(path, shapes, dict(opened.metadata() or {}), read, dtypes)
+        with path.open("rb") as raw:
+            offsets = _data_offsets(raw, path)
+
+            def read_elements(key: str, positions: Sequence[int]) -> torch.Tensor:
+                dtype = getattr(torch, dtypes[key])
+                size = torch.empty((), dtype=dtype).element_size()
+                start = offsets[key]
+                chunks = [os.pread(raw.fileno(), size, start + position * size) for position in positions]
+                data = bytearray(b"".join(chunks))
+                if len(data) != size * len(positions):
+                    raise ModelFileError(f"{path}: tensor {key!r} is cut short")
+                return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+
+            yield TensorFile(path, shapes, dict(opened.metadata() or {}), read, dtypes, read_elements)
+
+
+def _data_offsets(raw: BinaryIO, path: Path) -> dict[str, int]:
+    """Where each tensor's bytes start in a safetensors file (from its header)."""
+    try:
+        (length,) = struct.unpack("<Q", raw.read(8))
+        header = json.loads(raw.read(length))
+        return {key: 8 + length + int(entry["data_offsets"][0])
+                for key, entry in header.items() if key != "__metadata__"}
+    except (struct.error, ValueError, KeyError, TypeError) as error:
+        raise ModelFileError(f"{path}: unreadable safetensors header ({error})") from error
 
 
 def _open_pickled(path: Path) -> TensorFile:
