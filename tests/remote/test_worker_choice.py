@@ -28,6 +28,7 @@ from diffsplit.engine.executor import Executor, RunResult
 from diffsplit.engine.formats import load_workflow
 from diffsplit.engine.nodes.registry import NodeRegistry
 from diffsplit.engine.offload import RemoteRunner
+from diffsplit.engine.rebuild import build_key
 from diffsplit.engine.remote_assign import assign_remotes
 from diffsplit.engine.store import ModelStore
 from diffsplit.engine.trace_workflow import output_recipe_source
@@ -182,13 +183,15 @@ def test_recipe_digests_finds_models_and_control_hints_and_skips_junk(models_dir
     recipes = output_recipe_source(load_workflow(LORA, registry), registry, store)
     unet, lora_unet, vae = recipes("1", 0), recipes("2", 0), recipes("1", 2)
     assert unet is not None and lora_unet is not None and vae is not None
-    built = Recipe.from_dict(unet).build_digest()
-    # UNet and VAE of one checkpoint are one build; a fingerprint or another select does not change it
-    assert recipe_digests({"vae": {MODEL: {**vae, "fingerprint": "f" * 64}}}) == {built}
+    built = build_key(Recipe.from_dict(unet), registry)
+    # UNet and VAE of one checkpoint are two builds (each part alone); a fingerprint changes neither
+    assert built == Recipe.from_dict(unet).build_digest() + ":0"
+    digest_of_vae = Recipe.from_dict(vae).build_digest() + ":2"
+    assert recipe_digests({"vae": {MODEL: {**vae, "fingerprint": "f" * 64}}}) == {digest_of_vae}
     hint = {"controlnet": lora_unet, "previous": {"controlnet": unet, "previous": None}}
     wire = {"model": {MODEL: unet}, "positive": [[torch.zeros(1), {"control": {CONTROL: hint}}]],
             "bad": {MODEL: {"v": 99, "steps": []}}, "worse": {MODEL: "text"}}
-    assert recipe_digests(wire) == {built, Recipe.from_dict(lora_unet).build_digest()}
+    assert recipe_digests(wire) == {built, build_key(Recipe.from_dict(lora_unet), registry)}
     assert len(recipe_digests(wire)) == 2  # the LoRA'd UNet is another build
 
 
@@ -305,7 +308,7 @@ def lora_image(models_dir: Path, registry: NodeRegistry, tmp_path_factory: pytes
     return result.outputs["7"][0]
 
 
-def test_a_workers_status_lists_the_build_digest_of_the_recipe_it_was_sent(
+def test_a_workers_status_lists_the_build_key_of_the_recipe_it_was_sent(
     models_dir: Path, registry: NodeRegistry
 ) -> None:
     request = sampler_request(models_dir, registry, steps=1)
@@ -313,7 +316,7 @@ def test_a_workers_status_lists_the_build_digest_of_the_recipe_it_was_sent(
         with Client(worker.endpoint) as client:
             assert client.request(request, timeout=WAIT_S)["op"] == "result"
         status = status_of(worker.endpoint)
-    expected = Recipe.from_dict(request["inputs"]["model"][MODEL]).build_digest()
+    expected = build_key(Recipe.from_dict(request["inputs"]["model"][MODEL]), registry)
     assert [model["digest"] for model in status["models"]] == [expected]
     assert recipe_digests(request["inputs"]) == {expected}
     assert WorkerPicture.from_status(status) == picture(0, 1, holds=(expected,))
