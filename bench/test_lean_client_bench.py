@@ -57,14 +57,28 @@ print('PEAK_KB', int(peak.split()[1]), flush=True)
 sys.exit(code)
 """
 
+#: Builds the full-size model, then writes it; prints the file's size, the resident memory before
+#: writing (VmRSS) and the peak while writing (VmHWM restarted after the build): the writer's cost is
+#: their difference.
 WRITER = """
 import sys
 from pathlib import Path
 import torch
 sys.path.insert(0, sys.argv[2])
-from gpu_check_models import write_full_checkpoint
-written = write_full_checkpoint(Path(sys.argv[1]), "sd15", torch.device("cpu"), torch.float16)
-print(written.bytes, written.parameters, round(written.build_s, 1), round(written.write_s, 1))
+from gpu_check_models import full_checkpoint_parts
+from diffsplit.engine.models.checkpoint import save_checkpoint
+
+def status(field):
+    line = next(line for line in open('/proc/self/status') if line.startswith(field + ':'))
+    return int(line.split()[1]) * 1024
+
+parts = full_checkpoint_parts("sd15", torch.device("cpu"), torch.float16)
+built = status('VmRSS')
+open('/proc/self/clear_refs', 'w').write('5')  # the peak restarts here: building's own peak is not counted
+path = Path(sys.argv[1])
+path.parent.mkdir(parents=True, exist_ok=True)
+save_checkpoint(path, parts)
+print(path.stat().st_size, built, status('VmHWM'))
 """
 
 
@@ -85,7 +99,9 @@ def full_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = root / "checkpoints" / CHECKPOINT
     out = subprocess.run([sys.executable, "-c", WRITER, str(path), str(_BENCH)], check=True,
                          capture_output=True, text=True)
-    print(f"\nwrote {CHECKPOINT}: bytes, parameters, build s, write s = {out.stdout.strip()}")
+    size, built, peak = (int(value) for value in out.stdout.split())
+    print(f"\nwrote {CHECKPOINT} ({_gib(size)}): resident after building {_gib(built)}, peak while "
+          f"writing {_gib(peak)} (the writer's own: {_gib(peak - built)})")
     return root
 
 
