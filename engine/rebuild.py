@@ -345,6 +345,7 @@ def build(
     registry: NodeRegistry | None = None,
     user_loaders: Mapping[str, Callable[..., Any]] | None = None,
     verify: bool = True,
+    master_dtypes: DtypePolicy | None = None,
 ) -> Any:
     """Build the object ``recipe`` describes from local files; RecipeError/FingerprintMismatch on failure.
 
@@ -352,7 +353,8 @@ def build(
     ``user_loaders`` maps ``module:qualname`` to the ``@loader`` functions this
     machine allows.
     """
-    return Builder(resolve_file, registry=registry, user_loaders=user_loaders, verify=verify).build(recipe)
+    return Builder(resolve_file, registry=registry, user_loaders=user_loaders, verify=verify,
+                   master_dtypes=master_dtypes).build(recipe)
 
 
 def store_resolver(store: Any) -> FileResolver:

@@ -272,13 +272,24 @@ def kept_dtype(path: Path, part: CheckpointPart, wanted: torch.dtype) -> torch.d
     and never rounds a float32 file's weights (its fingerprint would no longer match the client's)."""
     if wanted == torch.float32:
         return wanted
-    name = str(wanted).removeprefix("torch.")
     with open_tensor_file(Path(path)) as source:
         plan = _plan(source)
         prefixes = tuple(module.prefix for module in plan.modules[_check_part(part)])
-        stored = {dtype for key, dtype in source.dtypes.items()
-                  if key.startswith(prefixes) and dtype in _FLOATING}
-    return wanted if stored == {name} else torch.float32
+        return _kept(source, prefixes, wanted)
+
+
+def kept_file_dtype(path: Path, wanted: torch.dtype) -> torch.dtype:
+    """:func:`kept_dtype` for a standalone model file (a VAE, a ControlNet): all of its weights."""
+    if wanted == torch.float32:
+        return wanted
+    with open_tensor_file(Path(path)) as source:
+        return _kept(source, ("",), wanted)
+
+
+def _kept(source: TensorFile, prefixes: tuple[str, ...], wanted: torch.dtype) -> torch.dtype:
+    stored = {dtype for key, dtype in source.dtypes.items()
+              if key.startswith(prefixes) and dtype in _FLOATING}
+    return wanted if stored == {str(wanted).removeprefix("torch.")} else torch.float32
 
 
 def check_checkpoint(path: Path) -> ModelFamily:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -74,6 +76,13 @@ class NodeContext(Protocol):
     def save_image(self, image: Any, filename_prefix: str, *, temporary: bool) -> Path:
         """Save one PIL image with the workflow in its PNG text chunk; returns the path."""
         ...
+
+
+def master_dtype(ctx: NodeContext, kind: str) -> torch.dtype | None:
+    """The dtype a rebuild context asks a loader to keep models of ``kind`` in (a worker computing
+    in fp16/bf16: ``engine.rebuild``), or None where models load in float32 as always."""
+    asked = getattr(ctx, "master_dtype", None)
+    return None if asked is None else asked(kind)
 
 
 @dataclass(frozen=True)

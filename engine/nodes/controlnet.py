@@ -13,16 +13,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffsplit.engine.models.checkpoint import load_controlnet
-from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec
+from diffsplit.engine.models.checkpoint import kept_file_dtype, load_controlnet
+from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec, master_dtype
 from diffsplit.engine.types import ControlHint, ControlNet, Vae
 
 Conditioning = list[list[Any]]
 
 
 def controlnet_loader(ctx: NodeContext, *, control_net_name: str) -> tuple[ControlNet]:
-    """ComfyUI ControlNetLoader: a ControlNet file from the store's ``controlnet`` folder."""
-    return (load_controlnet(ctx.model_path("controlnet", control_net_name)),)
+    """ComfyUI ControlNetLoader: a ControlNet file from the store's ``controlnet`` folder (kept in its own
+    half dtype where a worker asks)."""
+    path = ctx.model_path("controlnet", control_net_name)
+    wanted = master_dtype(ctx, "controlnet")
+    return (load_controlnet(path, dtype=torch.float32 if wanted is None else kept_file_dtype(path, wanted)),)
 
 
 def controlnet_apply(

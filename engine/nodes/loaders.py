@@ -19,12 +19,20 @@ from diffsplit.engine.models.checkpoint import (
     check_checkpoint,
     checkpoint_part_fingerprint,
     kept_dtype,
+    kept_file_dtype,
     load_checkpoint,
     load_checkpoint_part,
     load_vae,
 )
 from diffsplit.engine.models.lora import apply_lora, load_lora
-from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputLoader, OutputSpec
+from diffsplit.engine.nodes.base import (
+    InputSpec,
+    NodeClass,
+    NodeContext,
+    OutputLoader,
+    OutputSpec,
+    master_dtype,
+)
 from diffsplit.engine.types import DiffusionModel, TextEncoders, Vae
 
 #: Range of LoRA strengths, as in ComfyUI.
@@ -40,8 +48,8 @@ def checkpoint_loader_simple(ctx: NodeContext, *, ckpt_name: str) -> tuple[Diffu
 def _checkpoint_part(part: CheckpointPart, ctx: NodeContext, *, ckpt_name: str) -> Any:
     """One part; in the dtype the context asks for where the file stores it so (``kept_dtype``)."""
     path = ctx.model_path("checkpoints", ckpt_name)
-    master_dtype = getattr(ctx, "master_dtype", None)  # a worker's rebuild context may ask for one
-    dtype = torch.float32 if master_dtype is None else kept_dtype(path, part, master_dtype(PART_KINDS[part]))
+    wanted = master_dtype(ctx, PART_KINDS[part])
+    dtype = torch.float32 if wanted is None else kept_dtype(path, part, wanted)
     return load_checkpoint_part(path, part, dtype=dtype)
 
 
@@ -115,8 +123,10 @@ def _check_lora(ctx: NodeContext, *, lora_name: str, strength_model: float, stre
 
 
 def vae_loader(ctx: NodeContext, *, vae_name: str) -> tuple[Vae]:
-    """ComfyUI VAELoader: a standalone VAE file."""
-    return (load_vae(ctx.model_path("vae", vae_name)),)
+    """ComfyUI VAELoader: a standalone VAE file (kept in its own half dtype where a worker asks)."""
+    path = ctx.model_path("vae", vae_name)
+    wanted = master_dtype(ctx, "vae")
+    return (load_vae(path, dtype=torch.float32 if wanted is None else kept_file_dtype(path, wanted)),)
 
 
 def clip_set_last_layer(

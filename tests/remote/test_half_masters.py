@@ -15,6 +15,7 @@ from diffsplit.engine.models.checkpoint import kept_dtype, load_checkpoint_part,
 from diffsplit.engine.models.tiny import tiny_checkpoint_parts
 from diffsplit.engine.nodes.registry import NodeRegistry, default_registry
 from diffsplit.engine.store import ModelStore
+from diffsplit.engine.trace_workflow import output_recipe_source
 from diffsplit.remote.builder import ModelBuilder
 from diffsplit.remote.cache import ModelCache, module_bytes
 from diffsplit.remote.errors import BadRequest
@@ -101,3 +102,35 @@ def test_split_with_half_masters_equals_local_in_fp16(
     vae = next(model for model in status["models"] if model["digest"].endswith(":2"))
     local_vae = load_checkpoint_part(half_models / "checkpoints" / "tiny-sd15.safetensors", "vae")
     assert vae["bytes"] * 2 == module_bytes(local_vae), "the worker keeps the fp16 VAE in fp16"
+
+
+def test_standalone_vae_and_controlnet_files_keep_their_half_dtype(tmp_path: Path) -> None:
+    """VAELoader and ControlNetLoader on a worker computing in fp16: an fp16 file stays fp16."""
+    from diffsplit.engine.models.checkpoint import load_controlnet, load_vae, save_controlnet, save_vae
+    from diffsplit.engine.models.tiny import tiny_controlnet
+    from diffsplit.engine.rebuild import build, store_resolver
+    from diffsplit.engine.types import ControlNet
+    from diffsplit.tracer.recipe import Recipe
+
+    parts = tiny_checkpoint_parts("sd15", seed=2)
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "controlnet").mkdir()
+    parts.vae.model.to(torch.float16)
+    save_vae(tmp_path / "vae" / "half.safetensors", parts.vae)
+    controlnet = tiny_controlnet(parts.model.unet, seed=2)
+    save_controlnet(tmp_path / "controlnet" / "half.safetensors",
+                    ControlNet(model=controlnet.model.to(torch.float16)))
+    store = ModelStore(tmp_path, index_path=tmp_path / "index.json")
+    registry = default_registry()
+    for node, name, loaded in (
+        ("VAELoader", "vae_name", load_vae(tmp_path / "vae" / "half.safetensors")),
+        ("ControlNetLoader", "control_net_name",
+         load_controlnet(tmp_path / "controlnet" / "half.safetensors")),
+    ):
+        workflow = load_workflow({"1": {"class_type": node, "inputs": {name: "half.safetensors"}}}, registry)
+        data = output_recipe_source(workflow, registry, store)("1", 0)
+        assert data is not None
+        recipe = Recipe.from_dict({**data, "fingerprint": fingerprint(loaded)})
+        kept = build(recipe, store_resolver(store), registry=registry, master_dtypes=HALF)
+        assert {t.dtype for t in kept.model.parameters()} == {torch.float16}, node
+        assert build(recipe, store_resolver(store), registry=registry).model.dtype == torch.float32
