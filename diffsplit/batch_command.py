@@ -110,7 +110,7 @@ def batch_command(args: argparse.Namespace) -> int:
     from diffsplit.batch_items import read_items
     from diffsplit.batch_manifest import Manifest
     from diffsplit.batch_run import BatchPlan, pending_items, run_batch
-    from diffsplit.commands import load_for_run, local_device_for, remote_runner_for
+    from diffsplit.commands import load_for_run, local_device_for, master_dtypes_for, remote_runner_for
     from diffsplit.engine.executor import Executor, run_node_locally
     from diffsplit.engine.remote_assign import assign_remotes, describe_assignment
     from diffsplit.progress import ProgressPrinter
@@ -129,9 +129,10 @@ def batch_command(args: argparse.Namespace) -> int:
     assigned = assign_remotes(workflow, registry, args.remote)
     if assigned:
         printer.message("remote nodes:\n" + describe_assignment(assigned, workflow))
-    executor = Executor(registry, store, inputs_dir=Path(args.inputs), output_dir=out,
-                        max_workers=args.workers or (2 if assigned else 1))
     memory = local_device_for(args, printer)
+    executor = Executor(registry, store, inputs_dir=Path(args.inputs), output_dir=out,
+                        max_workers=args.workers or (2 if assigned else 1),
+                        master_dtypes=master_dtypes_for(memory))
     bar = _Bar(len(items), skipped, args.quiet)
     runner = (remote_runner_for(assigned, workflow, registry, store, args, on_waiting=bar.waiting)
               if assigned else None)

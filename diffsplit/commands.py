@@ -32,11 +32,12 @@ def run(args: argparse.Namespace) -> int:
     assigned = assign_remotes(workflow, registry, args.remote)
     if assigned:
         printer.message("remote nodes:\n" + describe_assignment(assigned, workflow))
+    memory = local_device_for(args, printer)
     executor = Executor(
         registry, store, inputs_dir=Path(args.inputs), output_dir=Path(args.out),
         progress=printer.step, max_workers=max(1, args.workers or (2 if assigned else 1)),
+        master_dtypes=master_dtypes_for(memory),
     )
-    memory = local_device_for(args, printer)
     started = time.perf_counter()
     runner = remote_runner_for(assigned, workflow, registry, store, args) if assigned else None
     inner = runner or run_node_locally
@@ -107,6 +108,12 @@ def local_device_for(args: argparse.Namespace, printer: ProgressPrinter) -> Any:
     if memory is not None:
         printer.message(f"local nodes compute on {describe(memory)}")
     return memory
+
+
+def master_dtypes_for(memory: Any) -> Any:
+    """The local device's dtype policy where it computes in fp16/bf16 (loaders then keep a half file's
+    weights in half, not doubled), else None (models load in float32)."""
+    return None if memory is None or memory.policy.all_float32 else memory.policy
 
 
 def _device_stats(memory: Any) -> dict[str, Any]:

@@ -23,6 +23,8 @@ from diffsplit.engine.graph import Workflow
 from diffsplit.engine.store import path_inside, unsafe_name_reason
 
 if TYPE_CHECKING:
+    import torch
+    from diffsplit.engine.dtypes import DtypePolicy, ModelKind
     from diffsplit.engine.store import ModelStore
 
 #: ``callback(node_id, step, total)``; called from the thread running the node.
@@ -115,8 +117,12 @@ class RunContext:
         saver: ImageSaver,
         workflow: Workflow,
         cancel: threading.Event | None = None,
+        master_dtypes: DtypePolicy | None = None,
     ) -> None:
         self.node_id = node_id
+        #: kind → the dtype loaders keep models in where files store them so (``nodes.base.master_dtype``)
+        self.master_dtype: Callable[[ModelKind], torch.dtype] | None = (
+            None if master_dtypes is None else master_dtypes.of)
         #: set when the run is interrupted: the node stops at its next progress report
         self.cancel = cancel if cancel is not None else threading.Event()
         self._store = store

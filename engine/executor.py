@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffsplit.engine.dtypes import DtypePolicy
 from diffsplit.engine.errors import EngineError, Interrupted, NodeFailed, WorkflowError
 from diffsplit.engine.execution_cache import ExecutionCache, node_signatures
 from diffsplit.engine.execution_context import ImageSaver, ProgressCallback, RunContext
@@ -113,9 +114,13 @@ class Executor:
         temp_dir: Path | None = None,
         progress: ProgressCallback | None = None,
         max_workers: int = 2,
+        master_dtypes: DtypePolicy | None = None,
     ) -> None:
+        """``master_dtypes``: loaders keep a model in its kind's dtype where its file stores it so
+        (a run computing in fp16 on a device: an fp16 file is not doubled to fp32 here)."""
         if max_workers < 1:
             raise ValueError("max_workers must be at least 1")
+        self.master_dtypes = master_dtypes
         self.registry = registry
         self.store = store
         self.inputs_dir = inputs_dir
@@ -322,6 +327,7 @@ class Executor:
             saver=self._saver,
             workflow=workflow,
             cancel=cancel,
+            master_dtypes=self.master_dtypes,
         )
         return NodeCall(node, self.registry[node.class_type], inputs, context, workflow), context
 

@@ -118,9 +118,9 @@ class LazyModel:
         files (and its inputs are files, not other models); else the built model's, if built; else None."""
         with self._lock:
             if self._loaded:
-                from diffsplit.tracer.fingerprint import fingerprint
+                from diffsplit.engine.rebuild import comparable_fingerprint
 
-                return fingerprint(self._value)
+                return comparable_fingerprint(self._value)
         loaders = self._call.node_class.output_loaders
         reader = loaders[self.index].fingerprint if loaders else None
         if reader is None or any(isinstance(v, LazyModel) for v in self._call.inputs.values()):

@@ -40,6 +40,7 @@ import torch
 from diffsplit.engine.errors import EngineError, Interrupted, NodeFailed
 from diffsplit.engine.executor import NodeCall, run_node_locally
 from diffsplit.engine.lazy_models import LazyModel, can_defer, defer_loader, materialised
+from diffsplit.engine.rebuild import comparable_fingerprint
 from diffsplit.engine.remote_assign import worker_addresses
 from diffsplit.engine.run_files import RUN_FILES_FIELD, run_files
 from diffsplit.engine.store import ModelStore
@@ -61,7 +62,6 @@ from diffsplit.engine.worker_choice import (
     recipe_digests,
 )
 from diffsplit.tracer.files import file_refs_for
-from diffsplit.tracer.fingerprint import fingerprint
 from diffsplit.tracer.recipe import RECIPE_TAG, canonical_json
 from diffsplit.transport.auth import ClientCurve, client_curve_from_environment
 from diffsplit.transport.codec import pack
@@ -277,7 +277,7 @@ class RemoteRunner:
                 continue
             if not recipe.get("fingerprint"):
                 # The worker checks its rebuild against the weights this process really loaded.
-                recipe = {**recipe, "fingerprint": fingerprint(value)}
+                recipe = {**recipe, "fingerprint": comparable_fingerprint(value)}
             with self._lock:
                 self._recipes[id(value)] = (value, recipe)
                 self._by_recipe[canonical_json(recipe)] = value

@@ -62,11 +62,9 @@ class _RecipeNodeContext:
                  master_dtypes: DtypePolicy | None = None) -> None:
         self.node_id = node_id
         self._files = files
-        self._master_dtypes = master_dtypes
-
-    def master_dtype(self, kind: ModelKind) -> torch.dtype:
-        """The dtype this machine keeps models of ``kind`` in where a file stores them so (else fp32)."""
-        return torch.float32 if self._master_dtypes is None else self._master_dtypes.of(kind)
+        #: kind → the dtype this machine keeps models in where files store them so (None: float32)
+        self.master_dtype: Callable[[ModelKind], torch.dtype] | None = (
+            None if master_dtypes is None else master_dtypes.of)
 
     def model_path(self, folder: str, name: str) -> Path:
         """The file the recipe named for ``name`` in ``folder``."""
@@ -294,22 +292,23 @@ class Builder:
 def check_fingerprint(recipe: Recipe, built: Any) -> None:
     """Raise FingerprintMismatch unless ``built`` is what the recipe's fingerprint says.
 
-    A model kept in half precision from a file stored so matches a fingerprint taken of the same
-    file loaded in float32 (the conversion is exact), so it is compared as float32 too.
+    A model that keeps weights in half precision (from a file stored so: ``kept_dtype``) is also
+    compared as float32 (:func:`comparable_fingerprint`, what a client keeping half weights sends):
+    the conversion is exact, and loaders never keep a half dtype a file does not store, so no
+    rounded weight passes.
     """
     expected = recipe.fingerprint
     if expected is None:
         return
     actual = fingerprint(built)
-    if actual == expected:
-        return
-    if _has_half_tensors(built) and fingerprint(built, as_dtype=torch.float32) == expected:
-        return
-    raise FingerprintMismatch(recipe.name(), expected, actual)
+    if actual != expected and comparable_fingerprint(built) != expected:
+        raise FingerprintMismatch(recipe.name(), expected, actual)
 
 
-def _has_half_tensors(value: Any) -> bool:
-    return any(t.dtype in (torch.float16, torch.bfloat16) for _path, t in named_tensors(value))
+def comparable_fingerprint(value: Any) -> str:
+    """The fingerprint a recipe carries for ``value``: as float32 where it holds half tensors."""
+    halves = any(t.dtype in (torch.float16, torch.bfloat16) for _path, t in named_tensors(value))
+    return fingerprint(value, as_dtype=torch.float32) if halves else fingerprint(value)
 
 
 def part_index(recipe: Recipe, registry: NodeRegistry | None) -> int | None:

@@ -20,7 +20,6 @@ from diffsplit.engine.models.checkpoint import (
     checkpoint_part_fingerprint,
     kept_dtype,
     kept_file_dtype,
-    load_checkpoint,
     load_checkpoint_part,
     load_vae,
 )
@@ -40,9 +39,13 @@ LORA_STRENGTH_LIMIT = 100.0
 
 
 def checkpoint_loader_simple(ctx: NodeContext, *, ckpt_name: str) -> tuple[DiffusionModel, TextEncoders, Vae]:
-    """ComfyUI CheckpointLoaderSimple: MODEL, CLIP and VAE from one single-file checkpoint."""
-    parts = load_checkpoint(ctx.model_path("checkpoints", ckpt_name))
-    return (parts.model, parts.clip, parts.vae)
+    """ComfyUI CheckpointLoaderSimple: MODEL, CLIP and VAE from one single-file checkpoint.
+
+    Each part is read on its own (as a deferred output is: ``output_loaders``), in float32 or the
+    half dtype the context keeps (``kept_dtype``).
+    """
+    model, clip, vae = (_checkpoint_part(part, ctx, ckpt_name=ckpt_name) for part in CHECKPOINT_PARTS)
+    return (model, clip, vae)
 
 
 def _checkpoint_part(part: CheckpointPart, ctx: NodeContext, *, ckpt_name: str) -> Any:

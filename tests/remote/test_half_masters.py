@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -134,3 +135,52 @@ def test_standalone_vae_and_controlnet_files_keep_their_half_dtype(tmp_path: Pat
         kept = build(recipe, store_resolver(store), registry=registry, master_dtypes=HALF)
         assert {t.dtype for t in kept.model.parameters()} == {torch.float16}, node
         assert build(recipe, store_resolver(store), registry=registry).model.dtype == torch.float32
+
+
+def _half_run(models: Path, out: Path, registry: NodeRegistry, remote: list[str], *,
+              keep_half: bool, lazy: bool = True) -> tuple[Any, Any]:
+    """The SD 1.5 workflow computing in fp16 here; loaders keep half files in half with ``keep_half``."""
+    from diffsplit.engine.device_memory import DeviceMemory
+    from diffsplit.engine.device_runner import DeviceNodeRunner
+    from diffsplit.engine.executor import Executor, run_node_locally
+    from diffsplit.engine.offload import RemoteRunner
+    from diffsplit.engine.remote_assign import assign_remotes
+
+    store = ModelStore(models)
+    workflow = load_workflow(sd15_workflow(), registry)
+    executor = Executor(registry, store, output_dir=out, max_workers=1,
+                        master_dtypes=HALF if keep_half else None)
+    memory = DeviceMemory(torch.device("cpu"), HALF)
+    assigned = assign_remotes(workflow, registry, remote)
+    if not assigned:
+        return executor.run(workflow, node_runner=DeviceNodeRunner(run_node_locally, memory)), None
+    with RemoteRunner(assigned, output_recipe_source(workflow, registry, store), local_store=store,
+                      lazy_loaders=lazy) as runner:
+        local_part = DeviceNodeRunner(runner, memory, elsewhere=lambda node_id: node_id in assigned)
+        return executor.run(workflow, node_runner=local_part), runner
+
+
+def test_a_local_fp16_run_keeps_half_files_in_half_and_gives_the_same_image(
+    half_models: Path, tmp_path: Path, registry: NodeRegistry
+) -> None:
+    doubled, _ = _half_run(half_models, tmp_path / "a", registry, [], keep_half=False)
+    kept, _ = _half_run(half_models, tmp_path / "b", registry, [], keep_half=True)
+    assert kept.outputs["1"][0].unet.dtype == torch.float16
+    assert doubled.outputs["1"][0].unet.dtype == torch.float32
+    assert torch.equal(kept.outputs[DECODER][0], doubled.outputs[DECODER][0])
+
+
+def test_an_eager_half_client_and_a_float32_worker_agree_on_the_weights(
+    half_models: Path, tmp_path: Path, registry: NodeRegistry, half_worker: str
+) -> None:
+    """The client's fp16 fingerprints pass on a float32 worker (compared in fp16) and an fp16 one."""
+    local, _ = _half_run(half_models, tmp_path / "local", registry, [], keep_half=True)
+    remote = [f"KSampler={half_worker}", f"VAEDecode={half_worker}"]
+    split, runner = _half_run(half_models, tmp_path / "split", registry, remote, keep_half=True, lazy=False)
+    assert set(runner.stats) == {SAMPLER, DECODER}
+    assert torch.equal(local.outputs[DECODER][0], split.outputs[DECODER][0])
+    with local_worker(half_models) as float32_worker:
+        other, runner = _half_run(half_models, tmp_path / "fp32", registry, [f"KSampler={float32_worker}"],
+                                  keep_half=True, lazy=False)
+    assert set(runner.stats) == {SAMPLER}
+    assert torch.isfinite(other.outputs[DECODER][0]).all()
