@@ -141,7 +141,9 @@ def _config(source: TensorFile, found: TextEncoderFile, kind: TextKind) -> dict[
     return hf_config(shapes, kind)
 
 
-def _load_encoder(source: TensorFile, found: TextEncoderFile, kind: TextKind) -> torch.nn.Module:
+def _load_encoder(
+    source: TensorFile, found: TextEncoderFile, kind: TextKind, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
     try:
         inferred = _config(source, found, kind)
     except ModelFileError as error:
@@ -152,7 +154,7 @@ def _load_encoder(source: TensorFile, found: TextEncoderFile, kind: TextKind) ->
     else:
         factory = partial(CLIPTextModelWithProjection, config)
         rules_for = open_clip_key_rules if found.layout == "open_clip" else same_rules
-    return _load_module(source, found.prefix, factory, rules_for, torch.float32)
+    return _load_module(source, found.prefix, factory, rules_for, dtype)
 
 
 def _pair_kinds(first: TextEncoderFile, second: TextEncoderFile) -> tuple[TextKind, TextKind]:
@@ -174,10 +176,13 @@ def _pair_kinds(first: TextEncoderFile, second: TextEncoderFile) -> tuple[TextKi
     return ("clip_l", "clip_g") if first.width < second.width else ("clip_g", "clip_l")
 
 
-def load_text_encoder_files(paths: Sequence[Path]) -> TextEncoders:
+def load_text_encoder_files(
+    paths: Sequence[Path], *, dtypes: Sequence[torch.dtype] | None = None
+) -> TextEncoders:
     """CLIP from one file (CLIP-L: SD 1.x; bigG alone: the SDXL refiner's) or two (SDXL: CLIP-L + bigG).
 
-    ComfyUI's ``stable_diffusion`` (one file) and ``sdxl`` (two) types.
+    ComfyUI's ``stable_diffusion`` (one file) and ``sdxl`` (two) types. ``dtypes``: one per file
+    (default float32).
     Raises ModelFileError naming the file for anything else.
     """
     from diffsplit.engine.models.tokenizers import clip_tokenizer
@@ -194,7 +199,8 @@ def load_text_encoder_files(paths: Sequence[Path]) -> TextEncoders:
     encoders = []
     for index in order:
         with open_tensor_file(paths[index]) as source:
-            encoders.append(_load_encoder(source, _describe(source), kinds[index]))
+            dtype = torch.float32 if dtypes is None else dtypes[index]
+            encoders.append(_load_encoder(source, _describe(source), kinds[index], dtype))
     ordered = tuple(kinds[index] for index in order)
     family: ModelFamily = {("clip_l",): "sd15", ("clip_g",): "sdxl_refiner"}.get(ordered, "sdxl")
     return TextEncoders(

@@ -127,10 +127,13 @@ def _rounded(module: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Mod
     return module
 
 
-def load_unet_file(path: Path, *, weight_dtype: str = "default") -> DiffusionModel:
+def load_unet_file(
+    path: Path, *, weight_dtype: str = "default", dtype: torch.dtype = torch.float32
+) -> DiffusionModel:
     """A MODEL from a UNet-only file (or a checkpoint's UNet part); ModelFileError when it is none.
 
-    ``weight_dtype`` is one of :data:`WEIGHT_DTYPES` (see the module doc).
+    ``weight_dtype`` is one of :data:`WEIGHT_DTYPES` (see the module doc); ``dtype`` is what the
+    ``default`` weight dtype loads in (the fp8 ones always compute in float32).
     """
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
@@ -153,7 +156,8 @@ def load_unet_file(path: Path, *, weight_dtype: str = "default") -> DiffusionMod
             )
         rules_for = same_rules if layout.diffusers else unet_key_rules
         unet = _load_module(
-            source, layout.prefix, partial(UNet2DConditionModel, **config), rules_for, torch.float32
+            source, layout.prefix, partial(UNet2DConditionModel, **config), rules_for,
+            dtype if weight_dtype == "default" else torch.float32,
         )
         sampling = _read_sampling(source)
     return DiffusionModel(unet=_rounded(unet, WEIGHT_DTYPES[weight_dtype]), family=family, sampling=sampling)

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
+import torch
 from diffsplit.engine.errors import ModelFileError
-from diffsplit.engine.models.checkpoint import load_checkpoint
+from diffsplit.engine.models.checkpoint import kept_file_dtype, load_checkpoint
 from diffsplit.engine.models.ldm_config import apply_ldm_config, read_ldm_config
 from diffsplit.engine.models.text_encoder_files import load_text_encoder_files
 from diffsplit.engine.models.unet_file import WEIGHT_DTYPES, load_unet_file
-from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec
+from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec, master_dtype
 from diffsplit.engine.types import DiffusionModel, TextEncoders, Vae
 
 UNET_FOLDER = "diffusion_models"
@@ -67,7 +69,7 @@ def unet_loader(ctx: NodeContext, *, unet_name: str, weight_dtype: str) -> tuple
         raise ValueError(f"weight_dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
     path = ctx.model_path(UNET_FOLDER, unet_name)
     with _reading(f"unet_name {unet_name!r}"):
-        return (load_unet_file(path, weight_dtype=weight_dtype),)
+        return (load_unet_file(path, weight_dtype=weight_dtype, dtype=_kept(ctx, "unet", path)),)
 
 
 def clip_loader(
@@ -77,7 +79,7 @@ def clip_loader(
     _supported(type, CLIP_TYPES[0], "CLIPLoader")
     path = ctx.model_path(TEXT_ENCODER_FOLDER, clip_name)
     with _reading(f"clip_name {clip_name!r}"):
-        return (load_text_encoder_files([path]),)
+        return (load_text_encoder_files([path], dtypes=[_kept(ctx, "text_encoder", path)]),)
 
 
 def dual_clip_loader(
@@ -92,7 +94,8 @@ def dual_clip_loader(
     _supported(type, DUAL_CLIP_TYPES[0], "DualCLIPLoader")
     paths = [ctx.model_path(TEXT_ENCODER_FOLDER, clip_name1), ctx.model_path(TEXT_ENCODER_FOLDER, clip_name2)]
     with _reading(f"clip_name1 {clip_name1!r}, clip_name2 {clip_name2!r}"):
-        return (load_text_encoder_files(paths),)  # two files: always CLIP-L + bigG, or an error
+        dtypes = [_kept(ctx, "text_encoder", path) for path in paths]
+        return (load_text_encoder_files(paths, dtypes=dtypes),)  # always CLIP-L + bigG, or an error
 
 
 def checkpoint_loader(
@@ -107,6 +110,13 @@ def checkpoint_loader(
         parts = load_checkpoint(checkpoint_path)
     parts = apply_ldm_config(parts, config)
     return (parts.model, parts.clip, parts.vae)
+
+
+def _kept(ctx: NodeContext, kind: str, path: Path) -> torch.dtype:
+    """The dtype a file's model loads in: the context's half dtype for ``kind`` where the file stores
+    every weight so (``kept_file_dtype``), else float32."""
+    wanted = master_dtype(ctx, kind)
+    return torch.float32 if wanted is None else kept_file_dtype(path, wanted)
 
 
 def _device() -> InputSpec:

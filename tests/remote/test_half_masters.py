@@ -21,6 +21,7 @@ from diffsplit.remote.builder import ModelBuilder
 from diffsplit.remote.cache import ModelCache, module_bytes
 from diffsplit.remote.errors import BadRequest
 from diffsplit.tracer.fingerprint import fingerprint
+from diffsplit.tracer.objects import named_tensors
 from diffsplit.transport.sockets import Client
 
 from diffsplit.demo import local_worker
@@ -105,36 +106,45 @@ def test_split_with_half_masters_equals_local_in_fp16(
     assert vae["bytes"] * 2 == module_bytes(local_vae), "the worker keeps the fp16 VAE in fp16"
 
 
-def test_standalone_vae_and_controlnet_files_keep_their_half_dtype(tmp_path: Path) -> None:
-    """VAELoader and ControlNetLoader on a worker computing in fp16: an fp16 file stays fp16."""
-    from diffsplit.engine.models.checkpoint import load_controlnet, load_vae, save_controlnet, save_vae
+def test_standalone_files_keep_their_half_dtype(tmp_path: Path) -> None:
+    """VAELoader, ControlNetLoader, UNETLoader and CLIPLoader on a worker computing in fp16: an fp16
+    file stays fp16, and is checked against the float32 load's fingerprint."""
+    from diffsplit.engine.models.checkpoint import save_controlnet, save_vae
+    from diffsplit.engine.models.text_encoder_files import save_text_encoder_file
     from diffsplit.engine.models.tiny import tiny_controlnet
+    from diffsplit.engine.models.unet_file import save_unet_file
     from diffsplit.engine.rebuild import build, store_resolver
     from diffsplit.engine.types import ControlNet
     from diffsplit.tracer.recipe import Recipe
 
     parts = tiny_checkpoint_parts("sd15", seed=2)
-    (tmp_path / "vae").mkdir()
-    (tmp_path / "controlnet").mkdir()
-    parts.vae.model.to(torch.float16)
-    save_vae(tmp_path / "vae" / "half.safetensors", parts.vae)
     controlnet = tiny_controlnet(parts.model.unet, seed=2)
-    save_controlnet(tmp_path / "controlnet" / "half.safetensors",
-                    ControlNet(model=controlnet.model.to(torch.float16)))
+    for module in (parts.model.unet, parts.vae.model, parts.clip.encoders[0], controlnet.model):
+        module.to(torch.float16)
+    for folder in ("vae", "controlnet", "diffusion_models", "text_encoders"):
+        (tmp_path / folder).mkdir()
+    save_vae(tmp_path / "vae" / "half.safetensors", parts.vae)
+    save_controlnet(tmp_path / "controlnet" / "half.safetensors", ControlNet(model=controlnet.model))
+    save_unet_file(tmp_path / "diffusion_models" / "half.safetensors", parts.model)
+    save_text_encoder_file(tmp_path / "text_encoders" / "half.safetensors", parts.clip.encoders[0], "clip_l")
     store = ModelStore(tmp_path, index_path=tmp_path / "index.json")
     registry = default_registry()
-    for node, name, loaded in (
-        ("VAELoader", "vae_name", load_vae(tmp_path / "vae" / "half.safetensors")),
-        ("ControlNetLoader", "control_net_name",
-         load_controlnet(tmp_path / "controlnet" / "half.safetensors")),
-    ):
-        workflow = load_workflow({"1": {"class_type": node, "inputs": {name: "half.safetensors"}}}, registry)
+    nodes = {
+        "VAELoader": {"vae_name": "half.safetensors"},
+        "ControlNetLoader": {"control_net_name": "half.safetensors"},
+        "UNETLoader": {"unet_name": "half.safetensors", "weight_dtype": "default"},
+        "CLIPLoader": {"clip_name": "half.safetensors", "type": "stable_diffusion"},
+    }
+    for node, inputs in nodes.items():
+        workflow = load_workflow({"1": {"class_type": node, "inputs": inputs}}, registry)
         data = output_recipe_source(workflow, registry, store)("1", 0)
         assert data is not None
-        recipe = Recipe.from_dict({**data, "fingerprint": fingerprint(loaded)})
+        float32 = build(Recipe.from_dict(data), store_resolver(store), registry=registry)
+        recipe = Recipe.from_dict({**data, "fingerprint": fingerprint(float32)})
         kept = build(recipe, store_resolver(store), registry=registry, master_dtypes=HALF)
-        assert {t.dtype for t in kept.model.parameters()} == {torch.float16}, node
-        assert build(recipe, store_resolver(store), registry=registry).model.dtype == torch.float32
+        dtypes = {t.dtype for _path, t in named_tensors(kept) if t.is_floating_point()}
+        assert dtypes == {torch.float16}, node
+        assert {t.dtype for _path, t in named_tensors(float32) if t.is_floating_point()} == {torch.float32}
 
 
 def _half_run(models: Path, out: Path, registry: NodeRegistry, remote: list[str], *,
