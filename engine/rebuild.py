@@ -22,6 +22,7 @@ worker looks them up by sha256 in its store).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,7 @@ class Builder:
         """
         self.check(recipe)
         part = part_index(recipe, self.registry)
+        component = pipeline_component(recipe)
         value: Any = None
         for number, step in enumerate(recipe.steps):
             spec = OPS[step.op]
@@ -151,6 +153,8 @@ class Builder:
             try:
                 if spec.kind == "loader" and part is not None:
                     value = self._run_node_part(step, part)
+                elif spec.kind == "loader" and component is not None:
+                    value = self._load_component(step, spec, component)
                 elif spec.kind == "loader":
                     value = self._load(step, spec)
                 else:
@@ -229,6 +233,22 @@ class Builder:
         if not any(derives_from(cls, name) for name in _WEIGHT_CLASSES):
             kwargs.pop("use_safetensors", None)  # tokenizers and schedulers read no weights
         return getattr(cls, spec.method)(*args, **kwargs)
+
+    def _load_component(self, step: Step, spec: OpSpec, name: str) -> dict[str, Any]:
+        """One component of a diffusers pipeline folder, loaded from its subfolder as the pipeline
+        loads it (``{name: component}``, so the recipe's select path finds it); the whole pipeline
+        where the folder's ``model_index.json`` does not name a loadable class for it."""
+        assert step.file is not None
+        folder = self._resolve(step.file, spec.file_rule.suffixes)
+        library, class_name = _component_class(folder, name)
+        if library is None:
+            return {name: get_path(self._load(step, spec), name)}
+        cls = allowed_class(library, class_name)
+        _, given = self._call_arguments(step, spec)
+        kwargs = {key: value for key, value in given.items() if key in _COMPONENT_KEYWORDS}
+        if not any(derives_from(cls, base) for base in _WEIGHT_CLASSES):
+            kwargs = {key: value for key, value in kwargs.items() if key == "local_files_only"}
+        return {name: cls.from_pretrained(str(folder), subfolder=name, **kwargs)}
 
     def _mutate(self, target: Any, step: Step, spec: OpSpec) -> None:
         args, kwargs = self._call_arguments(step, spec)
@@ -311,6 +331,47 @@ def comparable_fingerprint(value: Any) -> str:
     return fingerprint(value, as_dtype=torch.float32) if halves else fingerprint(value)
 
 
+#: What a pipeline load passes on to each component's own load.
+_COMPONENT_KEYWORDS = frozenset({"torch_dtype", "variant", "low_cpu_mem_usage", "local_files_only",
+                                 "use_safetensors"})
+_MODEL_INDEX = "model_index.json"
+_MODEL_INDEX_MAX_BYTES = 1 << 20
+
+
+def pipeline_component(recipe: Recipe) -> str | None:
+    """The component a one-step pipeline load (``diffusers.from_pretrained`` of a folder) selects,
+    which the worker then builds alone from its subfolder (the UNet without the text encoder and
+    VAE); None for other recipes, and where the recipe passes that component itself."""
+    if len(recipe.steps) != 1:
+        return None
+    step = recipe.steps[0]
+    head = recipe.select.partition(".")[0]
+    if step.op != "diffusers.from_pretrained" or step.file is None or step.file.kind != "dir":
+        return None
+    if not head.isidentifier() or head.startswith("_") or head in step.kwargs or "subfolder" in step.kwargs:
+        return None
+    try:
+        cls = allowed_class("diffusers", step.cls)
+    except RecipeError:
+        return None
+    return head if derives_from(cls, "DiffusionPipeline") else None
+
+
+def _component_class(folder: Path, name: str) -> tuple[str | None, str | None]:
+    """(library, class) ``model_index.json`` names for component ``name``; (None, None) if none."""
+    index_path = folder / _MODEL_INDEX
+    try:
+        if index_path.stat().st_size > _MODEL_INDEX_MAX_BYTES:
+            return None, None
+        entry = json.loads(index_path.read_text(encoding="utf-8")).get(name)
+    except (OSError, ValueError, AttributeError):
+        return None, None
+    if (isinstance(entry, list) and len(entry) == 2 and entry[0] in ("diffusers", "transformers")
+            and isinstance(entry[1], str) and (folder / name).is_dir()):
+        return entry[0], entry[1]
+    return None, None
+
+
 def part_index(recipe: Recipe, registry: NodeRegistry | None) -> int | None:
     """The output a one-step graph recipe selects, where its loader class builds that output alone.
 
@@ -334,7 +395,10 @@ def build_key(recipe: Recipe, registry: NodeRegistry | None) -> str:
     The worker's cache and ``status`` use it, and a client routing by held models computes the same.
     """
     part = part_index(recipe, registry)
-    return recipe.build_digest() if part is None else f"{recipe.build_digest()}:{part}"
+    if part is not None:
+        return f"{recipe.build_digest()}:{part}"
+    component = pipeline_component(recipe)
+    return recipe.build_digest() if component is None else f"{recipe.build_digest()}:{component}"
 
 
 def build(
