@@ -22,12 +22,13 @@ that ran on a worker adds its digests to that worker's picture.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from diffsplit.engine.wire_values import CONTROL, MODEL, walk_values
 from diffsplit.tracer.errors import RecipeError
@@ -35,6 +36,9 @@ from diffsplit.tracer.recipe import Recipe
 from diffsplit.transport.errors import TransportError
 from diffsplit.transport.shown import shown
 from diffsplit.transport.sockets import Client
+
+if TYPE_CHECKING:
+    from diffsplit.engine.nodes.registry import NodeRegistry
 
 #: How long one worker's ``status`` answer (or its silence) stands before it is asked again.
 STATUS_TTL_S = 3.0
@@ -163,10 +167,9 @@ def recipe_digests(wire_inputs: Any) -> frozenset[str]:
             while isinstance(hint, Mapping):
                 recipes.append(hint.get("controlnet"))
                 hint = hint.get("previous")
-    from diffsplit.engine.nodes.registry import default_registry
     from diffsplit.engine.rebuild import build_key
 
-    registry = default_registry()
+    registry = _registry()
     found: set[str] = set()
     for data in recipes:
         try:
@@ -174,6 +177,14 @@ def recipe_digests(wire_inputs: Any) -> frozenset[str]:
         except (RecipeError, TypeError, ValueError):
             continue
     return frozenset(found)
+
+
+@functools.cache
+def _registry() -> NodeRegistry:
+    """The built-in node classes, made once (build keys depend on which loaders build parts alone)."""
+    from diffsplit.engine.nodes.registry import default_registry
+
+    return default_registry()
 
 
 class WorkerStatusCache:

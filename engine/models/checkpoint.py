@@ -248,17 +248,26 @@ def _check_part(part: str) -> CheckpointPart:
     return part  # type: ignore[return-value]
 
 
-def load_checkpoint_part(path: Path, part: CheckpointPart, *, dtype: torch.dtype = torch.float32) -> Any:
+def load_checkpoint_part(
+    path: Path, part: CheckpointPart, *, dtype: torch.dtype = torch.float32, keep: torch.dtype | None = None
+) -> Any:
     """One part of a checkpoint (``model``, ``clip`` or ``vae``), reading only that part's weights.
 
-    Equal, tensor for tensor, to the same part of :func:`load_checkpoint`.
+    Equal, tensor for tensor, to the same part of :func:`load_checkpoint`. ``keep``: load in that
+    dtype instead where the file stores every weight of the part so (:func:`kept_dtype`).
     """
     part = _check_part(part)
     path = Path(path)
     with open_tensor_file(path) as source:
         plan = _plan(source)
+        if keep is not None and keep != torch.float32:
+            dtype = _kept(source, _part_prefixes(plan, part), keep, otherwise=dtype)
         modules = [_load_module(source, m.prefix, m.factory, m.rules_for, dtype) for m in plan.modules[part]]
     return _wrap(plan, part, modules)
+
+
+def _part_prefixes(plan: _CheckpointPlan, part: CheckpointPart) -> tuple[str, ...]:
+    return tuple(module.prefix for module in plan.modules[part])
 
 
 #: The dtype policy's model kind of each checkpoint part (``engine.dtypes``).
@@ -273,9 +282,7 @@ def kept_dtype(path: Path, part: CheckpointPart, wanted: torch.dtype) -> torch.d
     if wanted == torch.float32:
         return wanted
     with open_tensor_file(Path(path)) as source:
-        plan = _plan(source)
-        prefixes = tuple(module.prefix for module in plan.modules[_check_part(part)])
-        return _kept(source, prefixes, wanted)
+        return _kept(source, _part_prefixes(_plan(source), _check_part(part)), wanted)
 
 
 def kept_file_dtype(path: Path, wanted: torch.dtype) -> torch.dtype:
@@ -286,10 +293,11 @@ def kept_file_dtype(path: Path, wanted: torch.dtype) -> torch.dtype:
         return _kept(source, ("",), wanted)
 
 
-def _kept(source: TensorFile, prefixes: tuple[str, ...], wanted: torch.dtype) -> torch.dtype:
+def _kept(source: TensorFile, prefixes: tuple[str, ...], wanted: torch.dtype,
+          otherwise: torch.dtype = torch.float32) -> torch.dtype:
     stored = {dtype for key, dtype in source.dtypes.items()
               if key.startswith(prefixes) and dtype in _FLOATING}
-    return wanted if stored == {str(wanted).removeprefix("torch.")} else torch.float32
+    return wanted if stored == {str(wanted).removeprefix("torch.")} else otherwise
 
 
 def check_checkpoint(path: Path) -> ModelFamily:

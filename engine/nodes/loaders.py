@@ -18,7 +18,6 @@ from diffsplit.engine.models.checkpoint import (
     CheckpointPart,
     check_checkpoint,
     checkpoint_part_fingerprint,
-    kept_dtype,
     kept_file_dtype,
     load_checkpoint_part,
     load_vae,
@@ -50,10 +49,8 @@ def checkpoint_loader_simple(ctx: NodeContext, *, ckpt_name: str) -> tuple[Diffu
 
 def _checkpoint_part(part: CheckpointPart, ctx: NodeContext, *, ckpt_name: str) -> Any:
     """One part; in the dtype the context asks for where the file stores it so (``kept_dtype``)."""
-    path = ctx.model_path("checkpoints", ckpt_name)
-    wanted = master_dtype(ctx, PART_KINDS[part])
-    dtype = torch.float32 if wanted is None else kept_dtype(path, part, wanted)
-    return load_checkpoint_part(path, part, dtype=dtype)
+    return load_checkpoint_part(ctx.model_path("checkpoints", ckpt_name), part,
+                                keep=master_dtype(ctx, PART_KINDS[part]))
 
 
 def _checkpoint_part_fingerprint(part: CheckpointPart, ctx: NodeContext, *, ckpt_name: str) -> str:

@@ -22,11 +22,11 @@ from diffsplit.remote.cache import ModelCache, module_bytes
 from diffsplit.remote.errors import BadRequest
 from diffsplit.tracer.fingerprint import fingerprint
 from diffsplit.tracer.objects import named_tensors
-from diffsplit.transport.sockets import Client
 
 from diffsplit.demo import local_worker
 from tests.remote.test_part_builds import recipe_of_output
 from tests.remote.test_split_dtypes import DECODER, SAMPLER, _run
+from tests.remote.test_worker_choice import status_of
 
 HALF = DtypePolicy.choose(torch.device("cpu"), dtype="fp16")
 
@@ -99,8 +99,7 @@ def test_split_with_half_masters_equals_local_in_fp16(
         a = a["samples"] if isinstance(a, dict) else a
         b = b["samples"] if isinstance(b, dict) else b
         assert torch.equal(a, b), f"node {node_id} differs between the fp16 worker and fp16 here"
-    with Client(half_worker) as client:
-        status = client.request({"op": "status"}, timeout=30)["status"]
+    status = status_of(half_worker)
     vae = next(model for model in status["models"] if model["digest"].endswith(":2"))
     local_vae = load_checkpoint_part(half_models / "checkpoints" / "tiny-sd15.safetensors", "vae")
     assert vae["bytes"] * 2 == module_bytes(local_vae), "the worker keeps the fp16 VAE in fp16"
