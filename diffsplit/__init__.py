@@ -5,7 +5,8 @@ The public names load lazily, so ``import diffsplit`` stays cheap:
 - ``tracing()`` / ``trace(fn, *args)``: record a full local run (``diffsplit.tracer``);
 - ``workflow``, ``node``, ``loader``: decorators for plain Python code;
 - ``offload(pipe, "unet", to=...)``: run part of a diffusers pipeline on a worker;
-- ``profile(fn, *args)``: measure the steps of a decorated workflow.
+- ``profile(fn, *args)``: measure the steps of a decorated workflow;
+- ``samplers.genie(pipe)``: a GENIE scheduler for a diffusers pipeline (``diffsplit.samplers``).
 """
 
 from __future__ import annotations
@@ -26,10 +27,15 @@ _EXPORTS = {
     "profile": "diffsplit.profiles.api",
 }
 
-__all__ = [*sorted(_EXPORTS), "__version__"]
+#: Submodules reached as attributes (``diffsplit.samplers.genie``), imported on first use.
+_SUBMODULES = ("samplers",)
+
+__all__ = [*sorted(_EXPORTS), *_SUBMODULES, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return import_module(f"diffsplit.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'diffsplit' has no attribute {name!r}")

@@ -174,6 +174,11 @@ def _forward_slot(module: torch.nn.Module) -> str:
     return "forward"
 
 
+def is_offloaded(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s forward runs on a worker (through :class:`ModuleOffload`)."""
+    return bool(getattr(vars(module).get(_forward_slot(module)), _OFFLOADED_MARK, False))
+
+
 class ModuleOffload:
     """A module whose forward runs on a worker until :meth:`restore` (also a context manager).
 

@@ -69,13 +69,7 @@ class DiscreteSchedule:
 
     def continuous_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The fractional timestep of ``sigma``, interpolated in log-sigma: smooth and differentiable."""
-        log_sigma = torch.as_tensor(sigma, dtype=torch.float32).log()
-        table = self.log_sigmas
-        below = (log_sigma.reshape(1, -1) >= table.reshape(-1, 1)).sum(dim=0) - 1
-        low = below.clamp(0, len(table) - 2).reshape(log_sigma.shape)
-        high = low + 1
-        weight = ((log_sigma - table[low]) / (table[high] - table[low])).clamp(0, 1)
-        return low.to(torch.float32) + weight
+        return continuous_timestep(self.log_sigmas, sigma)
 
     def sigma(self, timestep: torch.Tensor | float) -> torch.Tensor:
         """The sigma of a (fractional) timestep: log-sigmas interpolated linearly, float32."""
@@ -93,6 +87,21 @@ class DiscreteSchedule:
         if percent >= 1.0:
             return 0.0
         return float(self.sigma(torch.tensor((1.0 - percent) * 999.0)))
+
+
+def continuous_timestep(log_sigmas: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The fractional timestep of ``sigma`` in an ascending table of training log-sigmas.
+
+    k-diffusion's unquantized ``sigma_to_t``: linear in log-sigma between neighbours, smooth and
+    differentiable in sigma.
+    """
+    log_sigma = torch.as_tensor(sigma, dtype=torch.float32).log()
+    table = log_sigmas.to(log_sigma.device)
+    below = (log_sigma.reshape(1, -1) >= table.reshape(-1, 1)).sum(dim=0) - 1
+    low = below.clamp(0, len(table) - 2).reshape(log_sigma.shape)
+    high = low + 1
+    weight = ((log_sigma - table[low]) / (table[high] - table[low])).clamp(0, 1)
+    return low.to(torch.float32) + weight
 
 
 def sigmas(model_sampling: ModelSampling, scheduler_name: str, steps: int) -> torch.Tensor:
