@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 from diffsplit.engine.errors import EngineError
-from diffsplit.engine.wire_values import WireValueError, from_wire, to_wire, walk_values
+from diffsplit.engine.value_walk import iter_values
+from diffsplit.engine.wire_values import WireValueError, from_wire, to_wire
 from diffsplit.tracer.errors import NotOffloadable
 from diffsplit.tracer.recorder import active_listener
 from diffsplit.transport.auth import ClientCurve, client_curve_from_environment
@@ -104,7 +105,7 @@ def _exchange(
     if reply.get("op") == "error":
         error = reply.get("error") or {}
         raise OffloadError(f"worker {client.endpoint}: {error.get('kind')}: {error.get('message')}")
-    generators = [v for v in walk_values([list(args), dict(kwargs)]) if isinstance(v, torch.Generator)]
+    generators = [v for v in iter_values([list(args), dict(kwargs)]) if isinstance(v, torch.Generator)]
     for generator, state in zip(generators, reply.get("generator_states") or [], strict=False):
         generator.set_state(state.clone())
     return from_wire(reply.get("output"), _no_model_results)

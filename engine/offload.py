@@ -44,6 +44,7 @@ from diffsplit.engine.rebuild import comparable_fingerprint
 from diffsplit.engine.remote_assign import worker_addresses
 from diffsplit.engine.run_files import RUN_FILES_FIELD, run_files
 from diffsplit.engine.store import ModelStore
+from diffsplit.engine.value_walk import iter_values
 from diffsplit.engine.wire_values import (
     HELD,
     MODEL,
@@ -52,7 +53,6 @@ from diffsplit.engine.wire_values import (
     from_wire,
     is_model_value,
     to_wire,
-    walk_values,
 )
 from diffsplit.engine.worker_choice import (
     STATUS_TIMEOUT_S,
@@ -541,7 +541,7 @@ class RemoteRunner:
     ) -> None:
         """Per-node stats: message sizes as the client encoded and received them (nothing re-encoded)."""
         sent, received, reply = exchange.sent, exchange.received, exchange.reply
-        recipes = [v[MODEL] for v in walk_values(header["inputs"]) if isinstance(v, dict) and MODEL in v]
+        recipes = [v[MODEL] for v in iter_values(header["inputs"]) if isinstance(v, dict) and MODEL in v]
         timings = reply.get("timings") or {}
         stats = RemoteNodeStats(
             node_id=call.node.id, class_type=call.node.class_type, address=address,

@@ -1,8 +1,10 @@
-"""One walker for nested node values: rebuild a value with some leaves replaced.
+"""One walker for nested values: visit every part of a value, or rebuild it with some parts replaced.
 
 Node values nest tensors and models in plain dicts, lists and tuples
 (LATENT, CONDITIONING) and in the engine's frozen dataclasses (MODEL, a
-ControlNet hint inside a conditioning entry). :func:`map_value` asks ``leaf``
+ControlNet hint inside a conditioning entry); wire values nest descriptors in
+the same containers. :func:`iter_values` visits every part (bounded, for what
+a peer sent); :func:`map_value` asks ``leaf``
 about every value first; where it answers :data:`DESCEND`, containers are
 walked. Containers are rebuilt only where something inside changed, and one
 object met twice maps to one result, so identities the caller relies on (one
@@ -12,7 +14,7 @@ hint shared by the positive and negative conditioning) survive.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
 
@@ -64,3 +66,48 @@ def _walk(value: Any, leaf: Leaf, memo: dict[int, Any], into_dataclasses: bool) 
         changed = {name: item for name, item in new.items() if item is not getattr(value, name)}
         return dataclasses.replace(value, **changed) if changed else value
     return value
+
+
+def iter_values(
+    value: Any,
+    *,
+    descend: Callable[[Any], bool] | None = None,
+    into_dataclasses: bool = False,
+    unique: bool = False,
+    max_depth: int | None = None,
+    max_values: int | None = None,
+) -> Iterator[Any]:
+    """``value`` and everything nested in its mappings, lists and tuples, depth first, parents first.
+
+    With ``into_dataclasses``, dataclass instances' fields too. ``descend(item)`` False keeps an
+    item's contents out of the walk (the item itself is still visited); ``unique`` visits an object
+    met twice once; ``max_depth`` and ``max_values`` bound the walk of a value a peer sent. No
+    recursion: a deeply nested value cannot exhaust the stack.
+    """
+    seen: set[int] = set()
+    visited = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        if max_values is not None and visited >= max_values:
+            return
+        item, depth = stack.pop()
+        if unique:
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
+        visited += 1
+        yield item
+        if (max_depth is not None and depth >= max_depth) or (descend is not None and not descend(item)):
+            continue
+        children = _children(item, into_dataclasses)
+        stack.extend((child, depth + 1) for child in reversed(children))
+
+
+def _children(item: Any, into_dataclasses: bool) -> list[Any]:
+    if isinstance(item, Mapping):
+        return list(item.values())
+    if isinstance(item, list | tuple):
+        return list(item)
+    if into_dataclasses and dataclasses.is_dataclass(item) and not isinstance(item, type):
+        return [getattr(item, field.name) for field in dataclasses.fields(item)]
+    return []

@@ -17,7 +17,7 @@ import dataclasses
 import math
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ from diffsplit.engine.types import (
     UpscaleModel,
     Vae,
 )
+from diffsplit.engine.value_walk import iter_values
 from diffsplit.transport.digest import content_digest
 from diffsplit.transport.errors import DiffsplitError
 
@@ -131,17 +132,6 @@ def to_wire(value: Any, recipe_of: RecipeOf, *, where: str) -> Any:
         f"{where}: a {type(value).__module__}.{type(value).__name__} cannot be sent to a worker "
         "(not a number, string, tensor, tensor container or traced model)"
     )
-
-
-def walk_values(value: Any) -> Iterator[Any]:
-    """``value`` and everything nested in its dicts, lists and tuples, depth first."""
-    yield value
-    if isinstance(value, Mapping):
-        for item in value.values():
-            yield from walk_values(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from walk_values(item)
 
 
 class HintTable:
@@ -312,49 +302,35 @@ def decoded_bytes(data: Any, held: Mapping[str, Any] | None = None) -> int:
     later is left uncounted.
     """
     total = 0
-    pending = [data]
-    while pending:
-        item = pending.pop()
+    for item in iter_values(data, descend=lambda part: _marker(part) not in (ZEROS, HELD, MODEL)):
         if isinstance(item, torch.Tensor):
             total += item.numel() * item.element_size()
         elif isinstance(item, np.ndarray):
             total += int(item.nbytes)
         elif isinstance(item, str | bytes | bytearray):
             total += len(item)
-        elif isinstance(item, Mapping):
-            marker = next(iter(item)) if len(item) == 1 else None
-            if marker == ZEROS:
-                total += zeros_spec(item[ZEROS]).nbytes
-            elif marker == HELD:
-                digest = item[HELD]
-                found = held.get(digest) if held is not None and isinstance(digest, str) else None
-                total += value_bytes(found)
-            elif marker != MODEL:
-                pending.extend(item.values())
-        elif isinstance(item, list | tuple):
-            pending.extend(item)
+        elif _marker(item) == ZEROS:
+            total += zeros_spec(item[ZEROS]).nbytes
+        elif _marker(item) == HELD:
+            digest = item[HELD]
+            found = held.get(digest) if held is not None and isinstance(digest, str) else None
+            total += value_bytes(found)
     return total
+
+
+def _marker(item: Any) -> str | None:
+    """The descriptor key of a one-key mapping (``$ds:zeros``, ``$ds:held``, ...), else None."""
+    if isinstance(item, Mapping) and len(item) == 1:
+        key = next(iter(item))
+        return key if isinstance(key, str) else None
+    return None
 
 
 def value_bytes(value: Any) -> int:
     """Bytes of the tensors in a decoded value (containers and dataclasses walked; models left out)."""
-    total = 0
-    seen: set[int] = set()
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        if id(item) in seen or item is None or isinstance(item, bool | int | float | str):
-            continue
-        seen.add(id(item))
-        if isinstance(item, torch.Tensor):
-            total += item.numel() * item.element_size()
-        elif isinstance(item, Mapping):
-            pending.extend(item.values())
-        elif isinstance(item, list | tuple):
-            pending.extend(item)
-        elif dataclasses.is_dataclass(item) and not isinstance(item, type) and not is_model_value(item):
-            pending.extend(getattr(item, f.name) for f in dataclasses.fields(item))
-    return total
+    parts = iter_values(value, into_dataclasses=True, unique=True,
+                        descend=lambda item: not is_model_value(item))
+    return sum(item.numel() * item.element_size() for item in parts if isinstance(item, torch.Tensor))
 
 
 def _is_library_output(value: Any) -> bool:

@@ -30,7 +30,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeGuard
 
-from diffsplit.engine.wire_values import CONTROL, MODEL, walk_values
+from diffsplit.engine.value_walk import iter_values
+from diffsplit.engine.wire_values import CONTROL, MODEL
 from diffsplit.tracer.errors import RecipeError
 from diffsplit.tracer.recipe import Recipe
 from diffsplit.transport.errors import TransportError
@@ -157,7 +158,7 @@ def recipe_digests(wire_inputs: Any) -> frozenset[str]:
     ``controlnet`` (each hint of a chain); a recipe that does not parse is left out.
     """
     recipes: list[Any] = []
-    for value in walk_values(wire_inputs):
+    for value in iter_values(wire_inputs):
         if not isinstance(value, Mapping) or len(value) != 1:
             continue
         if MODEL in value:

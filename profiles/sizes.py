@@ -18,6 +18,7 @@ import torch
 from diffsplit.engine.graph import Link, Node
 from diffsplit.engine.nodes.base import NodeClass
 from diffsplit.engine.types import MODEL_TYPES
+from diffsplit.engine.value_walk import iter_values
 from diffsplit.engine.wire_values import (
     MODEL,
     ZEROS,
@@ -25,7 +26,6 @@ from diffsplit.engine.wire_values import (
     WireValueError,
     is_model_value,
     to_wire,
-    walk_values,
 )
 from diffsplit.profiles.model import Category, InputMeasure
 from diffsplit.transport.digest import content_digest
@@ -98,7 +98,7 @@ def request_size(
             source=link.node_id if isinstance(link, Link) else None,
             payload_bytes=_payload_bytes(value, wire, category),
             wire_bytes=_wire_bytes(wire),
-            zeros=any(isinstance(item, dict) and ZEROS in item for item in walk_values(wire)),
+            zeros=any(isinstance(item, dict) and ZEROS in item for item in iter_values(wire)),
             digest=_digest(wire) if declared == "CONDITIONING" and wire is not None else None,
         ))
     header = {"op": "run_node", "node": {"id": node.id, "class_type": node.class_type},

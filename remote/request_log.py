@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffsplit.engine.value_walk import iter_values
 from diffsplit.transport.server import Request
 from diffsplit.transport.shown import SHOWN_CHARS, shown
 
@@ -48,21 +49,13 @@ MAX_WALK_VALUES = 100_000
 def payload_bytes(value: Any) -> int:
     """Bytes of the tensors and binary values in a message header (a bounded walk)."""
     total = 0
-    seen = 0
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack and seen < MAX_WALK_VALUES:
-        item, depth = stack.pop()
-        seen += 1
+    for item in iter_values(value, max_depth=MAX_WALK_DEPTH, max_values=MAX_WALK_VALUES):
         if isinstance(item, torch.Tensor):
             total += item.numel() * item.element_size()
         elif isinstance(item, bytes | bytearray):
             total += len(item)
         elif isinstance(item, memoryview):
             total += item.nbytes
-        elif depth < MAX_WALK_DEPTH and isinstance(item, Mapping):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif depth < MAX_WALK_DEPTH and isinstance(item, list | tuple):
-            stack.extend((v, depth + 1) for v in item)
     return total
 
 

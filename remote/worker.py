@@ -54,7 +54,8 @@ from diffsplit.engine.nodes.registry import NodeRegistry, default_registry
 from diffsplit.engine.placement import outputs_to_host, tensors_to
 from diffsplit.engine.run_files import RUN_FILES_FIELD, RunFilesError, parse_run_files
 from diffsplit.engine.sampling.lockstep import LockstepGroup
-from diffsplit.engine.wire_values import HintTable, WireValueError, from_wire, to_wire, walk_values
+from diffsplit.engine.value_walk import iter_values
+from diffsplit.engine.wire_values import HintTable, WireValueError, from_wire, to_wire
 from diffsplit.remote.batching import BatchMembership, BatchSettings, Member, batch_signature
 from diffsplit.remote.builder import ModelBuilder
 from diffsplit.remote.cache import CachedModel, ModelCache
@@ -812,7 +813,7 @@ class Worker:
         with torch.no_grad():
             output = self._call_on_device(function, args, kwargs)
         finished = time.monotonic()
-        generators = [value for value in walk_values([args, kwargs]) if isinstance(value, torch.Generator)]
+        generators = [value for value in iter_values([args, kwargs]) if isinstance(value, torch.Generator)]
         try:
             output_wire = to_wire(output, self.builder.recipe_of, where="result")
         except WireValueError as exc:

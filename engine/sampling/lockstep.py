@@ -57,6 +57,7 @@ from diffsplit.engine.sampling.denoiser import CFGDenoiser
 from diffsplit.engine.sampling.ksampler import ProgressFn, ksampler_sigmas, sample_with_sigmas, slice_sigmas
 from diffsplit.engine.sampling.samplers import DenoiseFn, get_sampler
 from diffsplit.engine.types import DiffusionModel
+from diffsplit.engine.value_walk import iter_values
 from diffsplit.transport.compute_threads import intra_op_threads
 
 #: Seconds the waiting members give a member that has not called before running a round without it.
@@ -191,21 +192,11 @@ def _shape_of(
     return _Shape(inner_id=id(inner), positional=len(args), specs=tuple(specs)), batch, leaves
 
 
-def _walk_tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, tuple | list):
-        return [t for item in value for t in _walk_tensors(item)]
-    if isinstance(value, Mapping):
-        return [t for item in value.values() for t in _walk_tensors(item)]
-    return []
-
-
 def _needs_own_thread(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
     """Whether the call depends on this thread's autograd/functorch/autocast state (so it cannot move)."""
     if torch.is_grad_enabled() or is_continuous():
         return True
-    tensors = _walk_tensors((args, kwargs))
+    tensors = [item for item in iter_values((args, kwargs)) if isinstance(item, torch.Tensor)]
     if any(t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
         return True
     device_types = {t.device.type for t in tensors} or {"cpu"}
