@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import threading
 import weakref
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +37,7 @@ import torch
 from diffsplit.engine.devices import measured_peak_bytes
 from diffsplit.engine.dtypes import DtypePolicy, ModelKind, dtype_name
 from diffsplit.engine.errors import EngineError
+from diffsplit.engine.lru import LruTable
 
 MIB = 1 << 20
 
@@ -159,7 +160,7 @@ class DeviceMemory:
         self.device = device
         self.policy = policy or DtypePolicy()
         self.budget_bytes = budget_bytes
-        self._copies: OrderedDict[int, _Copy] = OrderedDict()
+        self._copies: LruTable[int, _Copy] = LruTable()
         self._lock = threading.Condition()
         self._jobs: dict[int, _JobPins] = {}
         self._local = threading.local()
@@ -209,7 +210,7 @@ class DeviceMemory:
             with self._lock:
                 del self._jobs[id(pins)]
                 for key in pins.keys:
-                    entry = self._copies.get(key)
+                    entry = self._copies.peek(key)
                     if entry is not None:
                         entry.pins -= 1
                 self._lock.notify_all()
@@ -227,12 +228,12 @@ class DeviceMemory:
         pins = getattr(self._local, "job", None)
         with self._lock:
             self._purge_dead_locked()
-            entry = self._copies.get(key)
+            entry = self._copies.peek(key)
             if entry is not None and (entry.master() is not module or entry.dtype != wanted):
                 self._drop_locked(key)  # a dead master's id reused, or another dtype asked: not this copy
                 entry = None
             if entry is not None:
-                self._copies.move_to_end(key)
+                self._copies.get(key)  # now the most recently used
                 self._reused += 1
                 self._pin_locked(key, entry, pins)
                 self._note_peak_locked()  # a job sharing a copy adds its activations beside the others'
@@ -241,7 +242,7 @@ class DeviceMemory:
             self._make_room_locked(size, f"{type(module).__name__} in {dtype_name(wanted)}")
             placed = placed_copy(module, self.device, wanted)
             entry = _Copy(weakref.ref(module, self._forget_later(key)), placed, size, wanted)
-            self._copies[key] = entry
+            self._copies.put(key, entry, size)
             self._placed += 1
             self._pin_locked(key, entry, pins)
             self._note_peak_locked()
@@ -250,13 +251,9 @@ class DeviceMemory:
     def free_unpinned(self) -> int:
         """Drop every copy no running job pins; the bytes freed."""
         with self._lock:
-            freed = 0
-            for key, entry in list(self._copies.items()):
-                if entry.pins <= 0:
-                    freed += entry.size
-                    self._drop_locked(key)
+            freed = self._copies.evict_until(0, can_evict=_unpinned)
             self._lock.notify_all()
-            return freed
+            return sum(copy.size for copy in freed)
 
     def note_oom_retry(self) -> None:
         """Count a node run retried after an out-of-memory error."""
@@ -281,7 +278,7 @@ class DeviceMemory:
 
     # -- bookkeeping (the lock is held) -----------------------------------------------------------
     def _resident_locked(self) -> int:
-        return sum(entry.size for entry in self._copies.values())
+        return self._copies.total_bytes
 
     def _activations_locked(self) -> int:
         return sum(job.activation_bytes for job in self._jobs.values())
@@ -301,7 +298,7 @@ class DeviceMemory:
         """Bytes of the copies ``modules`` would add (those placed already, or at home, add nothing)."""
         total = 0
         for module, dtype in {id(module): (module, dtype) for module, dtype in modules}.values():
-            entry = self._copies.get(id(module))
+            entry = self._copies.peek(id(module))
             if is_placed(module, self.device, dtype):
                 continue
             if entry is not None and entry.master() is module and entry.dtype == dtype:
@@ -338,17 +335,13 @@ class DeviceMemory:
         activations = self._activations_locked()
         if self._pinned_locked() + activations + size > self.budget_bytes:  # fails anyway: evict nothing
             raise DeviceOutOfMemory(what, size, self.budget_bytes, self._pinned_locked() + activations)
-        for key, entry in list(self._copies.items()):
-            if self._resident_locked() + activations + size <= self.budget_bytes:
-                return
-            if entry.pins <= 0:
-                self._drop_locked(key)
-                self._evicted += 1
+        self._evicted += len(self._copies.evict_until(self.budget_bytes - activations - size,
+                                                      can_evict=_unpinned))
         if self._resident_locked() + activations + size > self.budget_bytes:
             raise DeviceOutOfMemory(what, size, self.budget_bytes, self._pinned_locked() + activations)
 
     def _drop_locked(self, key: int) -> None:
-        self._copies.pop(key, None)
+        self._copies.pop(key)
 
     def _forget_later(self, key: int) -> Callable[[weakref.ReferenceType[torch.nn.Module]], None]:
         """A weakref callback: when the master goes, its copy goes at the next call (a GC takes no lock)."""
@@ -363,14 +356,18 @@ class DeviceMemory:
         still_pinned = []
         while self._dead:
             key = self._dead.popleft()
-            entry = self._copies.get(key)
+            entry = self._copies.peek(key)
             if entry is None or entry.master() is not None:
                 continue
             if entry.pins > 0:
                 still_pinned.append(key)  # a running job uses it: it goes at the first purge after the job
             else:
-                del self._copies[key]
+                self._copies.pop(key)
         self._dead.extend(still_pinned)
+
+
+def _unpinned(_key: int, entry: _Copy) -> bool:
+    return entry.pins <= 0
 
 
 def _float_dtype(module: torch.nn.Module) -> torch.dtype:

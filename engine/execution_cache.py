@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from diffsplit.engine.graph import Link, Node, Workflow
+from diffsplit.engine.lru import LruTable
 
 #: A node input's file identity (path, size, mtime) when the input names a file, else None.
 FileStamp = Callable[[Node, str, Any], str | None]
@@ -77,24 +77,18 @@ class ExecutionCache:
         if max_entries is not None and max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         self.max_entries = max_entries
-        self._entries: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
+        self._entries: LruTable[str, tuple[Any, ...]] = LruTable(max_entries=max_entries)
         self._lock = threading.Lock()
 
     def get(self, signature: str) -> tuple[Any, ...] | None:
         """The cached outputs for ``signature``, or None."""
         with self._lock:
-            outputs = self._entries.get(signature)
-            if outputs is not None:
-                self._entries.move_to_end(signature)
-            return outputs
+            return self._entries.get(signature)
 
     def put(self, signature: str, outputs: tuple[Any, ...]) -> None:
         """Remember ``outputs`` under ``signature`` (evicting the least recently used if full)."""
         with self._lock:
-            self._entries[signature] = tuple(outputs)
-            self._entries.move_to_end(signature)
-            while self.max_entries is not None and len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            self._entries.put(signature, tuple(outputs))
 
     def clear(self) -> None:
         """Forget every entry."""

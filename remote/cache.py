@@ -14,13 +14,14 @@ import gc
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffsplit.engine.lru import LruTable
 
 log = logging.getLogger(__name__)
 _GIB = 1 << 30
@@ -139,7 +140,7 @@ class ModelCache:
             raise ValueError("cache budget must be >= 0 bytes")
         self.budget_bytes = budget_bytes
         self._clock = clock
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: LruTable[str, _Entry] = LruTable(max_bytes=budget_bytes)
         self._lock = threading.Lock()
         self._building: dict[str, threading.Event] = {}
         self._hits = 0
@@ -181,7 +182,6 @@ class ModelCache:
                     self._in_use[digest] += 1
                 entry = self._entries.get(digest)
                 if entry is not None:
-                    self._entries.move_to_end(digest)
                     entry.last_used = self._clock()
                     self._hits += 1
                     return entry.value, True
@@ -222,7 +222,7 @@ class ModelCache:
         with self._lock:
             return CacheStats(
                 hits=self._hits, misses=self._misses, evictions=self._evictions,
-                entries=len(self._entries), bytes=sum(e.size for e in self._entries.values()),
+                entries=len(self._entries), bytes=self._entries.total_bytes,
                 budget_bytes=self.budget_bytes, build_seconds=self._build_seconds, unloaded=self._unloaded,
                 too_large=len(self._too_large),
             )
@@ -239,12 +239,12 @@ class ModelCache:
             now = self._clock()
             freed: list[CachedModel] = []
             kept: list[CachedModel] = []
-            for digest, entry in list(self._entries.items()):
+            for digest, entry in self._entries.items():
                 described = self._describe_locked(digest, entry, now)
                 if described.in_use:
                     kept.append(described)
                 else:
-                    del self._entries[digest]
+                    self._entries.pop(digest)
                     freed.append(described)
             self._unloaded += len(freed)
         return FreeResult(tuple(freed), tuple(kept))
@@ -254,9 +254,9 @@ class ModelCache:
         with self._lock:
             now = self._clock()
             dropped: list[CachedModel] = []
-            for digest, entry in list(self._entries.items()):
+            for digest, entry in self._entries.items():
                 if now - entry.last_used > idle_s and self._in_use[digest] <= 0:
-                    del self._entries[digest]
+                    self._entries.pop(digest)
                     dropped.append(self._describe_locked(digest, entry, now))
             self._unloaded += len(dropped)
         return dropped
@@ -267,7 +267,7 @@ class ModelCache:
 
     def _insert_locked(self, digest: str, value: Any, size: int, name: str) -> None:
         """Keep ``value`` (the lock is held), evicting least recently used entries over budget."""
-        if size > self.budget_bytes:
+        if not self._entries.fits(size):
             if digest not in self._too_large:
                 self._too_large.add(digest)
                 log.warning(
@@ -276,10 +276,5 @@ class ModelCache:
                     name, size / _GIB, self.budget_bytes / _GIB, -(-size * 10 // _GIB) / 10,
                 )
             return
-        self._entries[digest] = _Entry(value, size, name, self._clock())
-        self._entries.move_to_end(digest)
-        used = sum(e.size for e in self._entries.values())
-        while used > self.budget_bytes and len(self._entries) > 1:
-            _, evicted = self._entries.popitem(last=False)
-            used -= evicted.size
-            self._evictions += 1
+        evicted = self._entries.put(digest, _Entry(value, size, name, self._clock()), size)
+        self._evictions += len(evicted)

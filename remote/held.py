@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from typing import Any
 
+from diffsplit.engine.lru import LruTable
 from diffsplit.remote.cache import module_bytes
 
 #: What every held entry costs on top of its tensors (keys, containers, bookkeeping).
@@ -18,21 +18,15 @@ class HeldValues:
     def __init__(self, budget_bytes: int = 256 << 20, max_entries: int = 1024) -> None:
         self.budget_bytes = budget_bytes
         self.max_entries = max_entries
-        self._values: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._values: LruTable[str, Any] = LruTable(max_entries=max_entries, max_bytes=budget_bytes)
         self._lock = threading.Lock()
 
     def put(self, digest: str, value: Any) -> None:
         """Hold ``value`` under ``digest`` (evicting the least recently used beyond the budget)."""
         size = module_bytes(value) + ENTRY_OVERHEAD_BYTES
-        if size > self.budget_bytes:
-            return
         with self._lock:
-            self._values[digest] = (value, size)
-            self._values.move_to_end(digest)
-            used = sum(s for _, s in self._values.values())
-            while (used > self.budget_bytes or len(self._values) > self.max_entries) and self._values:
-                _, (_, evicted) = self._values.popitem(last=False)
-                used -= evicted
+            if self._values.fits(size):
+                self._values.put(digest, value, size)
 
     def snapshot(self, digests: list[str]) -> dict[str, Any]:
         """The held values among ``digests`` (missing ones are left out), marked as recently used."""
@@ -40,8 +34,7 @@ class HeldValues:
             found = {}
             for digest in digests:
                 if digest in self._values:
-                    self._values.move_to_end(digest)
-                    found[digest] = self._values[digest][0]
+                    found[digest] = self._values.get(digest)
             return found
 
     def __contains__(self, digest: object) -> bool:

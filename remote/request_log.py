@@ -17,12 +17,12 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffsplit.engine.lru import LruTable
 from diffsplit.engine.value_walk import iter_values
 from diffsplit.transport.server import Request
 from diffsplit.transport.shown import SHOWN_CHARS, shown
@@ -167,8 +167,8 @@ class RequestLog:
         self.connected_s = connected_s
         self._clock = clock
         self._lock = threading.Lock()
-        self._requests: OrderedDict[tuple[bytes, str], _Timing] = OrderedDict()
-        self._clients: OrderedDict[str, _Client] = OrderedDict()
+        self._requests: LruTable[tuple[bytes, str], _Timing] = LruTable(max_entries=MAX_TRACKED_REQUESTS)
+        self._clients: LruTable[str, _Client] = LruTable(max_entries=MAX_KNOWN_CLIENTS)
         self._total = 0
         self._errors = 0
 
@@ -178,20 +178,19 @@ class RequestLog:
         client = client_label(request)
         size = payload_bytes(request.header)
         with self._lock:
-            self._requests[(request.peer, request.request_id)] = _Timing(now, client, size)
-            while len(self._requests) > MAX_TRACKED_REQUESTS:
-                self._forget_locked(*self._requests.popitem(last=False))
-            known = self._clients.pop(client, None) or _Client(now)
+            for gone in self._requests.put((request.peer, request.request_id), _Timing(now, client, size)):
+                self._forget_locked(gone.key, gone.value)
+            known = self._clients.get(client)
+            if known is None:
+                known = _Client(now)
+                self._clients.put(client, known)  # the least recently seen goes beyond MAX_KNOWN_CLIENTS
             known.last_seen = now
             known.in_flight += 1
-            self._clients[client] = known  # most recently seen last
-            while len(self._clients) > MAX_KNOWN_CLIENTS:
-                self._clients.popitem(last=False)
 
     def started(self, request: Request) -> None:
         """A slot started working on ``request`` (its queue time ends here)."""
         with self._lock:
-            timing = self._requests.get((request.peer, request.request_id))
+            timing = self._requests.peek((request.peer, request.request_id))
             if timing is not None and timing.started is None:
                 timing.started = self._clock()
 
@@ -201,7 +200,7 @@ class RequestLog:
         """The final ``reply`` left (None: nothing left): write the record. None when already logged."""
         now = self._clock()
         with self._lock:
-            timing = self._requests.pop((request.peer, request.request_id), None)
+            timing = self._requests.pop((request.peer, request.request_id))
             if timing is None:
                 return None
             self._forget_locked((request.peer, request.request_id), timing)
@@ -232,7 +231,7 @@ class RequestLog:
 
     def _forget_locked(self, key: tuple[bytes, str], timing: _Timing) -> None:
         """The request is no longer in flight (the lock is held)."""
-        client = self._clients.get(timing.client)
+        client = self._clients.peek(timing.client)
         if client is not None:
             client.in_flight = max(0, client.in_flight - 1)
             client.last_seen = self._clock()

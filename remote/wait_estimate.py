@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
+
+from diffsplit.engine.lru import LruTable
 
 #: How many recent jobs of one kind the mean runs over.
 RUN_TIME_WINDOW = 8
@@ -47,23 +49,22 @@ class RunTimes:
         if window < 1 or max_kinds < 1:
             raise ValueError(f"window and max_kinds must be at least 1, not {window} and {max_kinds}")
         self._window = window
-        self._max_kinds = max_kinds
-        self._times: OrderedDict[str, deque[float]] = OrderedDict()
+        self._times: LruTable[str, deque[float]] = LruTable(max_entries=max_kinds)
         self._lock = threading.Lock()
 
     def record(self, kind: str, seconds: float) -> None:
         """A job of ``kind`` held its slot for ``seconds``."""
         with self._lock:
-            times = self._times.pop(kind, None) or deque(maxlen=self._window)
+            times = self._times.get(kind)
+            if times is None:
+                times = deque(maxlen=self._window)
+                self._times.put(kind, times)  # the least recently run kind goes beyond max_kinds
             times.append(max(0.0, seconds))
-            self._times[kind] = times  # most recently run last
-            while len(self._times) > self._max_kinds:
-                self._times.popitem(last=False)
 
     def mean(self, kind: str) -> float | None:
         """The mean slot time of the recent jobs of ``kind``; None when none ran here yet."""
         with self._lock:
-            times = self._times.get(kind)
+            times = self._times.peek(kind)
             return sum(times) / len(times) if times else None
 
 
