@@ -44,15 +44,15 @@ def add_control_parsers(worker: argparse.ArgumentParser) -> None:
 
 def ask(address: str, op: str, args: argparse.Namespace) -> dict[str, Any]:
     """Send ``op`` to the worker at ``address`` and return its result (WorkerRefused on an error reply)."""
-    from diffsplit.transport.sockets import Client
+    from diffsplit.transport.pool import shared_pool
+    from diffsplit.transport.worker_errors import error_from_reply, is_error_reply
 
     options = client_options(args)
-    with Client(address, settings=options.settings, curve=options.curve) as client:
+    with shared_pool().lease(address, settings=options.settings, curve=options.curve) as client:
         reply = client.request({"op": op}, timeout=args.timeout)
-    if reply.get("op") == "error":
-        error = reply.get("error") if isinstance(reply.get("error"), Mapping) else {}
-        raise WorkerRefused(f"the worker at {address} refused {op}: "
-                            f"{error.get('kind', 'error')}: {error.get('message', '(no message)')}")
+    if is_error_reply(reply):
+        error = error_from_reply(reply)
+        raise WorkerRefused(f"the worker at {address} refused {op}: {error.kind}: {error.message}")
     return reply
 
 

@@ -29,8 +29,10 @@ from diffsplit.transport.auth import ClientCurve, client_curve_from_environment
 from diffsplit.transport.compute_threads import HEADER_KEY as THREADS_KEY
 from diffsplit.transport.compute_threads import client_threads
 from diffsplit.transport.errors import TransportError
+from diffsplit.transport.pool import Lease, shared_pool
 from diffsplit.transport.protocol import Settings
 from diffsplit.transport.sockets import Client
+from diffsplit.transport.worker_errors import error_from_reply, is_error_reply, with_context
 
 
 class OffloadError(EngineError):
@@ -89,7 +91,11 @@ def run_function_remotely(
         raise OffloadError(f"cannot run {function.__qualname__} remotely: {exc}{hint}") from exc
     header = {"op": "run_function", "function": torch.frombuffer(bytearray(code), dtype=torch.uint8),
               "args": wire_args, "kwargs": wire_kwargs, THREADS_KEY: client_threads()}
-    with Client(address, settings=settings or Settings(), curve=curve) as client:
+    try:
+        lease = shared_pool().lease(address, settings=settings or Settings(), curve=curve)
+    except TransportError as exc:
+        raise OffloadError(f"worker {address}: {exc}") from exc
+    with lease as client:  # one connection per worker for every call: no handshake per call
         return _exchange(client, header, args, kwargs, timeout_s)
 
 
@@ -102,9 +108,9 @@ def _exchange(
         reply = client.request(header, timeout=timeout_s)
     except TransportError as exc:
         raise OffloadError(f"worker {client.endpoint}: {exc}") from exc
-    if reply.get("op") == "error":
-        error = reply.get("error") or {}
-        raise OffloadError(f"worker {client.endpoint}: {error.get('kind')}: {error.get('message')}")
+    if is_error_reply(reply):
+        error = error_from_reply(reply)  # raised as both OffloadError and the worker's typed error
+        raise with_context(error, OffloadError, f"worker {client.endpoint}: {error.kind}: {error.message}")
     generators = [v for v in iter_values([list(args), dict(kwargs)]) if isinstance(v, torch.Generator)]
     for generator, state in zip(generators, reply.get("generator_states") or [], strict=False):
         generator.set_state(state.clone())
@@ -120,7 +126,7 @@ class CallSender:
     settings: Settings = field(default_factory=Settings)
     timeout_s: float | None = None
     curve: ClientCurve | None = None
-    _client: Client | None = field(default=None, init=False, repr=False)
+    _lease: Lease | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def call(self, method: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
@@ -135,18 +141,21 @@ class CallSender:
         return _exchange(self._connection(), header, args, kwargs, self.timeout_s)
 
     def close(self) -> None:
-        """Close the connection (a later call opens a new one)."""
+        """Give the connection back to the process's pool (a later call leases it again)."""
         with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
+            lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.release()
 
     def _connection(self) -> Client:
         with self._lock:
-            if self._client is None:
+            if self._lease is None:
                 curve = self.curve if self.curve is not None else client_curve_from_environment()
-                self._client = Client(self.address, settings=self.settings, curve=curve)
-            return self._client
+                try:
+                    self._lease = shared_pool().lease(self.address, settings=self.settings, curve=curve)
+                except TransportError as exc:
+                    raise OffloadError(f"worker {self.address}: {exc}") from exc
+            return self._lease.client
 
 
 def _no_recipe(value: Any) -> None:

@@ -76,16 +76,27 @@ from diffsplit.transport.errors import (
     TransportError,
     UnsupportedType,
 )
+from diffsplit.transport.pool import ClientPool, Lease, shared_pool
 from diffsplit.transport.protocol import Settings
 from diffsplit.transport.shown import shown
 from diffsplit.transport.sockets import Client, Exchange
+from diffsplit.transport.worker_errors import (
+    Cancelled,
+    MissingModel,
+    NotHeld,
+    Overloaded,
+    WorkerError,
+    error_from_reply,
+    is_error_reply,
+    with_context,
+)
 
 #: (node id, output index) of a local loader node → the recipe dict of that output, or None.
 RecipeForOutput = Callable[[str, int], Mapping[str, Any] | None]
 
 UPLOAD_CHUNK_BYTES = 32 << 20
 #: Structured errors that mean "not here, not now": the node may go to the next worker or run here.
-UNAVAILABLE_KINDS = frozenset({"Overloaded", "Cancelled"})
+UNAVAILABLE_ERRORS = (Overloaded, Cancelled)
 #: Transport errors about our own messages (or the worker's unreadable reply): no other worker helps.
 _NOT_ABOUT_THE_WORKER = (MessageTooLarge, MalformedMessage, UnsupportedType)
 #: How long later nodes skip a worker that fell silent or lost its connection.
@@ -97,16 +108,30 @@ log = logging.getLogger(__name__)
 
 
 class RemoteNodeError(EngineError):
-    """A worker answered a node with a structured error."""
+    """A worker answered a node with a structured error.
 
-    def __init__(self, node_id: str, class_type: str, address: str, error: Mapping[str, Any]) -> None:
-        self.error = dict(error)
-        self.kind = str(error.get("kind", "error"))
-        #: the worker's traceback of a NodeFailed ("" for other kinds); ``diffsplit run -v`` shows it
-        self.remote_traceback = str(error.get("traceback") or "")
-        super().__init__(
-            f"node {node_id} ({class_type}) on {address}: {self.kind}: {error.get('message', '')}"
-        )
+    Each instance is also an instance of the worker's typed error
+    (``transport.worker_errors``: MissingModel, NotHeld, Overloaded, NodeFailed…), with
+    its fields (a MissingModel's ``name`` and ``sha256``) and ``remote_traceback``;
+    build one with :meth:`of`.
+    """
+
+    kind: str
+    node_id: str
+    class_type: str
+    address: str
+    remote_traceback: str
+    #: the error's fields as data (``kind``, ``message`` and what the kind adds)
+    error: dict[str, object]
+
+    @classmethod
+    def of(cls, node_id: str, class_type: str, address: str, error: WorkerError) -> RemoteNodeError:
+        """The client's error for ``error``, told by the worker at ``address`` about node ``node_id``."""
+        located = with_context(error, cls, f"node {node_id} ({class_type}) on {address}: "
+                                           f"{error.kind}: {error.message}")
+        located.node_id, located.class_type, located.address = node_id, class_type, address
+        located.error = error.to_reply()
+        return located
 
 
 class _Unavailable(Exception):
@@ -157,6 +182,8 @@ class RemoteRunner:
     ``lazy_loaders``: loader nodes here return handles (``engine.lazy_models``), built only
     when a node here uses them, so a model only remote nodes use is never loaded here; the
     recipes and fingerprints of handles are worked out in a background thread meanwhile.
+    ``pool``: where connections to workers come from (default: the process's
+    ``transport.pool.shared_pool()``, shared with ``offload``, ``@node`` and profiles).
     """
 
     def __init__(
@@ -174,6 +201,7 @@ class RemoteRunner:
         priority: int = 0,
         on_waiting: Callable[[NodeCall, str], None] | None = None,
         lazy_loaders: bool = True,
+        pool: ClientPool | None = None,
     ) -> None:
         self.assigned = dict(assigned)
         self._workers = {node_id: worker_addresses(spec, f"node {node_id}")
@@ -191,7 +219,8 @@ class RemoteRunner:
         self.settings = settings or Settings()
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
-        self._clients: dict[str, Client] = {}
+        self._pool = pool if pool is not None else shared_pool()
+        self._leases: dict[str, Lease] = {}  # address → this runner's lease on the pool's connection
         self._recipes: dict[int, tuple[Any, Mapping[str, Any]]] = {}
         self._by_recipe: dict[str, Any] = {}  # canonical recipe JSON → the model loaded here
         self._held: dict[str, set[str]] = {}
@@ -253,14 +282,14 @@ class RemoteRunner:
         return None
 
     def close(self) -> None:
-        """Close the connections to workers (and stop the background recipe thread)."""
+        """Give the connections to workers back to the pool (and stop the background recipe thread)."""
         with self._lock:
-            clients, self._clients = list(self._clients.values()), {}
+            leases, self._leases = list(self._leases.values()), {}
             background, self._background = self._background, None
         if background is not None:
             background.shutdown(wait=True, cancel_futures=True)
-        for client in clients:
-            client.close()
+        for lease in leases:
+            lease.release()
 
     def __enter__(self) -> RemoteRunner:
         return self
@@ -336,10 +365,14 @@ class RemoteRunner:
 
     def _client(self, address: str) -> Client:
         with self._lock:
-            client = self._clients.get(address)
-            if client is None:
-                client = self._clients[address] = Client(address, settings=self.settings, curve=self.curve)
-            return client
+            lease = self._leases.get(address)
+            if lease is not None and lease.client.closed:  # discarded by another holder, or its I/O failed
+                lease.release()
+                lease = None
+            if lease is None:
+                lease = self._leases[address] = self._pool.lease(address, settings=self.settings,
+                                                                 curve=self.curve)
+            return lease.client
 
     def _run_assigned(self, call: NodeCall, addresses: Sequence[str]) -> Sequence[Any]:
         """Each worker in the chosen order until one runs the node; then, with ``fallback_local``, here."""
@@ -410,9 +443,11 @@ class RemoteRunner:
         """The worker fell silent or its connection broke: close its client, skip it for a while."""
         with self._lock:
             self._down[address] = time.monotonic() + DOWN_FOR_S
-            client = self._clients.pop(address, None)
-        if client is not None:
-            client.close()  # drops what is queued for it: a restarted worker never gets stale requests
+            lease = self._leases.pop(address, None)
+        if lease is not None:
+            # closed for every holder: a restarted worker never gets requests queued for the dead one
+            self._pool.discard(lease.client)
+            lease.release()
 
     def _unavailable(self, call: NodeCall, address: str, exc: TransportError, what: str) -> Exception:
         """The exception for a transport failure: _Unavailable when another worker (or here) may help."""
@@ -446,14 +481,14 @@ class RemoteRunner:
             except TransportError as exc:
                 raise self._unavailable(call, address, exc, f"worker {address}") from exc
             reply = exchange.reply
-            if reply.get("op") != "error":
+            if not is_error_reply(reply):
                 break
-            error = reply.get("error") or {}
-            if error.get("kind") == "NotHeld":
+            error = error_from_reply(reply)
+            if isinstance(error, NotHeld):
                 with self._lock:
                     self._held.pop(address, None)
                 continue
-            if error.get("kind") == "MissingModel" and self.upload_missing and uploads < 2:
+            if isinstance(error, MissingModel) and self.upload_missing and uploads < 2:
                 try:
                     with self._upload_lock:
                         self._upload(address, error, node.id, node.class_type)
@@ -463,9 +498,9 @@ class RemoteRunner:
                     raise self._unavailable(call, address, exc, f"upload to {address} failed") from exc
                 uploads += 1
                 continue
-            failure = RemoteNodeError(node.id, node.class_type, address, error)
-            if failure.kind in UNAVAILABLE_KINDS:
-                raise _Unavailable(address, f"{failure.kind}: {error.get('message', '')}", failure)
+            failure = RemoteNodeError.of(node.id, node.class_type, address, error)
+            if isinstance(error, UNAVAILABLE_ERRORS):
+                raise _Unavailable(address, f"{error.kind}: {error.message}", failure)
             raise failure
         else:
             raise NodeFailed(node.id, node.class_type, f"worker {address} kept refusing the request")
@@ -559,26 +594,29 @@ class RemoteRunner:
             self._held.setdefault(address, set()).update(str(d) for d in reply.get("held") or ())
             self._held[address].update(header["uses_held"])
 
-    def _upload(self, address: str, error: Mapping[str, Any], node_id: str, class_type: str) -> None:
-        sha256, name = str(error.get("sha256", "")), str(error.get("name", ""))
+    def _upload(self, address: str, error: MissingModel, node_id: str, class_type: str) -> None:
+        """Send the file ``error`` names from the local store to the worker, in chunks."""
+
+        def refused(why: str | None = None) -> RemoteNodeError:
+            told = error if why is None else MissingModel(error.name, error.sha256, error.size, message=why)
+            return RemoteNodeError.of(node_id, class_type, address, told)
+
         if self.local_store is None:
-            raise RemoteNodeError(node_id, class_type, address, error)
+            raise refused()
         try:
-            path = self.local_store.find(sha256=sha256, name=name.rpartition("/")[2] or None)
+            path = self.local_store.find(sha256=error.sha256, name=error.name.rpartition("/")[2] or None)
         except EngineError as exc:
-            raise RemoteNodeError(node_id, class_type, address, error) from exc
+            raise refused() from exc
         entry = self.local_store.entry(path)
         if path.is_dir():
-            why = f"{error.get('message')} (model folders cannot be uploaded)"
-            raise RemoteNodeError(node_id, class_type, address, {**error, "message": why})
+            raise refused(f"{error.message} (model folders cannot be uploaded)")
         client = self._client(address)
         with path.open("rb") as stream:
             offset = 0
             while True:
                 data = bytearray(stream.read(UPLOAD_CHUNK_BYTES))
                 if not data and offset < entry.bytes:
-                    raise RemoteNodeError(node_id, class_type, address,
-                                          {**error, "message": f"{path} shrank while uploading"})
+                    raise refused(f"{path} shrank while uploading")
                 final = offset + len(data) >= entry.bytes
                 chunk = torch.tensor(list(data), dtype=torch.uint8) if not data else torch.frombuffer(
                     data, dtype=torch.uint8
@@ -590,8 +628,8 @@ class RemoteRunner:
                     "sha256": entry.sha256, "total_bytes": entry.bytes, "offset": offset, "data": chunk,
                     "final": final,
                 }, timeout=self.timeout_s)
-                if reply.get("op") == "error":
-                    raise RemoteNodeError(node_id, class_type, address, reply.get("error") or {})
+                if is_error_reply(reply):
+                    raise RemoteNodeError.of(node_id, class_type, address, error_from_reply(reply))
                 offset += len(data)
                 if final:
                     return

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from diffsplit.transport.auth import ClientCurve
 from diffsplit.transport.errors import DiffsplitError
+from diffsplit.transport.pool import shared_pool
 from diffsplit.transport.protocol import Settings
 from diffsplit.transport.sockets import Client
 
@@ -160,7 +161,7 @@ def probe_link(
     """Measure the link to the worker at ``address`` with echo probes; the fit and its samples."""
     points = [(size, 0) for size in sizes] + [(0, size) for size in sizes if size]
     samples: list[ProbeSample] = []
-    with Client(address, settings=settings or Settings(), curve=curve) as client:
+    with shared_pool().lease(address, settings=settings or Settings(), curve=curve) as client:
         _echo(client, 0, 0, timeout_s)  # connect and warm up
         for up_bytes, down_bytes in points:
             best = min(_echo(client, up_bytes, down_bytes, timeout_s) for _ in range(repeats))

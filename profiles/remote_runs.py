@@ -33,8 +33,8 @@ from diffsplit.profiles.simulate import Segment, Timeline
 from diffsplit.profiles.throttle import LinkEmulator
 from diffsplit.transport.auth import ClientCurve
 from diffsplit.transport.errors import DiffsplitError
+from diffsplit.transport.pool import shared_pool
 from diffsplit.transport.protocol import DEFAULT_SETTINGS, Settings
-from diffsplit.transport.sockets import Client
 
 if TYPE_CHECKING:
     from diffsplit.engine.device_memory import DeviceMemory
@@ -83,7 +83,7 @@ def worker_slots(
     curve: ClientCurve | None = None,
 ) -> int:
     """How many nodes the worker runs at once (its ``hello``)."""
-    with Client(address, settings=settings, curve=curve) as client:
+    with shared_pool().lease(address, settings=settings, curve=curve) as client:
         reply = client.request({"op": "hello"}, timeout=timeout_s)
     worker = reply.get("worker") or {}
     slots = worker.get("slots", 1)

@@ -26,6 +26,7 @@ from diffsplit.engine.lru import LruTable
 from diffsplit.engine.value_walk import iter_values
 from diffsplit.transport.server import Request
 from diffsplit.transport.shown import SHOWN_CHARS, shown
+from diffsplit.transport.worker_errors import error_from_reply, is_error_reply
 
 #: The logger of request lines and other operational events (unloads); INFO level.
 OPS_LOGGER = "diffsplit.remote.ops"
@@ -84,11 +85,7 @@ def node_class(request: Request) -> str | None:
 
 def outcome_of(reply: Mapping[str, Any]) -> str:
     """``ok`` for a result, the error's kind for an error reply."""
-    if reply.get("op") != "error":
-        return OK
-    error = reply.get("error")
-    kind = error.get("kind") if isinstance(error, Mapping) else None
-    return str(kind) if isinstance(kind, str) else "error"
+    return error_from_reply(reply).kind if is_error_reply(reply) else OK
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ from diffsplit.remote.batching import BatchMembership, BatchSettings, Member, ba
 from diffsplit.remote.builder import ModelBuilder
 from diffsplit.remote.cache import CachedModel, ModelCache
 from diffsplit.remote.echo_budget import MAX_ECHO_BYTES, EchoBudget
-from diffsplit.remote.errors import BadRequest, NodeFailed, Overloaded, RemoteError
+from diffsplit.remote.errors import BadRequest, Cancelled, NodeFailed, NotHeld, Overloaded, RemoteError
 from diffsplit.remote.exposure import check_worker_exposure
 from diffsplit.remote.fair_queue import ClientShares, FairQueue, QueueClosed, request_priority
 from diffsplit.remote.held import HeldValues
@@ -86,7 +86,8 @@ from diffsplit.transport.digest import content_digest
 from diffsplit.transport.errors import DiffsplitError, MessageTooLarge, TransportError, UnsupportedType
 from diffsplit.transport.protocol import WORKER_SETTINGS, Settings
 from diffsplit.transport.server import Request, Server
-from diffsplit.transport.shown import MAX_MESSAGE_CHARS, MAX_TRACEBACK_CHARS, clip, shown
+from diffsplit.transport.shown import shown
+from diffsplit.transport.worker_errors import ERROR_OP, bounded_error, error_reply, is_error_reply
 
 from diffsplit import __version__
 
@@ -175,55 +176,6 @@ def worker_device_memory(config: WorkerConfig) -> DeviceMemory:
 
 class WorkerFailed(DiffsplitError):
     """The worker stopped on its own: its I/O thread or a slot thread died (exit non-zero, restart it)."""
-
-
-class Cancelled(RemoteError):
-    """The client cancelled the request, fell silent, or its deadline passed."""
-
-    kind = "Cancelled"
-
-
-class NotHeld(RemoteError):
-    """The request refers to values by digest that this worker no longer holds."""
-
-    kind = "NotHeld"
-
-    def __init__(self, digests: list[str]) -> None:
-        self.digests = digests
-        super().__init__(f"{len(digests)} value(s) sent by digest are not held here; send them again")
-
-    def to_reply(self) -> dict[str, object]:
-        return {"kind": self.kind, "message": str(self), "digests": self.digests}
-
-
-#: In an error reply: the most items of a list (e.g. NotHeld digests), the longest other text field.
-MAX_ERROR_ITEMS = 1024
-MAX_ERROR_FIELD_CHARS = 1024
-
-
-def bounded_error(error: Mapping[str, object]) -> dict[str, object]:
-    """An error reply cut to size whatever the peer sent: it always fits the limits.
-
-    ``message`` is cut to ``MAX_MESSAGE_CHARS``, ``traceback`` to ``MAX_TRACEBACK_CHARS``,
-    other texts to ``MAX_ERROR_FIELD_CHARS`` and lists to ``MAX_ERROR_ITEMS``.
-    """
-    out: dict[str, object] = {}
-    for key, value in error.items():
-        if key == "message":
-            out[key] = clip(str(value), MAX_MESSAGE_CHARS)
-        elif key == "traceback":
-            out[key] = clip(str(value), MAX_TRACEBACK_CHARS)
-        else:
-            out[key] = _bounded_field(value)
-    return out
-
-
-def _bounded_field(value: object) -> object:
-    if isinstance(value, str):
-        return clip(value, MAX_ERROR_FIELD_CHARS)
-    if isinstance(value, list | tuple):
-        return [_bounded_field(item) for item in value[:MAX_ERROR_ITEMS]]
-    return value
 
 
 def client_of(request: Request) -> Hashable:
@@ -849,10 +801,10 @@ class Worker:
         return found
 
     def _reply_error(self, request: Request, error: RemoteError) -> None:
-        self._send(request, {"op": "error", "error": bounded_error(self.redactor.reply(error.to_reply()))})
+        self._send(request, {"op": ERROR_OP, "error": bounded_error(self.redactor.reply(error.to_reply()))})
 
     def _send(self, request: Request, reply: Mapping[str, Any]) -> None:
-        if request.cancelled.is_set() and reply.get("op") != "error":
+        if request.cancelled.is_set() and not is_error_reply(reply):
             self.requests.finished(request, CANCELLED)
             return
         try:
@@ -862,7 +814,7 @@ class Worker:
             # nothing was sent: the client must hear why rather than wait forever
             failure = NodeFailed(f"the reply could not be sent: {exc}")
             try:
-                self.server.reply(request, {"op": "error", "error": bounded_error(failure.to_reply())})
+                self.server.reply(request, error_reply(failure))
                 self.requests.finished(request, failure.kind)
             except TransportError:
                 log.warning("could not reply to request %s: %s", request.request_id, exc)

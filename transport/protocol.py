@@ -105,7 +105,7 @@ def error_message(request_id: str | None, kind: str, message: str) -> list[bytes
     """
     if request_id is not None and len(request_id) > MAX_REQUEST_ID_CHARS:
         request_id = None
-    error = {"type": clip(kind, SHOWN_CHARS), "message": clip(message, MAX_MESSAGE_CHARS)}
+    error = {"kind": clip(kind, SHOWN_CHARS), "message": clip(message, MAX_MESSAGE_CHARS)}
     return encode({"op": OP_ERROR, "request_id": request_id, "error": error})
 
 

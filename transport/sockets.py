@@ -209,12 +209,22 @@ class Client:
         if known and self._io.alive:
             self._io.post(encode({"op": OP_CANCEL, "request_id": request_id}))
 
-    def close(self) -> None:
-        """Stop the I/O thread, close the socket (linger 0); waiting requests fail. Idempotent."""
+    def close(self) -> bool:
+        """Stop the I/O thread, close the socket (linger 0); waiting requests fail. Idempotent.
+
+        False when the I/O thread did not stop in time (its socket is left open: a context it
+        shares must not be terminated, that would block).
+        """
         stopped = self._io.stop()
         self._fail_all(lambda: TransportError(f"client of {self.endpoint} closed"))
         if self._own_context and stopped:
             self._context.term()
+        return stopped
+
+    @property
+    def closed(self) -> bool:
+        """Whether the client is closed, or its I/O thread failed (it sends nothing more)."""
+        return not self._io.alive
 
     def __enter__(self) -> Client:
         return self

@@ -105,7 +105,7 @@ def test_a_hostile_table_is_answered_and_the_worker_goes_on(
     peer.send(attack)
     reply, size = peer.reply()
     assert reply["op"] == "error" and reply["request_id"] is None  # could not be read: no request id
-    assert reply["error"]["type"] in {"MalformedMessage", "MessageTooLarge"}
+    assert reply["error"]["kind"] in {"MalformedMessage", "MessageTooLarge"}
     assert size < 4096
     assert answers_hello(worker.endpoint)
 
@@ -114,7 +114,7 @@ def test_a_request_id_too_long_to_echo_gets_an_error(worker: Worker, peer: Peer)
     # every reply echoes the id: one this long made every reply, error replies too, over the limit
     peer.send(encode({"op": "hello", "request_id": "r" * (MAX_HEADER - 100)}))
     reply, size = peer.reply()
-    assert reply["op"] == "error" and reply["error"]["type"] == "BadRequest" and size < 4096
+    assert reply["op"] == "error" and reply["error"]["kind"] == "BadRequest" and size < 4096
     assert answers_hello(worker.endpoint)
 
 

@@ -25,6 +25,7 @@ from diffsplit.engine.trace_workflow import output_recipe_source
 from diffsplit.engine.types import DiffusionModel
 from diffsplit.transport.protocol import Settings
 from diffsplit.transport.sockets import Client
+from diffsplit.transport.worker_errors import MissingModel
 
 from diffsplit.demo import READY_PREFIX, local_worker
 
@@ -67,9 +68,11 @@ def test_missing_model_is_a_structured_error_naming_the_file(
         split_run(models_dir, tmp_path / "out", sd15_workflow(lora=False), [f"KSampler={address}"])
     error = caught.value.__cause__
     assert isinstance(error, RemoteNodeError)
+    assert isinstance(error, MissingModel)  # the worker's typed error, decoded on the client
     assert error.kind == "MissingModel"
-    assert error.error["name"].endswith("tiny-sd15.safetensors")
-    assert len(error.error["sha256"]) == 64
+    assert error.name.endswith("tiny-sd15.safetensors") and error.error["name"] == error.name
+    assert len(error.sha256) == 64 and error.size == (models_dir / "checkpoints" / "tiny-sd15.safetensors"
+                                                       ).stat().st_size
 
 
 def test_missing_model_is_uploaded_once_when_the_worker_allows(

@@ -224,17 +224,17 @@ def test_the_server_answers_hostile_frames_and_goes_on(server: Server, peer: zmq
                                                                         "t": REF0}))
     refused = next_reply(peer)
     assert refused["op"] == "error" and refused["request_id"] is None
-    assert refused["error"]["type"] == "MessageTooLarge"
+    assert refused["error"]["kind"] == "MessageTooLarge"
     # an error quoting this dtype whole would not fit in a header: it used to end the I/O thread
     dtype = "x" * (MAX_HEADER - 40)
     peer.send_multipart(message([[0, dtype, [1], b""]], {"op": "hello", "request_id": "a"}))
     refused = next_reply(peer)
-    assert refused["error"]["type"] == "MalformedMessage" and len(refused["error"]["message"]) < 300
+    assert refused["error"]["kind"] == "MalformedMessage" and len(refused["error"]["message"]) < 300
     peer.send_multipart(message([], {"op": "hello", "request_id": "r" * (MAX_HEADER - 100)}))
     too_long = next_reply(peer)
-    assert too_long["error"]["type"] == "BadRequest" and "request_id" in too_long["error"]["message"]
+    assert too_long["error"]["kind"] == "BadRequest" and "request_id" in too_long["error"]["message"]
     peer.send_multipart([b"\x00", b"junk"])
-    assert next_reply(peer)["error"]["type"] == "MalformedMessage"
+    assert next_reply(peer)["error"]["kind"] == "MalformedMessage"
     assert still_serves(server)
 
 
@@ -252,7 +252,7 @@ def test_a_failure_while_handling_a_message_is_answered_not_fatal(
     monkeypatch.setattr(server_module, "decode", buggy_decode)
     peer.send_multipart(encode({"op": "boom", "request_id": "b"}))
     reply = next_reply(peer)
-    assert reply["op"] == "error" and reply["error"]["type"] == "RuntimeError"
+    assert reply["op"] == "error" and reply["error"]["kind"] == "RuntimeError"
     assert "a decoder bug" in reply["error"]["message"]
     # even when the error reply fails too, the message is dropped and the thread goes on
     monkeypatch.setattr(Server, "_send_error", fail)

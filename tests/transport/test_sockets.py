@@ -247,7 +247,7 @@ def test_server_rejects_what_it_cannot_read() -> None:
         assert reply["op"] == "error" and reply["request_id"] is None and "magic" in reply["error"]["message"]
         raw.send_multipart(encode({"op": 42}))
         assert raw.poll(WAIT * 1000)
-        assert decode(raw.recv_multipart())["error"]["type"] == "BadRequest"
+        assert decode(raw.recv_multipart())["error"]["kind"] == "BadRequest"
         raw.close(0)
         ctx.term()
         assert srv.recv(timeout=0.05) is None
