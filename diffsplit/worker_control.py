@@ -46,10 +46,11 @@ def ask(address: str, op: str, args: argparse.Namespace) -> dict[str, Any]:
     """Send ``op`` to the worker at ``address`` and return its result (WorkerRefused on an error reply)."""
     from diffsplit.transport.pool import shared_pool
     from diffsplit.transport.worker_errors import error_from_reply, is_error_reply
+    from diffsplit.transport.worker_ops import simple_request
 
     options = client_options(args)
     with shared_pool().lease(address, settings=options.settings, curve=options.curve) as client:
-        reply = client.request({"op": op}, timeout=args.timeout)
+        reply = client.request(simple_request(op), timeout=args.timeout)
     if is_error_reply(reply):
         error = error_from_reply(reply)
         raise WorkerRefused(f"the worker at {address} refused {op}: {error.kind}: {error.message}")

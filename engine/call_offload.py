@@ -26,13 +26,13 @@ from diffsplit.engine.wire_values import WireValueError, from_wire, to_wire
 from diffsplit.tracer.errors import NotOffloadable
 from diffsplit.tracer.recorder import active_listener
 from diffsplit.transport.auth import ClientCurve, client_curve_from_environment
-from diffsplit.transport.compute_threads import HEADER_KEY as THREADS_KEY
 from diffsplit.transport.compute_threads import client_threads
 from diffsplit.transport.errors import TransportError
 from diffsplit.transport.pool import Lease, shared_pool
 from diffsplit.transport.protocol import Settings
 from diffsplit.transport.sockets import Client
 from diffsplit.transport.worker_errors import error_from_reply, is_error_reply, with_context
+from diffsplit.transport.worker_ops import Call, CallResult, RunFunction
 
 
 class OffloadError(EngineError):
@@ -89,14 +89,14 @@ def run_function_remotely(
     except WireValueError as exc:
         hint = "" if session is not None else " (no trace is active: call it inside diffsplit.tracing())"
         raise OffloadError(f"cannot run {function.__qualname__} remotely: {exc}{hint}") from exc
-    header = {"op": "run_function", "function": torch.frombuffer(bytearray(code), dtype=torch.uint8),
-              "args": wire_args, "kwargs": wire_kwargs, THREADS_KEY: client_threads()}
+    request = RunFunction(args=wire_args, kwargs=wire_kwargs, threads=client_threads(),
+                          code=torch.frombuffer(bytearray(code), dtype=torch.uint8))
     try:
         lease = shared_pool().lease(address, settings=settings or Settings(), curve=curve)
     except TransportError as exc:
         raise OffloadError(f"worker {address}: {exc}") from exc
     with lease as client:  # one connection per worker for every call: no handshake per call
-        return _exchange(client, header, args, kwargs, timeout_s)
+        return _exchange(client, request.header(), args, kwargs, timeout_s)
 
 
 def _exchange(
@@ -111,10 +111,11 @@ def _exchange(
     if is_error_reply(reply):
         error = error_from_reply(reply)  # raised as both OffloadError and the worker's typed error
         raise with_context(error, OffloadError, f"worker {client.endpoint}: {error.kind}: {error.message}")
+    result = CallResult.parse(reply)
     generators = [v for v in iter_values([list(args), dict(kwargs)]) if isinstance(v, torch.Generator)]
-    for generator, state in zip(generators, reply.get("generator_states") or [], strict=False):
+    for generator, state in zip(generators, result.generator_states, strict=False):
         generator.set_state(state.clone())
-    return from_wire(reply.get("output"), _no_model_results)
+    return from_wire(result.output, _no_model_results)
 
 
 @dataclass
@@ -136,9 +137,9 @@ class CallSender:
             wire_kwargs = to_wire(dict(kwargs), _no_recipe, where="argument")
         except WireValueError as exc:
             raise OffloadError(f"cannot offload this call: {exc}") from exc
-        header = {"op": "call", "target": dict(self.target), "method": method,
-                  "args": wire_args, "kwargs": wire_kwargs, THREADS_KEY: client_threads()}
-        return _exchange(self._connection(), header, args, kwargs, self.timeout_s)
+        request = Call(args=wire_args, kwargs=wire_kwargs, threads=client_threads(), target=self.target,
+                       method=method)
+        return _exchange(self._connection(), request.header(), args, kwargs, self.timeout_s)
 
     def close(self) -> None:
         """Give the connection back to the process's pool (a later call leases it again)."""

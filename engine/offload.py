@@ -36,13 +36,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
 from diffsplit.engine.errors import EngineError, Interrupted, NodeFailed
 from diffsplit.engine.executor import NodeCall, run_node_locally
 from diffsplit.engine.lazy_models import LazyModel, can_defer, defer_loader, materialised
 from diffsplit.engine.rebuild import comparable_fingerprint
 from diffsplit.engine.remote_assign import worker_addresses
-from diffsplit.engine.run_files import RUN_FILES_FIELD, run_files
+from diffsplit.engine.run_files import run_files
 from diffsplit.engine.store import ModelStore
 from diffsplit.engine.value_walk import iter_values
 from diffsplit.engine.wire_values import (
@@ -65,7 +64,6 @@ from diffsplit.tracer.files import file_refs_for
 from diffsplit.tracer.recipe import RECIPE_TAG, canonical_json
 from diffsplit.transport.auth import ClientCurve, client_curve_from_environment
 from diffsplit.transport.codec import pack
-from diffsplit.transport.compute_threads import HEADER_KEY as THREADS_KEY
 from diffsplit.transport.compute_threads import client_threads
 from diffsplit.transport.digest import content_digest
 from diffsplit.transport.errors import (
@@ -90,6 +88,7 @@ from diffsplit.transport.worker_errors import (
     is_error_reply,
     with_context,
 )
+from diffsplit.transport.worker_ops import NodeResult, RunNode, UploadChunk
 
 #: (node id, output index) of a local loader node → the recipe dict of that output, or None.
 RecipeForOutput = Callable[[str, int], Mapping[str, Any] | None]
@@ -467,12 +466,10 @@ class RemoteRunner:
         uploads = 0
         files = run_files(call, self._file_refs)
         for attempt in range(4):
-            header, held_count = self._request_header(call, address, use_held=attempt == 0)
-            if files:
-                header[RUN_FILES_FIELD] = files
+            request = self._request(call, address, files, use_held=attempt == 0)
             try:
                 exchange = self._client(address).exchange(
-                    header, timeout=self.timeout_s,
+                    request.header(), timeout=self.timeout_s,
                     on_progress=lambda message: _forward_progress(call, message, self.on_waiting),
                     cancel=getattr(call.context, "cancel", None),
                 )
@@ -504,11 +501,15 @@ class RemoteRunner:
             raise failure
         else:
             raise NodeFailed(node.id, node.class_type, f"worker {address} kept refusing the request")
-        outputs = self._decode_outputs(reply, call)
-        self._record(call, address, header, exchange, started, held_count, uploads)
+        result = NodeResult.parse(reply, len(call.node_class.outputs))
+        if result is None:
+            raise NodeFailed(node.id, node.class_type, "the worker's reply has the wrong outputs")
+        outputs = self._decode_outputs(result, call)
+        self._record(call, address, request, result, exchange, started, uploads)
         return outputs
 
-    def _request_header(self, call: NodeCall, address: str, *, use_held: bool) -> tuple[dict[str, Any], int]:
+    def _request(self, call: NodeCall, address: str, files: Any, *, use_held: bool) -> RunNode:
+        """The ``run_node`` request: conditioning the worker holds goes by digest, the rest is kept there."""
         inputs: dict[str, Any] = {}
         hold: dict[str, str] = {}
         uses_held: list[str] = []
@@ -529,24 +530,11 @@ class RemoteRunner:
                 else:
                     hold[name] = digest
             inputs[name] = wire
-        header = {
-            "op": "run_node",
-            "node": {"id": call.node.id, "class_type": call.node.class_type},
-            "inputs": inputs,
-            "hold": hold,
-            "uses_held": uses_held,
-            THREADS_KEY: client_threads(),
-        }
-        if self.timeout_s is not None:
-            header["deadline_s"] = self.timeout_s
-        if self.priority:
-            header["priority"] = self.priority
-        return header, len(uses_held)
+        return RunNode(node_id=call.node.id, class_type=call.node.class_type, inputs=inputs, hold=hold,
+                       uses_held=tuple(uses_held), files=files or None, deadline_s=self.timeout_s,
+                       priority=self.priority, threads=client_threads())
 
-    def _decode_outputs(self, reply: Mapping[str, Any], call: NodeCall) -> tuple[Any, ...]:
-        outputs = reply.get("outputs")
-        if not isinstance(outputs, list) or len(outputs) != len(call.node_class.outputs):
-            raise NodeFailed(call.node.id, call.node.class_type, "the worker's reply has the wrong outputs")
+    def _decode_outputs(self, result: NodeResult, call: NodeCall) -> tuple[Any, ...]:
 
         def local_model(recipe: Mapping[str, Any]) -> Any:
             # A model in an output (ControlNetApply's hint, GLIGENTextBoxApply's boxes) is one this
@@ -558,7 +546,7 @@ class RemoteRunner:
             return value
 
         hints = HintTable()  # one hint shared by two outputs stays one object
-        return tuple(from_wire(value, local_model, hints=hints) for value in outputs)
+        return tuple(from_wire(value, local_model, hints=hints) for value in result.outputs)
 
     def _model_for(self, recipe: Mapping[str, Any]) -> Any:
         try:
@@ -571,28 +559,26 @@ class RemoteRunner:
         return materialised(value)
 
     def _record(
-        self, call: NodeCall, address: str, header: Mapping[str, Any], exchange: Exchange,
-        started: float, held_count: int, uploads: int,
+        self, call: NodeCall, address: str, request: RunNode, result: NodeResult, exchange: Exchange,
+        started: float, uploads: int,
     ) -> None:
         """Per-node stats: message sizes as the client encoded and received them (nothing re-encoded)."""
-        sent, received, reply = exchange.sent, exchange.received, exchange.reply
-        recipes = [v[MODEL] for v in iter_values(header["inputs"]) if isinstance(v, dict) and MODEL in v]
-        timings = reply.get("timings") or {}
+        sent, received, timings = exchange.sent, exchange.received, result.timings
+        recipes = [v[MODEL] for v in iter_values(request.inputs) if isinstance(v, dict) and MODEL in v]
         stats = RemoteNodeStats(
             node_id=call.node.id, class_type=call.node.class_type, address=address,
             request_bytes=sent.wire_bytes, reply_bytes=received.wire_bytes,
             request_tensor_bytes=sent.tensor_bytes, reply_tensor_bytes=received.tensor_bytes,
             recipe_bytes=sum(len(pack(recipe)) for recipe in recipes),  # as msgpack, the wire's form
-            queue_s=float(timings.get("queue_s", 0.0)), rebuild_s=float(timings.get("rebuild_s", 0.0)),
-            run_s=float(timings.get("run_s", 0.0)), total_s=time.monotonic() - started,
-            cache_hits=int(timings.get("cache_hits", 0)), cache_misses=int(timings.get("cache_misses", 0)),
-            held_inputs=held_count, uploads=uploads,
+            queue_s=timings.queue_s, rebuild_s=timings.rebuild_s, run_s=timings.run_s,
+            total_s=time.monotonic() - started, cache_hits=timings.cache_hits,
+            cache_misses=timings.cache_misses, held_inputs=len(request.uses_held), uploads=uploads,
         )
         with self._lock:
             self._stats[call.node.id] = stats
             # only what the worker says it kept: a value over its budget is sent in full next time
-            self._held.setdefault(address, set()).update(str(d) for d in reply.get("held") or ())
-            self._held[address].update(header["uses_held"])
+            self._held.setdefault(address, set()).update(result.held)
+            self._held[address].update(request.uses_held)
 
     def _upload(self, address: str, error: MissingModel, node_id: str, class_type: str) -> None:
         """Send the file ``error`` names from the local store to the worker, in chunks."""
@@ -618,16 +604,12 @@ class RemoteRunner:
                 if not data and offset < entry.bytes:
                     raise refused(f"{path} shrank while uploading")
                 final = offset + len(data) >= entry.bytes
-                chunk = torch.tensor(list(data), dtype=torch.uint8) if not data else torch.frombuffer(
-                    data, dtype=torch.uint8
-                )
-                # the chunk as a uint8 tensor travels as its own frame; the worker finds files by sha256, so
-                # the bare file name is enough (a worker keeps no sub-folders of uploads)
-                reply = client.request({
-                    "op": "upload", "folder": entry.folder, "name": entry.name.rpartition("/")[2],
-                    "sha256": entry.sha256, "total_bytes": entry.bytes, "offset": offset, "data": chunk,
-                    "final": final,
-                }, timeout=self.timeout_s)
+                # the worker finds files by sha256, so the bare file name is enough (a worker keeps
+                # no sub-folders of uploads)
+                chunk = UploadChunk(folder=entry.folder, name=entry.name.rpartition("/")[2],
+                                    sha256=entry.sha256, total_bytes=entry.bytes, offset=offset,
+                                    data=data, final=final)
+                reply = client.request(chunk.header(), timeout=self.timeout_s)
                 if is_error_reply(reply):
                     raise RemoteNodeError.of(node_id, class_type, address, error_from_reply(reply))
                 offset += len(data)

@@ -37,6 +37,7 @@ from diffsplit.tracer.recipe import Recipe
 from diffsplit.transport.errors import TransportError
 from diffsplit.transport.shown import shown
 from diffsplit.transport.sockets import Client
+from diffsplit.transport.worker_ops import STATUS, simple_request
 
 if TYPE_CHECKING:
     from diffsplit.engine.nodes.registry import NodeRegistry
@@ -256,7 +257,7 @@ class WorkerStatusCache:
                 continue
             try:
                 client = client_for(address)
-                asked.append((address, client, client.submit({"op": "status"})))
+                asked.append((address, client, client.submit(simple_request(STATUS))))
             except TransportError as exc:
                 log.warning("worker %s: cannot ask its status (%s): it is tried last", address, exc)
                 found[address] = UNANSWERED

@@ -24,6 +24,7 @@ from diffsplit.transport.errors import DiffsplitError
 from diffsplit.transport.pool import shared_pool
 from diffsplit.transport.protocol import Settings
 from diffsplit.transport.sockets import Client
+from diffsplit.transport.worker_ops import Echo
 
 #: Bandwidth used when a fit finds no measurable cost per byte (a loopback link).
 MAX_BYTES_PER_S = 1e11
@@ -185,7 +186,7 @@ def fit_link(samples: list[ProbeSample] | tuple[ProbeSample, ...]) -> LinkModel:
 def _echo(client: Client, up_bytes: int, down_bytes: int, timeout_s: float) -> float:
     payload = torch.zeros(up_bytes, dtype=torch.uint8) if up_bytes else b""
     started = time.perf_counter()
-    reply = client.request({"op": "echo", "reply_bytes": down_bytes, "data": payload}, timeout=timeout_s)
+    reply = client.request(Echo(reply_bytes=down_bytes, data=payload).header(), timeout=timeout_s)
     elapsed = time.perf_counter() - started
     if reply.get("op") != "result":
         raise DiffsplitError(f"the worker refused the link probe: {reply.get('error')}")

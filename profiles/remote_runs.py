@@ -35,6 +35,7 @@ from diffsplit.transport.auth import ClientCurve
 from diffsplit.transport.errors import DiffsplitError
 from diffsplit.transport.pool import shared_pool
 from diffsplit.transport.protocol import DEFAULT_SETTINGS, Settings
+from diffsplit.transport.worker_ops import HELLO, simple_request
 
 if TYPE_CHECKING:
     from diffsplit.engine.device_memory import DeviceMemory
@@ -84,7 +85,7 @@ def worker_slots(
 ) -> int:
     """How many nodes the worker runs at once (its ``hello``)."""
     with shared_pool().lease(address, settings=settings, curve=curve) as client:
-        reply = client.request({"op": "hello"}, timeout=timeout_s)
+        reply = client.request(simple_request(HELLO), timeout=timeout_s)
     worker = reply.get("worker") or {}
     slots = worker.get("slots", 1)
     return slots if isinstance(slots, int) and slots > 0 else 1

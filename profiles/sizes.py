@@ -31,6 +31,7 @@ from diffsplit.profiles.model import Category, InputMeasure
 from diffsplit.transport.digest import content_digest
 from diffsplit.transport.envelope import describe
 from diffsplit.transport.errors import DiffsplitError
+from diffsplit.transport.worker_ops import NodeResult, RunNode
 
 _EMPTY_REQUEST_BYTES = describe({"v": None}).wire_bytes
 
@@ -101,8 +102,7 @@ def request_size(
             zeros=any(isinstance(item, dict) and ZEROS in item for item in iter_values(wire)),
             digest=_digest(wire) if declared == "CONDITIONING" and wire is not None else None,
         ))
-    header = {"op": "run_node", "node": {"id": node.id, "class_type": node.class_type},
-              "inputs": wire_inputs, "hold": {}, "uses_held": []}
+    header = RunNode(node_id=node.id, class_type=node.class_type, inputs=wire_inputs).header()
     return RequestSize(tuple(measures), _wire_bytes(header, baseline=0), problem)
 
 
@@ -117,9 +117,7 @@ def reply_size(outputs: Sequence[Any]) -> tuple[int, str | None]:
             wire.append(to_wire(value, _no_recipe, where=f"output {index}"))
         except WireValueError as exc:
             return 0, str(exc)
-    reply = {"op": "result", "outputs": wire,
-             "timings": {"queue_s": 0.0, "rebuild_s": 0.0, "run_s": 0.0, "cache_hits": 0, "cache_misses": 0}}
-    return _wire_bytes(reply, baseline=0), None
+    return _wire_bytes(NodeResult(outputs=tuple(wire)).header(), baseline=0), None
 
 
 def _no_recipe(value: Any) -> None:

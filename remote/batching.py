@@ -20,13 +20,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from diffsplit.engine.sampling.lockstep import UNBATCHABLE_SAMPLERS, LockstepGroup, LockstepUNet
 from diffsplit.engine.types import DiffusionModel
+from diffsplit.transport.worker_ops import RunNode
 
 #: Node classes whose requests may sample together (they sample a MODEL input with sample_latent).
 BATCHABLE_CLASSES = frozenset({"KSampler", "KSamplerAdvanced"})
@@ -54,23 +54,20 @@ class BatchSettings:
         return self.max_size > 1
 
 
-def batch_signature(header: Mapping[str, Any]) -> str | None:
+def batch_signature(request: RunNode) -> str | None:
     """What requests must share to sample together, from the request alone (None: it runs alone).
 
     The node class and every input but :data:`PER_REQUEST_INPUTS`, with tensors described by
     shape and dtype (two latents of one shape batch; their values are per request).
     """
-    if header.get("op") != "run_node":
+    if request.class_type not in BATCHABLE_CLASSES:
         return None
-    node = header.get("node")
-    inputs = header.get("inputs")
-    if not isinstance(node, Mapping) or node.get("class_type") not in BATCHABLE_CLASSES:
+    sampler = request.inputs.get("sampler_name")
+    if isinstance(sampler, str) and sampler in UNBATCHABLE_SAMPLERS:
         return None
-    if not isinstance(inputs, Mapping) or inputs.get("sampler_name") in UNBATCHABLE_SAMPLERS:
-        return None
-    shared = {name: value for name, value in inputs.items() if name not in PER_REQUEST_INPUTS}
+    shared = {name: value for name, value in request.inputs.items() if name not in PER_REQUEST_INPUTS}
     try:
-        return json.dumps({"class": node["class_type"], "inputs": shared}, sort_keys=True,
+        return json.dumps({"class": request.class_type, "inputs": shared}, sort_keys=True,
                           default=_described, separators=(",", ":"))
     except (TypeError, ValueError):
         return None

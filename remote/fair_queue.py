@@ -16,29 +16,12 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
-
-from diffsplit.remote.errors import BadRequest
-from diffsplit.transport.shown import shown
+from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
 
-#: The request header's field for a request's priority, and the range it may take (default 0).
-PRIORITY_FIELD = "priority"
-MIN_PRIORITY = -10
-MAX_PRIORITY = 10
-
-
-def request_priority(header: Mapping[str, Any]) -> int:
-    """The ``priority`` a request asks for (0 when it names none); BadRequest outside the range."""
-    priority: object = header.get(PRIORITY_FIELD, 0)
-    if (isinstance(priority, int) and not isinstance(priority, bool)
-            and MIN_PRIORITY <= priority <= MAX_PRIORITY):
-        return priority
-    raise BadRequest(f"'{PRIORITY_FIELD}' must be an int in [{MIN_PRIORITY}, {MAX_PRIORITY}], "
-                     f"not {shown(priority)}")
 
 
 class QueueClosed(Exception):

@@ -30,10 +30,10 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from diffsplit.engine.store import FOLDER_EXTENSIONS, MODEL_FOLDERS, is_model_directory, unsafe_name_reason
 from diffsplit.remote.errors import BadRequest, Overloaded
 from diffsplit.tracer.files import file_sha256 as _sha256_of
+from diffsplit.transport.worker_ops import UploadChunk
 
 _SHA256_HEX = frozenset("0123456789abcdef")
 #: Weight files a loader reads without unpickling (safetensors); other folders' kinds in FOLDER_EXTENSIONS.
@@ -44,24 +44,6 @@ DISK_RESERVE_BYTES = 64 << 20
 MAX_CONFIG_BYTES = 1 << 20
 #: Where unfinished uploads are written, inside the store.
 PARTS_FOLDER = ".uploads"
-
-
-@dataclass(frozen=True)
-class UploadChunk:
-    """One piece of an upload, as the request header carries it."""
-
-    folder: str
-    name: str
-    sha256: str
-    total_bytes: int
-    offset: int
-    data: bytes
-    final: bool
-
-    @property
-    def target(self) -> str:
-        """``folder/name``, as messages name it."""
-        return f"{self.folder}/{self.name}"
 
 
 @dataclass(frozen=True)
@@ -84,23 +66,8 @@ class UploadLimits:
         return self.max_file_bytes if self.max_client_bytes is None else self.max_client_bytes
 
 
-def _whole_number(value: object) -> int:
-    """A header's byte count: an int, never a float, string or bool a peer might send instead."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"expected a whole number, got {type(value).__name__}")
-    return value
-
-
-def parse_chunk(header: dict[str, object], max_file_bytes: int) -> UploadChunk:
-    """Validate an ``upload`` request header; BadRequest names what is wrong."""
-    try:
-        chunk = UploadChunk(
-            folder=str(header["folder"]), name=str(header["name"]), sha256=str(header["sha256"]).lower(),
-            total_bytes=_whole_number(header["total_bytes"]), offset=_whole_number(header["offset"]),
-            data=_chunk_bytes(header["data"]), final=bool(header["final"]),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BadRequest(f"upload: malformed header ({exc})") from None
+def check_chunk(chunk: UploadChunk, max_file_bytes: int) -> UploadChunk:
+    """``chunk`` if this worker may take it (folder, name, kind of file, size); BadRequest names why not."""
     if chunk.folder not in MODEL_FOLDERS:
         raise BadRequest(f"upload: {chunk.folder!r} is not a model folder ({', '.join(MODEL_FOLDERS)})")
     reason = unsafe_name_reason(chunk.name)
@@ -124,17 +91,6 @@ def parse_chunk(header: dict[str, object], max_file_bytes: int) -> UploadChunk:
     if chunk.offset < 0 or chunk.offset + len(chunk.data) > chunk.total_bytes:
         raise BadRequest("upload: chunk lies outside the declared file size")
     return chunk
-
-
-def _chunk_bytes(data: object) -> bytes:
-    """A chunk arrives as a uint8 tensor (its own frame) or, when small, as bytes."""
-    if isinstance(data, torch.Tensor):
-        if data.dtype != torch.uint8 or data.dim() != 1:
-            raise ValueError("chunk data must be a 1-D uint8 tensor")
-        return data.numpy().tobytes()
-    if isinstance(data, bytes):
-        return data
-    raise TypeError(f"chunk data is a {type(data).__name__}")
 
 
 @dataclass
@@ -169,9 +125,9 @@ class UploadReceiver:
         for stale in (root / PARTS_FOLDER).glob("*.part"):  # a part cannot resume after a restart
             stale.unlink(missing_ok=True)
 
-    def receive(self, header: dict[str, object], client: Hashable) -> Path | None:
+    def receive(self, chunk: UploadChunk, client: Hashable) -> Path | None:
         """Apply one chunk from ``client``; returns the installed file's path after the final one."""
-        chunk = parse_chunk(header, self.limits.max_file_bytes)
+        check_chunk(chunk, self.limits.max_file_bytes)
         self._check_target(chunk)
         with self._lock:
             self._expire_locked(self._clock())

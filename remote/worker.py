@@ -52,7 +52,7 @@ from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.extra_paths import open_store
 from diffsplit.engine.nodes.registry import NodeRegistry, default_registry
 from diffsplit.engine.placement import outputs_to_host, tensors_to
-from diffsplit.engine.run_files import RUN_FILES_FIELD, RunFilesError, parse_run_files
+from diffsplit.engine.run_files import RunFilesError, parse_run_files
 from diffsplit.engine.sampling.lockstep import LockstepGroup
 from diffsplit.engine.value_walk import iter_values
 from diffsplit.engine.wire_values import HintTable, WireValueError, from_wire, to_wire
@@ -62,7 +62,7 @@ from diffsplit.remote.cache import CachedModel, ModelCache
 from diffsplit.remote.echo_budget import MAX_ECHO_BYTES, EchoBudget
 from diffsplit.remote.errors import BadRequest, Cancelled, NodeFailed, NotHeld, Overloaded, RemoteError
 from diffsplit.remote.exposure import check_worker_exposure
-from diffsplit.remote.fair_queue import ClientShares, FairQueue, QueueClosed, request_priority
+from diffsplit.remote.fair_queue import ClientShares, FairQueue, QueueClosed
 from diffsplit.remote.held import HeldValues
 from diffsplit.remote.idle_unload import IdleUnloader
 from diffsplit.remote.operations import free_reply, log_unloads, may_control
@@ -81,22 +81,33 @@ from diffsplit.remote.work_limits import (
 from diffsplit.tracer.objects import is_pipeline
 from diffsplit.tracer.recipe import FileRef
 from diffsplit.transport.auth import ServerCurve
-from diffsplit.transport.compute_threads import BadThreadCount, intra_op_threads, requested_threads
+from diffsplit.transport.compute_threads import intra_op_threads
 from diffsplit.transport.digest import content_digest
 from diffsplit.transport.errors import DiffsplitError, MessageTooLarge, TransportError, UnsupportedType
 from diffsplit.transport.protocol import WORKER_SETTINGS, Settings
 from diffsplit.transport.server import Request, Server
 from diffsplit.transport.shown import shown
 from diffsplit.transport.worker_errors import ERROR_OP, bounded_error, error_reply, is_error_reply
+from diffsplit.transport.worker_ops import (
+    Call,
+    CallResult,
+    Echo,
+    NodeResult,
+    RunFunction,
+    RunNode,
+    Timings,
+    UploadChunk,
+    parse_priority,
+    parse_threads,
+)
 
 from diffsplit import __version__
 
 log = logging.getLogger(__name__)
 
 #: Ops that run on the slot threads (and count against --slots + --max-queue).
-POOLED_OPS = frozenset({"run_node", "call", "run_function", "upload"})
-#: What op ``call`` may invoke on a rebuilt object: a module's forward, or a pipeline's __call__.
-CALLABLE_METHODS = frozenset({"forward", "__call__"})
+#: The ops that queue for a slot, and the type each is parsed into as it arrives.
+POOLED_OPS: dict[str, Any] = {op.op: op for op in (RunNode, Call, RunFunction, UploadChunk)}
 #: After the grace period, how long cancelled jobs get to reach their next step and stop.
 STOP_JOIN_S = 30.0
 #: How often a slot gathering a batch looks at the queue again (within ``--batch-wait-ms``).
@@ -191,6 +202,8 @@ class _Job:
     told: int | None = None  # the ``ahead`` its client was last told (None: not told)
     #: what it must share with others to sample in one batch (``remote.batching``); None: runs alone
     batch_signature: str | None = None
+    #: the request's typed op, parsed once as it arrived (``transport.worker_ops``)
+    op: Any = None
 
 
 class _WorkerContext:
@@ -358,18 +371,19 @@ class Worker:
     def _dispatch(self, request: Request) -> None:
         self.requests.received(request)
         if request.op in POOLED_OPS:
-            try:
-                priority = request_priority(request.header)
-            except BadRequest as exc:  # before it takes a place or a client share
+            try:  # parsed once, before it takes a place or a client share: a malformed one is told now
+                op = POOLED_OPS[request.op].parse(request.header)
+                priority = parse_priority(request.header)
+            except BadRequest as exc:
                 self._reply_error(request, exc)
                 return
             refusal = self._admit(request)
             if refusal is not None:
                 self._reply_error(request, Overloaded(refusal))
                 return
-            signature = batch_signature(request.header) if self.batching.enabled else None
+            signature = batch_signature(op) if self.batching.enabled and isinstance(op, RunNode) else None
             job = _Job(request, time.monotonic(), job_kind(request.op, request.header),
-                       batch_signature=signature)
+                       batch_signature=signature, op=op)
             self._queue.put(client_of(request), job, priority)
             # cancelled before it was queued: the server's on_cancel found nothing to drop
             if not (request.cancelled.is_set() and self._drop_cancelled(request)):
@@ -455,9 +469,7 @@ class Worker:
 
     def _echo(self, request: Request) -> None:
         """Link probe: ``reply_bytes`` zero bytes back (at most 3 MiB, inside the header); any data in."""
-        size = request.header.get("reply_bytes", 0)
-        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_ECHO_BYTES:
-            raise BadRequest(f"echo: reply_bytes must be an int in [0, {MAX_ECHO_BYTES}]")
+        size = Echo.parse(request.header, MAX_ECHO_BYTES).reply_bytes
         if not self.echo_budget.take(size):
             raise Overloaded("echo: this worker's budget of echo reply bytes per second is spent; try later")
         self._send(request, {"op": "result", "data": bytes(size)})
@@ -467,14 +479,14 @@ class Worker:
                 "cache_budget_bytes": self.config.cache_bytes, "device": str(self.memory.device),
                 "dtypes": self.memory.policy.describe(), "device_budget_bytes": self.memory.budget_bytes}
 
-    def _upload(self, request: Request, received: float) -> dict[str, Any]:
+    def _upload(self, request: Request, chunk: UploadChunk, received: float) -> dict[str, Any]:
         """Op ``upload``: one chunk of a model file (on a slot thread: the final chunk hashes the file)."""
         if not self.config.allow_upload:
             raise BadRequest("uploads are off on this worker (start it with --allow-upload)")
         if not request.authenticated and not self.config.insecure:
             raise BadRequest("uploads are accepted only from allow-listed CURVE clients")
         try:
-            path = self.uploads.receive(request.header, client_of(request))
+            path = self.uploads.receive(chunk, client_of(request))
         except OSError as exc:  # the reason only: the peer never sees this worker's paths
             raise BadRequest(f"upload failed on the worker: {exc.strerror or type(exc).__name__}") from exc
         return {"op": "result", "installed": None if path is None else path.name}
@@ -575,13 +587,14 @@ class Worker:
                 raise Overloaded("the worker is shutting down")
             if request.cancelled.is_set():  # a slot took it just before its cancel could drop it
                 raise Cancelled(f"request {request.request_id} was cancelled while queued")
-            run = {"run_node": self._run_node, "call": self._run_call, "run_function": self._run_function,
-                   "upload": self._upload}
+            run: dict[str, Callable[[Request, Any, float], dict[str, Any]]] = {
+                "run_node": self._run_node, "call": self._run_call, "run_function": self._run_function,
+                "upload": self._upload}
             threads = self._threads_for(request)
             if member is not None:
                 threads = BATCH_MEMBER_THREADS  # the group's shared passes use the request's count
             with intra_op_threads(threads), self.cache.job_scope():
-                reply = run[request.op](request, job.received)
+                reply = run[request.op](request, job.op, job.received)
         except RemoteError as exc:
             answer = partial(self._reply_error, request, exc)
         except ModelFileError as exc:
@@ -608,35 +621,26 @@ class Worker:
     def _threads_for(self, request: Request) -> int | None:
         if self.config.threads is not None:
             return self.config.threads
-        try:
-            return requested_threads(request.header)
-        except BadThreadCount as exc:
-            raise BadRequest(str(exc)) from None
+        return parse_threads(request.header)
 
-    def _run_node(self, request: Request, received: float) -> dict[str, Any]:
+    def _run_node(self, request: Request, op: RunNode, received: float) -> dict[str, Any]:
         started = time.monotonic()
-        header = request.header
-        deadline = header.get("deadline_s")
-        if isinstance(deadline, int | float) and started - received > deadline:
+        deadline = op.deadline_s
+        if deadline is not None and started - received > deadline:
             raise Cancelled(f"deadline of {deadline} s passed while queued")
-        node = header.get("node")
-        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
-            raise BadRequest("run_node needs 'node': {'id': ..., 'class_type': ...}")
-        node_class = self.registry.get(node["class_type"]) if node["class_type"] in self.registry else None
+        node_class = self.registry.get(op.class_type) if op.class_type in self.registry else None
         if node_class is None:
-            raise BadRequest(f"unknown node class {shown(node['class_type'])}")
+            raise BadRequest(f"unknown node class {shown(op.class_type)}")
         if node_class.output_node:
             raise BadRequest(f"{node_class.name} is an output node; output nodes run locally")
-        inputs_wire = header.get("inputs")
-        if not isinstance(inputs_wire, dict):
-            raise BadRequest("run_node needs 'inputs' as a mapping")
-        node_ref = str(node.get("id", "?"))[:64]
+        inputs_wire = op.inputs
+        node_ref = op.node_id[:64]
         # ranges, choices and the work asked for, then the memory decoding takes: before anything is built
         check_node_inputs(self.registry, node_class, node_ref, inputs_wire, self.limits)
-        held = self._held_values(header)
+        held = self._held_values(op.uses_held)
         check_request_bytes(inputs_wire, held, self.limits, what=f"node {node_ref} ({node_class.name})")
         try:
-            files = parse_run_files(header.get(RUN_FILES_FIELD))
+            files = parse_run_files(op.files)
         except RunFilesError as exc:
             raise BadRequest(str(exc)) from exc
         builds_before = self.cache.stats()
@@ -649,11 +653,8 @@ class Worker:
             raise BadRequest(str(exc)) from exc
         check_node_inputs(self.registry, node_class, node_ref, inputs, self.limits)  # upscale models' scales
         held_now: list[str] = []
-        hold = header.get("hold")
-        if hold is not None and not (isinstance(hold, dict | list) and all(isinstance(n, str) for n in hold)):
-            raise BadRequest("run_node's 'hold' must map input names (str) to digests")
-        for name in hold or {}:
-            spec = node_class.input(str(name))
+        for name in op.hold:
+            spec = node_class.input(name)
             if spec is not None and spec.type == "CONDITIONING" and name in inputs:
                 # keyed by the digest computed here: a peer cannot file a value under another's digest
                 digest = content_digest(inputs_wire[name])
@@ -661,14 +662,14 @@ class Worker:
                 if digest in self.held:  # values over the budget are not kept: tell the client
                     held_now.append(digest)
         rebuilt = time.monotonic()
-        node_id = str(node.get("id", "?"))
+        node_id = op.node_id
 
         def report(step: int, total: int) -> None:
             if request.cancelled.is_set():
                 if self._stopping.is_set():
                     raise Cancelled("the worker stopped before the node finished")
                 raise Cancelled(f"request {request.request_id} was cancelled")
-            if isinstance(deadline, int | float) and time.monotonic() - received > deadline:
+            if deadline is not None and time.monotonic() - received > deadline:
                 raise Cancelled(f"deadline of {deadline} s passed while running")
             self.server.progress(request, {"node": node_id, "step": step, "total": total})
 
@@ -691,18 +692,10 @@ class Worker:
                             for i, value in enumerate(outputs)]
         except WireValueError as exc:
             raise BadRequest(f"{node_class.name} outputs cannot be sent back: {exc}") from exc
-        return {
-            "op": "result",
-            "outputs": outputs_wire,
-            "held": held_now,
-            "timings": {
-                "queue_s": started - received,
-                "rebuild_s": rebuilt - started,
-                "run_s": finished - rebuilt,
-                "cache_hits": builds_after.hits - builds_before.hits,
-                "cache_misses": builds_after.misses - builds_before.misses,
-            },
-        }
+        timings = Timings(queue_s=started - received, rebuild_s=rebuilt - started, run_s=finished - rebuilt,
+                          cache_hits=builds_after.hits - builds_before.hits,
+                          cache_misses=builds_after.misses - builds_before.misses)
+        return NodeResult(outputs=tuple(outputs_wire), held=tuple(held_now), timings=timings).header()
 
     def _compute(self, node_class: Any, inputs: dict[str, Any], run: Callable[[dict[str, Any]], Any],
                  *, waiting: Callable[[str], None]) -> Any:
@@ -714,49 +707,41 @@ class Worker:
         except DeviceOutOfMemory as exc:
             raise NodeFailed(str(exc)) from exc
 
-    def _run_function(self, request: Request, received: float) -> dict[str, Any]:
+    def _run_function(self, request: Request, op: RunFunction, received: float) -> dict[str, Any]:
         """Op ``run_function``: a ``@node`` step's pickled code (only --trust-code, only authenticated)."""
         if not self.config.trust_code:
             raise BadRequest("this worker does not run code sent by clients (start it with --trust-code)")
         if not request.authenticated:
             raise BadRequest("code is only accepted from an authenticated (CURVE allow-listed) client")
-        code = request.header.get("function")
-        if not isinstance(code, torch.Tensor) or code.dtype != torch.uint8:
-            raise BadRequest("run_function needs 'function' as pickled bytes")
         import cloudpickle  # reached only with --trust-code over an authenticated CURVE connection
 
-        function = cloudpickle.loads(code.numpy().tobytes())
+        function = cloudpickle.loads(op.code.numpy().tobytes())
         if not callable(function):
             raise BadRequest("the pickled value is not callable")
-        return self._invoke(function, request, received)
+        return self._invoke(function, op, request.op, received)
 
-    def _run_call(self, request: Request, received: float) -> dict[str, Any]:
+    def _run_call(self, request: Request, op: Call, received: float) -> dict[str, Any]:
         """Op ``call``: build a traced object from its recipe and call it (``forward`` or the pipeline)."""
         started = time.monotonic()
-        header = request.header
-        method = header.get("method")
-        target = header.get("target")
-        if not isinstance(method, str) or method not in CALLABLE_METHODS or not isinstance(target, dict):
-            raise BadRequest(f"call needs a 'target' recipe and a 'method' in {sorted(CALLABLE_METHODS)}")
-        obj = self.builder.build(target)
-        if method == "forward" and not isinstance(obj, torch.nn.Module):
+        obj = self.builder.build(op.target)
+        if op.method == "forward" and not isinstance(obj, torch.nn.Module):
             raise BadRequest(f"the target is a {type(obj).__name__}, not a module with forward()")
-        if method == "__call__" and not is_pipeline(obj):
+        if op.method == "__call__" and not is_pipeline(obj):
             raise BadRequest(f"the target is a {type(obj).__name__}, not a pipeline")
-        return self._invoke(obj, request, received, started=started)
+        return self._invoke(obj, op, request.op, received, started=started)
 
     def _invoke(
-        self, function: Any, request: Request, received: float, *, started: float | None = None
+        self, function: Any, op: Call | RunFunction, what: str, received: float, *,
+        started: float | None = None,
     ) -> dict[str, Any]:
         """Decode the arguments (models from recipes), call, encode the result and generator states."""
         started = time.monotonic() if started is None else started
-        header = request.header
-        check_request_bytes([header.get("args"), header.get("kwargs")], {}, self.limits, what=request.op)
-        if is_pipeline(function) and isinstance(header.get("kwargs"), dict):
-            check_pipeline_call(header["kwargs"], self.limits)
+        check_request_bytes([op.args, op.kwargs], {}, self.limits, what=what)
+        if is_pipeline(function):
+            check_pipeline_call(op.kwargs, self.limits)
         try:
-            args = from_wire(header.get("args") or [], self.builder.build)
-            kwargs = from_wire(header.get("kwargs") or {}, self.builder.build)
+            args = from_wire(op.args, self.builder.build)
+            kwargs = from_wire(op.kwargs, self.builder.build)
         except WireValueError as exc:
             raise BadRequest(str(exc)) from exc
         if not isinstance(args, list) or not isinstance(kwargs, dict):
@@ -770,13 +755,9 @@ class Worker:
             output_wire = to_wire(output, self.builder.recipe_of, where="result")
         except WireValueError as exc:
             raise BadRequest(f"the result cannot be sent back: {exc}") from exc
-        return {
-            "op": "result", "output": output_wire,
-            "generator_states": [generator.get_state() for generator in generators],
-            "timings": {
-                "queue_s": started - received, "rebuild_s": rebuilt - started, "run_s": finished - rebuilt,
-            },
-        }
+        timings = Timings(queue_s=started - received, rebuild_s=rebuilt - started, run_s=finished - rebuilt)
+        return CallResult(output=output_wire, generator_states=tuple(g.get_state() for g in generators),
+                          timings=timings).header()
 
     def _call_on_device(self, function: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
         """Call ``function``; a module runs on the compute device in its own dtype (arguments moved there,
@@ -789,11 +770,8 @@ class Worker:
             moved_args, moved_kwargs = tensors_to(device, [args, kwargs])
             return outputs_to_host(placed(*moved_args, **moved_kwargs))
 
-    def _held_values(self, header: Mapping[str, Any]) -> dict[str, Any]:
-        uses = header.get("uses_held")
-        if uses is not None and (not isinstance(uses, list) or not all(isinstance(d, str) for d in uses)):
-            raise BadRequest("'uses_held' must be a list of digests (str)")
-        wanted = list(uses or [])
+    def _held_values(self, uses: tuple[str, ...]) -> dict[str, Any]:
+        wanted = list(uses)
         found = self.held.snapshot(wanted)
         missing = [d for d in wanted if d not in found]
         if missing:

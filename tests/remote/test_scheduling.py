@@ -22,13 +22,15 @@ from typing import Any, TypeVar
 import pytest
 import zmq
 from diffsplit.remote.errors import BadRequest
-from diffsplit.remote.fair_queue import MAX_PRIORITY, MIN_PRIORITY, FairQueue, QueueOrder, request_priority
+from diffsplit.remote.fair_queue import FairQueue, QueueOrder
 from diffsplit.remote.wait_estimate import RUN_TIME_WINDOW, RunTimes, job_kind, queued_message, wait_s
 from diffsplit.remote.worker import Worker
 from diffsplit.transport.envelope import decode, encode
 from diffsplit.transport.protocol import WORKER_SETTINGS, heartbeat
 from diffsplit.transport.server import Request, Server
 from diffsplit.transport.sockets import Client
+from diffsplit.transport.worker_ops import MAX_PRIORITY, MIN_PRIORITY
+from diffsplit.transport.worker_ops import parse_priority as request_priority
 
 from .test_space_sharing import LONG_STEPS, WAIT_S, Watched, fp16_config, is_step, sampler, serving
 

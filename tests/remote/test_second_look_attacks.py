@@ -20,6 +20,7 @@ from diffsplit.remote.errors import BadRequest, Overloaded
 from diffsplit.remote.uploads import UploadLimits, UploadReceiver
 from diffsplit.remote.work_limits import WorkLimits, check_node_inputs
 from diffsplit.transport.sockets import Client
+from diffsplit.transport.worker_ops import UploadChunk
 
 from .test_bounded_work import default_worker, model_recipe, node, refusal, sampler_inputs, zeros
 
@@ -98,9 +99,10 @@ def test_installed_uploads_are_counted_per_client_and_in_all(tmp_path: Path) -> 
 
     def upload(number: int, client: str) -> None:
         data = torch.tensor(list(f"file {number}".encode()), dtype=torch.uint8)
-        receiver.receive({"folder": "loras", "name": f"f{number}.safetensors",
-                          "sha256": hashlib.sha256(bytes(data.tolist())).hexdigest(),
-                          "total_bytes": data.numel(), "offset": 0, "data": data, "final": True}, client)
+        receiver.receive(UploadChunk.parse({
+            "folder": "loras", "name": f"f{number}.safetensors",
+            "sha256": hashlib.sha256(bytes(data.tolist())).hexdigest(),
+            "total_bytes": data.numel(), "offset": 0, "data": data, "final": True}), client)
 
     upload(1, "a")
     upload(2, "a")

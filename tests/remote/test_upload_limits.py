@@ -21,6 +21,7 @@ import torch
 from diffsplit.remote.errors import BadRequest
 from diffsplit.remote.uploads import PARTS_FOLDER, UploadLimits, UploadReceiver
 from diffsplit.transport.sockets import Client
+from diffsplit.transport.worker_ops import UploadChunk
 
 from .test_bounded_work import started_worker
 
@@ -175,17 +176,17 @@ def test_the_receiver_expires_idle_parts_and_lets_a_client_start_over(tmp_path: 
     data = b"w" * 100
     header = chunk("loras", "w.safetensors", data[:10], total=100, final=False,
                    sha256=hashlib.sha256(data).hexdigest())
-    assert receiver.receive(header, "alice") is None
-    assert receiver.receive(header, "alice") is None  # the same client may start over
+    assert receiver.receive(UploadChunk.parse(header), "alice") is None
+    assert receiver.receive(UploadChunk.parse(header), "alice") is None  # the same client may start over
     with pytest.raises(BadRequest, match="under way"):
-        receiver.receive(header, "bob")
+        receiver.receive(UploadChunk.parse(header), "bob")
     clock.now = 61
     assert receiver.expire() == 1 and receiver.unfinished() == 0
     assert list((tmp_path / PARTS_FOLDER).iterdir()) == []
     rest = chunk("loras", "w.safetensors", data[10:], offset=10, total=100,
                  sha256=hashlib.sha256(data).hexdigest())
     with pytest.raises(BadRequest, match="start again at offset 0"):
-        receiver.receive(rest, "alice")
-    assert receiver.receive(header, "bob") is None
-    assert receiver.receive(rest, "bob") == tmp_path / "loras" / "w.safetensors"
+        receiver.receive(UploadChunk.parse(rest), "alice")
+    assert receiver.receive(UploadChunk.parse(header), "bob") is None
+    assert receiver.receive(UploadChunk.parse(rest), "bob") == tmp_path / "loras" / "w.safetensors"
     assert (tmp_path / "loras" / "w.safetensors").read_bytes() == data
