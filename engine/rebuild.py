@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from diffsplit.engine.dtypes import DtypePolicy, ModelKind
 from diffsplit.engine.errors import EngineError
+from diffsplit.engine.lora_metadata import check_adapter_file
 from diffsplit.engine.nodes.base import NodeClass
 from diffsplit.engine.nodes.registry import NodeRegistry
 from diffsplit.engine.recipe_checks import (
@@ -54,6 +55,8 @@ _DTYPE_KEYWORDS = frozenset({"dtype", "torch_dtype"})
 #: Classes whose loads read weights (``use_safetensors`` applies); tokenizers and schedulers read none.
 _WEIGHT_CLASSES = ("DiffusionPipeline", "ModelMixin", "PreTrainedModel")
 _SHOWN_ERROR_CHARS = 600
+#: Mutators that read a LoRA file whose header may carry a peft config (``engine.lora_metadata``).
+_ADAPTER_FILE_METHODS = frozenset({"load_lora_weights", "load_lora_adapter"})
 
 
 class _RecipeNodeContext:
@@ -264,6 +267,9 @@ class Builder:
             bound = getattr(target, spec.method, None)
             if bound is None:
                 raise RecipeError(f"{type(target).__name__} has no method {spec.method!r}")
+            if spec.method in _ADAPTER_FILE_METHODS and step.file is not None:
+                # diffusers builds a peft LoraConfig from the file's own header: data only, never code
+                check_adapter_file(Path(args[0]))
             bound(*args, **kwargs)
 
     def _node_class(self, step: Step) -> NodeClass:

@@ -176,3 +176,47 @@ def test_the_redactor_rewrites_every_local_path_a_reply_could_carry(tmp_path: Pa
     assert redactor.text("see https://huggingface.co/org/repo and 1/2 of checkpoints/a.ckpt") == (
         "see https://huggingface.co/org/repo and 1/2 of checkpoints/a.ckpt"
     )
+
+
+def test_a_lora_whose_header_asks_peft_to_import_a_module_is_refused_before_loading(
+    worker: str, store: Path, models_dir: Path
+) -> None:
+    import json
+
+    from diffsplit.engine.lora_metadata import ADAPTER_METADATA_KEY
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    unet = UNet2DConditionModel.from_pretrained(models_dir / "diffusers" / "tiny-sd15", subfolder="unet")
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]), adapter_name="x")
+    unet.save_lora_adapter(store / "loras", adapter_name="x", weight_name="clean.safetensors")
+    config = json.loads(json.dumps(unet.peft_config["x"].to_dict(), default=lambda v: sorted(v)))
+    evil = {**config, "megatron_config": {"tensor_model_parallel_size": 1},
+            "megatron_core": "megatron.diffsplit_marker"}  # passes peft's own prefix check: it would import
+    tensors = load_file(store / "loras" / "clean.safetensors")
+    save_file(tensors, store / "loras" / "evil.safetensors",
+              metadata={"format": "pt", ADAPTER_METADATA_KEY: json.dumps(evil)})
+    refs = StoreFileRefs(ModelStore(store))
+    folder = refs.file_ref(store / "diffusers" / "tiny-sd15").to_dict()
+
+    def recipe(lora: str) -> dict[str, Any]:
+        return {"v": 1, "steps": [
+            {"op": "diffusers.from_pretrained", "cls": "UNet2DConditionModel", "file": folder,
+             "kwargs": {"subfolder": "unet"}},
+            {"op": "diffusers.load_lora_adapter", "on": "",
+             "file": refs.file_ref(store / "loras" / lora).to_dict(),
+             "kwargs": {"adapter_name": "x", "prefix": None}}]}
+
+    width = unet.config.cross_attention_dim
+    sample = [torch.zeros(1, 4, 8, 8), 1, torch.zeros(1, 77, width)]
+    with Client(worker) as client:
+        clean = client.request({"op": "call", "target": recipe("clean.safetensors"), "method": "forward",
+                                "args": sample, "kwargs": {}}, timeout=120)
+        assert clean["op"] == "result", clean  # the same adapter with diffusers' own header loads
+        reply = client.request({"op": "call", "target": recipe("evil.safetensors"), "method": "forward",
+                                "args": sample, "kwargs": {}}, timeout=120)
+    assert reply["op"] == "error" and reply["error"]["kind"] == "BadRequest", reply
+    assert "megatron" in reply["error"]["message"] and "only peft's default" in reply["error"]["message"]
+    assert "No module named" not in texts(reply)
+    assert_no_local_paths(reply, store)
