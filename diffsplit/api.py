@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffsplit.engine.call_offload import CallSender, ModuleOffload, OffloadedPipeline, OffloadError
+from diffsplit.engine.untraced_adapters import ContentFile, UnexplainedChange, adapter_steps
 from diffsplit.tracer.files import HashingFileRefs
 from diffsplit.tracer.fingerprint import fingerprint
 from diffsplit.tracer.hub_cache import loader_path
@@ -29,7 +31,9 @@ def offload(
 
     The worker rebuilds the target from its recipe: from ``trace`` (a
     ``diffsplit.tracing()`` that saw the pipeline being loaded, LoRAs and all),
-    or else from the folder the pipeline was loaded from. Either way the recipe
+    or else from the folder the pipeline was loaded from; LoRA adapters a
+    component got outside any trace travel once by content
+    (``engine.untraced_adapters``; the worker needs ``--allow-upload``). Either way the recipe
     carries a fingerprint of the weights as they are here, and the worker
     refuses to run if its rebuild differs, never giving a silently different
     result. ``curve`` (or DIFFSPLIT_CURVE_SERVER_KEY / DIFFSPLIT_CURVE_CLIENT_KEY)
@@ -39,9 +43,16 @@ def offload(
     target = pipeline if component is None else getattr(pipeline, component, None)
     if target is None:
         raise OffloadError(f"{type(pipeline).__name__} has no component {component!r}")
-    recipe = trace.recipe(target) if trace is not None else _folder_recipe(pipeline, component, target)
+    contents: tuple[ContentFile, ...] = ()
+    if trace is not None:
+        recipe = trace.recipe(target)
+    elif component is not None and getattr(target, "peft_config", None):
+        recipe, contents = _adapter_recipe(pipeline, component, target)
+    else:
+        recipe = _folder_recipe(pipeline, component, target)
     sender = CallSender(
-        to, recipe.to_dict(), settings=settings or Settings(), timeout_s=timeout_s, curve=curve
+        to, recipe.to_dict(), settings=settings or Settings(), timeout_s=timeout_s, curve=curve,
+        contents={content.ref.sha256: content for content in contents},
     )
     if component is None:
         return OffloadedPipeline(pipeline, sender)
@@ -65,14 +76,42 @@ def _changes_beyond_folder(pipeline: Any, target: Any) -> str:
     return ""
 
 
-def _folder_recipe(pipeline: Any, component: str | None, target: Any) -> Recipe:
-    """``from_pretrained(<the folder it came from>)`` plus the current weights' fingerprint."""
+def _adapter_recipe(pipeline: Any, component: str, target: Any) -> tuple[Recipe, tuple[ContentFile, ...]]:
+    """The component alone from its subfolder, its adapters loaded from their content, the fingerprint."""
+    folder = _loaded_folder(pipeline)
+    if getattr(pipeline, "num_fused_loras", 0):
+        raise OffloadError(f"no trace given and {type(pipeline).__name__} has LoRA weights fused into it: a "
+                           f"worker cannot separate them; {_TRACE_FIX}")
+    try:
+        adapters = adapter_steps(target)
+    except UnexplainedChange as exc:
+        raise OffloadError(f"no trace given and {component}'s adapters cannot be sent: {exc}") from None
+    kwargs: dict[str, Any] = {"subfolder": component}
+    dtype = getattr(target, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        kwargs["torch_dtype"] = str(dtype).removeprefix("torch.")
+    base = Step(op="diffusers.from_pretrained", cls=type(target).__name__,
+                file=HashingFileRefs().file_ref(folder), kwargs=kwargs)
+    return Recipe(steps=(base, *adapters.steps), fingerprint=fingerprint(target)), adapters.files
+
+
+_TRACE_FIX = "load it inside `with diffsplit.tracing() as trace:` and pass trace=trace"
+
+
+def _loaded_folder(pipeline: Any) -> Path:
+    """The local folder ``pipeline`` was loaded from; OffloadError when it names none."""
     folder = loader_path(str(getattr(pipeline, "name_or_path", "") or ""))
     if folder is None or not folder.is_dir():
         raise OffloadError(
             f"no trace given and {type(pipeline).__name__} does not name a local folder it was loaded from; "
-            "load it inside `with diffsplit.tracing() as trace:` and pass trace=trace"
+            f"{_TRACE_FIX}"
         )
+    return folder
+
+
+def _folder_recipe(pipeline: Any, component: str | None, target: Any) -> Recipe:
+    """``from_pretrained(<the folder it came from>)`` plus the current weights' fingerprint."""
+    folder = _loaded_folder(pipeline)
     changed = _changes_beyond_folder(pipeline, target)
     if changed:
         raise OffloadError(

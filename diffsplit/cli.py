@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--allow-upload", action="store_true",
                         help="accept model files from clients after MissingModel (checked by sha256); "
                         "needs --curve-secret and --curve-clients (or --insecure on a loopback address)")
+    worker.add_argument("--content-dir", metavar="DIR",
+                        help="where files clients send by content are kept (LoRA adapters loaded outside a "
+                        "trace; never the store; taken only with --allow-upload); default: a temporary "
+                        "folder removed when the worker stops")
     worker.add_argument("--trust-code", action="store_true",
                         help="run @diffsplit.node steps' code sent by allow-listed CURVE clients (needs both "
                         "--curve-secret and --curve-clients; never accepted from anonymous peers)")

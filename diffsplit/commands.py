@@ -279,6 +279,7 @@ def worker(args: argparse.Namespace) -> int:
     config = WorkerConfig(
         models=Path(args.models), listen=args.listen,
         extra_model_paths=Path(args.extra_model_paths) if args.extra_model_paths else None,
+        content_dir=Path(args.content_dir) if getattr(args, "content_dir", None) else None,
         cache_bytes=int(args.cache_gb * (1 << 30)),
         slots=args.slots, max_queue=args.max_queue, allow_upload=args.allow_upload, threads=args.threads,
         trust_code=args.trust_code, curve=curve, insecure=args.insecure,

@@ -13,6 +13,7 @@ this side from the worker's numpy output, as diffusers itself does.
 from __future__ import annotations
 
 import functools
+import io
 import sys
 import threading
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ from typing import Any
 
 import torch
 from diffsplit.engine.errors import EngineError
+from diffsplit.engine.file_upload import send_file
+from diffsplit.engine.untraced_adapters import ContentFile
 from diffsplit.engine.value_walk import iter_values
 from diffsplit.engine.wire_values import WireValueError, from_wire, to_wire
 from diffsplit.tracer.errors import NotOffloadable
@@ -31,7 +34,13 @@ from diffsplit.transport.errors import TransportError
 from diffsplit.transport.pool import Lease, shared_pool
 from diffsplit.transport.protocol import Settings
 from diffsplit.transport.sockets import Client
-from diffsplit.transport.worker_errors import error_from_reply, is_error_reply, with_context
+from diffsplit.transport.worker_errors import (
+    MissingModel,
+    WorkerError,
+    error_from_reply,
+    is_error_reply,
+    with_context,
+)
 from diffsplit.transport.worker_ops import Call, CallResult, RunFunction
 
 
@@ -96,21 +105,26 @@ def run_function_remotely(
     except TransportError as exc:
         raise OffloadError(f"worker {address}: {exc}") from exc
     with lease as client:  # one connection per worker for every call: no handshake per call
-        return _exchange(client, request.header(), args, kwargs, timeout_s)
+        reply = _request(client, request.header(), timeout_s)
+        if is_error_reply(reply):
+            raise _offload_error(client, error_from_reply(reply))
+        return _result(reply, args, kwargs)
 
 
-def _exchange(
-    client: Client, header: Mapping[str, Any], args: tuple[Any, ...], kwargs: Mapping[str, Any],
-    timeout_s: float | None,
-) -> Any:
-    """Send one call, raise a structured error as OffloadError, copy generator states back, decode."""
+def _request(client: Client, header: Mapping[str, Any], timeout_s: float | None) -> dict[str, Any]:
     try:
-        reply = client.request(header, timeout=timeout_s)
+        return client.request(header, timeout=timeout_s)
     except TransportError as exc:
         raise OffloadError(f"worker {client.endpoint}: {exc}") from exc
-    if is_error_reply(reply):
-        error = error_from_reply(reply)  # raised as both OffloadError and the worker's typed error
-        raise with_context(error, OffloadError, f"worker {client.endpoint}: {error.kind}: {error.message}")
+
+
+def _offload_error(client: Client, error: WorkerError, note: str = "") -> OffloadError:
+    """``error`` raised as both OffloadError and the worker's typed error."""
+    return with_context(error, OffloadError, f"worker {client.endpoint}: {error.kind}: {error.message}{note}")
+
+
+def _result(reply: Mapping[str, Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    """Copy the generators' states back and decode the output."""
     result = CallResult.parse(reply)
     generators = [v for v in iter_values([list(args), dict(kwargs)]) if isinstance(v, torch.Generator)]
     for generator, state in zip(generators, result.generator_states, strict=False):
@@ -120,13 +134,19 @@ def _exchange(
 
 @dataclass
 class CallSender:
-    """Sends ``call`` requests for one target recipe to one worker."""
+    """Sends ``call`` requests for one target recipe to one worker.
+
+    ``contents``: files the recipe names by content (sha256 → file), sent when the worker
+    says it lacks one (``MissingModel``) into its content cache; ``uploads`` counts them.
+    """
 
     address: str
     target: Mapping[str, Any]
     settings: Settings = field(default_factory=Settings)
     timeout_s: float | None = None
     curve: ClientCurve | None = None
+    contents: Mapping[str, ContentFile] = field(default_factory=dict)
+    uploads: int = field(default=0, init=False)
     _lease: Lease | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -139,7 +159,31 @@ class CallSender:
             raise OffloadError(f"cannot offload this call: {exc}") from exc
         request = Call(args=wire_args, kwargs=wire_kwargs, threads=client_threads(), target=self.target,
                        method=method)
-        return _exchange(self._connection(), request.header(), args, kwargs, self.timeout_s)
+        client = self._connection()
+        sent: set[str] = set()
+        while True:
+            reply = _request(client, request.header(), self.timeout_s)
+            if not is_error_reply(reply):
+                return _result(reply, args, kwargs)
+            error = error_from_reply(reply)
+            content = self.contents.get(error.sha256) if isinstance(error, MissingModel) else None
+            if content is None or error.sha256 in sent:
+                raise _offload_error(client, error)
+            sent.add(error.sha256)
+            self._send_content(client, content, error)
+
+    def _send_content(self, client: Client, content: ContentFile, missing: MissingModel) -> None:
+        """Send a file the worker lacks into its content cache; the MissingModel, with why, if it refuses."""
+        try:
+            send_file(client, io.BytesIO(content.data), folder=str(content.ref.folder), name=content.ref.name,
+                      sha256=content.ref.sha256, total_bytes=content.ref.bytes, content=True,
+                      timeout_s=self.timeout_s)
+        except TransportError as exc:
+            raise OffloadError(f"worker {client.endpoint}: sending {content.ref.name}: {exc}") from exc
+        except WorkerError as exc:
+            note = f"; sending it by content was refused: {exc.message}"
+            raise _offload_error(client, missing, note) from None
+        self.uploads += 1
 
     def close(self) -> None:
         """Give the connection back to the process's pool (a later call leases it again)."""

@@ -38,6 +38,7 @@ from typing import Any
 
 from diffsplit.engine.errors import EngineError, Interrupted, NodeFailed
 from diffsplit.engine.executor import NodeCall, run_node_locally
+from diffsplit.engine.file_upload import FileShrank, send_file
 from diffsplit.engine.lazy_models import LazyModel, can_defer, defer_loader, materialised
 from diffsplit.engine.rebuild import comparable_fingerprint
 from diffsplit.engine.remote_assign import worker_addresses
@@ -88,12 +89,11 @@ from diffsplit.transport.worker_errors import (
     is_error_reply,
     with_context,
 )
-from diffsplit.transport.worker_ops import NodeResult, RunNode, UploadChunk
+from diffsplit.transport.worker_ops import NodeResult, RunNode
 
 #: (node id, output index) of a local loader node → the recipe dict of that output, or None.
 RecipeForOutput = Callable[[str, int], Mapping[str, Any] | None]
 
-UPLOAD_CHUNK_BYTES = 32 << 20
 #: Structured errors that mean "not here, not now": the node may go to the next worker or run here.
 UNAVAILABLE_ERRORS = (Overloaded, Cancelled)
 #: Transport errors about our own messages (or the worker's unreadable reply): no other worker helps.
@@ -131,6 +131,14 @@ class RemoteNodeError(EngineError):
         located.node_id, located.class_type, located.address = node_id, class_type, address
         located.error = error.to_reply()
         return located
+
+
+@dataclass(frozen=True)
+class _WireInputs:
+    """A node's inputs encoded once: wire values by input name, content digests of the conditioning ones."""
+
+    values: Mapping[str, Any]
+    conditioning: Mapping[str, str]
 
 
 class _Unavailable(Exception):
@@ -378,9 +386,10 @@ class RemoteRunner:
         node = call.node
         failures: list[_Unavailable] = []
         digests: frozenset[str] = frozenset()
+        wire = self._wire_inputs(call)  # once per node: every worker and every attempt sends these
         order = tuple(WorkerChoice(address, "") for address in addresses)
         if len(addresses) > 1:  # one worker is not asked anything: no extra round trip
-            digests = self._model_digests(call)
+            digests = recipe_digests(list(wire.values.values()))
             order = self._choose(addresses, digests)
         for choice in order:
             address = choice.address
@@ -394,7 +403,7 @@ class RemoteRunner:
                 log.info("node %s (%s): worker %s %s: %s", node.id, node.class_type, address,
                          "tried next" if failures else "chosen", choice.reason)
             try:
-                outputs = self._run_remote(call, address)
+                outputs = self._run_remote(call, wire, address)
             except _Unavailable as failure:
                 self._status.forget(address)  # what it said is out of date
                 failures.append(failure)
@@ -423,15 +432,20 @@ class RemoteRunner:
         pictures = self._status.pictures(asked, self._client, timeout_s=self.status_timeout_s)
         return order_workers(addresses, pictures, digests)
 
-    def _model_digests(self, call: NodeCall) -> frozenset[str]:
-        """The build digests of the models the node's inputs send (what a worker's status lists)."""
-        wire = []
+    def _wire_inputs(self, call: NodeCall) -> _WireInputs:
+        """The node's inputs as wire values, and each conditioning input's content digest."""
+        values: dict[str, Any] = {}
+        digests: dict[str, str] = {}
         for name, value in call.inputs.items():
+            where = f"node {call.node.id} ({call.node.class_type}) input '{name}'"
             try:
-                wire.append(to_wire(value, self.recipe_of, where=name))
-            except WireValueError:
-                continue  # the request itself reports it
-        return recipe_digests(wire)
+                values[name] = to_wire(value, self.recipe_of, where=where)
+            except WireValueError as exc:
+                raise NodeFailed(call.node.id, call.node.class_type, str(exc)) from exc
+            spec = call.node_class.input(name)
+            if spec is not None and spec.type == "CONDITIONING":
+                digests[name] = content_digest(values[name])
+        return _WireInputs(values, digests)
 
     def _is_down(self, address: str) -> bool:
         with self._lock:
@@ -459,14 +473,14 @@ class RemoteRunner:
             self._lost(address)
         return _Unavailable(address, f"{type(exc).__name__}: {exc}", error)
 
-    def _run_remote(self, call: NodeCall, address: str) -> Sequence[Any]:
+    def _run_remote(self, call: NodeCall, wire: _WireInputs, address: str) -> Sequence[Any]:
         """Run the node on one worker; _Unavailable when that worker cannot take it now."""
         node = call.node
         started = time.monotonic()
         uploads = 0
         files = run_files(call, self._file_refs)
         for attempt in range(4):
-            request = self._request(call, address, files, use_held=attempt == 0)
+            request = self._request(call, wire, address, files, use_held=attempt == 0)
             try:
                 exchange = self._client(address).exchange(
                     request.header(), timeout=self.timeout_s,
@@ -508,28 +522,20 @@ class RemoteRunner:
         self._record(call, address, request, result, exchange, started, uploads)
         return outputs
 
-    def _request(self, call: NodeCall, address: str, files: Any, *, use_held: bool) -> RunNode:
+    def _request(self, call: NodeCall, wire: _WireInputs, address: str, files: Any, *,
+                 use_held: bool) -> RunNode:
         """The ``run_node`` request: conditioning the worker holds goes by digest, the rest is kept there."""
-        inputs: dict[str, Any] = {}
+        inputs = dict(wire.values)
         hold: dict[str, str] = {}
         uses_held: list[str] = []
         with self._lock:
             known = set(self._held.get(address, ())) if use_held else set()
-        for name, value in call.inputs.items():
-            where = f"node {call.node.id} ({call.node.class_type}) input '{name}'"
-            try:
-                wire = to_wire(value, self.recipe_of, where=where)
-            except WireValueError as exc:
-                raise NodeFailed(call.node.id, call.node.class_type, str(exc)) from exc
-            spec = call.node_class.input(name)
-            if spec is not None and spec.type == "CONDITIONING":
-                digest = content_digest(wire)
-                if digest in known:
-                    wire = {HELD: digest}
-                    uses_held.append(digest)
-                else:
-                    hold[name] = digest
-            inputs[name] = wire
+        for name, digest in wire.conditioning.items():
+            if digest in known:
+                inputs[name] = {HELD: digest}
+                uses_held.append(digest)
+            else:
+                hold[name] = digest
         return RunNode(node_id=call.node.id, class_type=call.node.class_type, inputs=inputs, hold=hold,
                        uses_held=tuple(uses_held), files=files or None, deadline_s=self.timeout_s,
                        priority=self.priority, threads=client_threads())
@@ -596,25 +602,17 @@ class RemoteRunner:
         entry = self.local_store.entry(path)
         if path.is_dir():
             raise refused(f"{error.message} (model folders cannot be uploaded)")
-        client = self._client(address)
-        with path.open("rb") as stream:
-            offset = 0
-            while True:
-                data = bytearray(stream.read(UPLOAD_CHUNK_BYTES))
-                if not data and offset < entry.bytes:
-                    raise refused(f"{path} shrank while uploading")
-                final = offset + len(data) >= entry.bytes
-                # the worker finds files by sha256, so the bare file name is enough (a worker keeps
-                # no sub-folders of uploads)
-                chunk = UploadChunk(folder=entry.folder, name=entry.name.rpartition("/")[2],
-                                    sha256=entry.sha256, total_bytes=entry.bytes, offset=offset,
-                                    data=data, final=final)
-                reply = client.request(chunk.header(), timeout=self.timeout_s)
-                if is_error_reply(reply):
-                    raise RemoteNodeError.of(node_id, class_type, address, error_from_reply(reply))
-                offset += len(data)
-                if final:
-                    return
+        # the worker finds files by sha256, so the bare file name is enough (a worker keeps no
+        # sub-folders of uploads)
+        try:
+            with path.open("rb") as stream:
+                send_file(self._client(address), stream, folder=entry.folder,
+                          name=entry.name.rpartition("/")[2], sha256=entry.sha256, total_bytes=entry.bytes,
+                          timeout_s=self.timeout_s)
+        except FileShrank as exc:
+            raise refused(f"{path} shrank while uploading") from exc
+        except WorkerError as exc:
+            raise RemoteNodeError.of(node_id, class_type, address, exc) from None
 
 
 def _forward_progress(call: NodeCall, message: Mapping[str, Any],

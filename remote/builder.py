@@ -24,6 +24,7 @@ from diffsplit.engine.nodes.registry import NodeRegistry
 from diffsplit.engine.rebuild import Builder, build_key, check_fingerprint
 from diffsplit.engine.store import ModelStore
 from diffsplit.remote.cache import ModelCache
+from diffsplit.remote.content import ContentFiles
 from diffsplit.remote.errors import BadRequest, MissingModel
 from diffsplit.tracer.errors import FingerprintMismatch, RecipeError
 from diffsplit.tracer.objects import get_path
@@ -34,9 +35,10 @@ class CachedBuilder(Builder):
     """A recipe builder whose built objects live in a shared, bounded :class:`ModelCache`."""
 
     def __init__(self, store: ModelStore, registry: NodeRegistry, cache: ModelCache,
-                 master_dtypes: DtypePolicy | None = None) -> None:
+                 master_dtypes: DtypePolicy | None = None, content: ContentFiles | None = None) -> None:
         super().__init__(self.resolve_file, registry=registry, master_dtypes=master_dtypes)
         self.store = store
+        self.content = content
         self.cache = cache
         self._lock = threading.Lock()
         self._verified: set[tuple[str, str, str]] = set()
@@ -65,11 +67,15 @@ class CachedBuilder(Builder):
         return selected
 
     def resolve_file(self, ref: FileRef) -> Path:
-        """The store's file for ``ref``: by sha256 first, then by name with a matching hash."""
+        """The store's file for ``ref`` (by sha256 first, then by name with a matching hash), else the
+        content cache's file of that sha256 (what a client sent by content)."""
         try:
             return self.store.find(sha256=ref.sha256, name=ref.name.rpartition("/")[2], folder=ref.folder,
                                    size=ref.bytes)
         except ModelFileError:
+            found = self.content.find(ref) if self.content is not None else None
+            if found is not None:
+                return found
             raise MissingModel(ref.store_name, ref.sha256, ref.bytes) from None
 
 
@@ -96,8 +102,8 @@ class ModelBuilder:
     """What the worker asks for: a model from a recipe given as plain data, and the reverse."""
 
     def __init__(self, store: ModelStore, registry: NodeRegistry, cache: ModelCache,
-                 master_dtypes: DtypePolicy | None = None) -> None:
-        self.builder = CachedBuilder(store, registry, cache, master_dtypes)
+                 master_dtypes: DtypePolicy | None = None, content: ContentFiles | None = None) -> None:
+        self.builder = CachedBuilder(store, registry, cache, master_dtypes, content)
         self._lock = threading.Lock()
         self._recipes: weakref.WeakKeyDictionary[Any, Mapping[str, Any]] = weakref.WeakKeyDictionary()
 

@@ -59,6 +59,7 @@ from diffsplit.engine.wire_values import HintTable, WireValueError, from_wire, t
 from diffsplit.remote.batching import BatchMembership, BatchSettings, Member, batch_signature
 from diffsplit.remote.builder import ModelBuilder
 from diffsplit.remote.cache import CachedModel, ModelCache
+from diffsplit.remote.content import ContentFiles
 from diffsplit.remote.echo_budget import MAX_ECHO_BYTES, EchoBudget
 from diffsplit.remote.errors import BadRequest, Cancelled, NodeFailed, NotHeld, Overloaded, RemoteError
 from diffsplit.remote.exposure import check_worker_exposure
@@ -123,6 +124,8 @@ class WorkerConfig:
 
     models: Path
     extra_model_paths: Path | None = None
+    #: where files sent by content are kept (``remote.content``); None: a temporary folder
+    content_dir: Path | None = None
     listen: str = "tcp://127.0.0.1:5555"
     cache_bytes: int = 8 << 30
     held_bytes: int = 256 << 20
@@ -267,15 +270,19 @@ class Worker:
         self.memory = worker_device_memory(config)
         # computing in fp16/bf16: an fp16 file's weights are kept in fp16 (half the cache), not doubled
         policy = self.memory.policy
+        upload_limits = UploadLimits(max_file_bytes=config.max_upload_bytes,
+                                     max_partials_per_client=config.max_uploads_per_client,
+                                     idle_s=config.upload_idle_s)
+        #: files clients sent by content (adapters loaded outside a trace), never in the store
+        self.content = ContentFiles(config.content_dir, upload_limits)
         self.builder = ModelBuilder(self.store, self.registry, self.cache,
-                                    master_dtypes=None if policy.all_float32 else policy)
+                                    master_dtypes=None if policy.all_float32 else policy,
+                                    content=self.content)
         self.held = HeldValues(config.held_bytes)
         self.echo_budget = EchoBudget()
         #: one object per distinct ControlNet hint, across requests and held values (cond/uncond batching)
         self.hints = HintTable()
-        self.uploads = UploadReceiver(Path(config.models), UploadLimits(
-            max_file_bytes=config.max_upload_bytes, max_partials_per_client=config.max_uploads_per_client,
-            idle_s=config.upload_idle_s))
+        self.uploads = UploadReceiver(Path(config.models), upload_limits)
         self.limits = config.work_limits
         try:
             self.batching = BatchSettings(config.batch_max, config.batch_wait_ms / 1000)
@@ -486,7 +493,8 @@ class Worker:
         if not request.authenticated and not self.config.insecure:
             raise BadRequest("uploads are accepted only from allow-listed CURVE clients")
         try:
-            path = self.uploads.receive(chunk, client_of(request))
+            receiver = self.content if chunk.content else self.uploads
+            path = receiver.receive(chunk, client_of(request))
         except OSError as exc:  # the reason only: the peer never sees this worker's paths
             raise BadRequest(f"upload failed on the worker: {exc.strerror or type(exc).__name__}") from exc
         return {"op": "result", "installed": None if path is None else path.name}
@@ -831,6 +839,7 @@ class Worker:
             self._reply_error(request, Cancelled("the worker stopped before the node finished"))
         time.sleep(0.1 if unfinished else 0)  # let the I/O thread flush the last replies
         self.server.close()
+        self.content.close()
 
     def _join_slots(self, timeout_s: float) -> None:
         """Wait for the slot threads to return (the queue is closed, so they do once idle)."""

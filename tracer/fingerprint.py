@@ -106,6 +106,29 @@ def _state_lines(path: str, value: Any) -> list[str]:
     return lines
 
 
+def _adapter_lines(path: str, value: Any) -> list[str]:
+    """Lines for the state of the PEFT adapter layers in a module that no tensor holds: which adapters
+    are active, disabled or merged, and each active one's scaling (``set_adapters`` weights), exactly
+    (an inactive adapter's scaling changes nothing a forward computes)."""
+    if not isinstance(value, torch.nn.Module):
+        return []
+    lines = []
+    for name, module in value.named_modules():
+        scaling = getattr(module, "scaling", None)
+        if not isinstance(scaling, Mapping) or not hasattr(module, "active_adapters"):
+            continue
+        active = sorted(str(adapter) for adapter in module.active_adapters)
+        state = {
+            "active": active,
+            "disabled": bool(getattr(module, "disable_adapters", False)),
+            "merged": sorted(str(adapter) for adapter in getattr(module, "merged_adapters", ())),
+            "scaling": {str(key): float(factor).hex() for key, factor in sorted(scaling.items())
+                        if str(key) in active and isinstance(factor, int | float)},
+        }
+        lines.append(f"{join_path(path, name)}|adapters|{json.dumps(state, sort_keys=True)}")
+    return lines
+
+
 #: The real tensor at a path of an object whose tensors are on the meta device (see :func:`fingerprint`).
 TensorSource = Callable[[str, torch.Tensor], "torch.Tensor | SampledTensor"]
 
@@ -123,9 +146,10 @@ def fingerprint(
     keeping an fp16 file's weights in fp16 checks them against a client's fp32 load:
     fp16 to fp32 is exact, so the two agree), computed from the samples alone.
     """
-    lines = _state_lines("", value)
+    lines = _state_lines("", value) + _adapter_lines("", value)
     for name, part in parts(value):
         lines.extend(_state_lines(name, part))
+        lines.extend(_adapter_lines(name, part))
     tensors: Iterable[tuple[str, torch.Tensor | SampledTensor]] = named_tensors(value)
     if tensor_at is not None:
         tensors = ((path, tensor_at(path, t) if t.is_meta else t) for path, t in named_tensors(value))

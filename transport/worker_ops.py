@@ -293,6 +293,8 @@ class UploadChunk:
     #: the chunk's bytes (as received: a view of the message's frame, not a copy)
     data: bytes | bytearray | memoryview
     final: bool
+    #: a file named by content (``<sha256>.safetensors``) for the worker's content cache, not its store
+    content: bool = False
 
     @property
     def target(self) -> str:
@@ -304,7 +306,8 @@ class UploadChunk:
         data = self.data if isinstance(self.data, bytearray) else bytearray(self.data)  # writable: no copy
         chunk = torch.frombuffer(data, dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
         return {"op": self.op, "folder": self.folder, "name": self.name, "sha256": self.sha256,
-                "total_bytes": self.total_bytes, "offset": self.offset, "data": chunk, "final": self.final}
+                "total_bytes": self.total_bytes, "offset": self.offset, "data": chunk, "final": self.final,
+                **({"content": True} if self.content else {})}
 
     @classmethod
     def parse(cls, header: Mapping[str, Any]) -> UploadChunk:
@@ -313,12 +316,15 @@ class UploadChunk:
         for name, value in texts.items():
             if not isinstance(value, str):
                 raise BadRequest(f"upload: malformed header ('{name}' must be text, not {shown(value)})")
-        final = header.get("final")
-        if not isinstance(final, bool):
-            raise BadRequest(f"upload: malformed header ('final' must be true or false, not {shown(final)})")
+        flags = {name: header.get(name, default) for name, default in (("final", None), ("content", False))}
+        for name, value in flags.items():
+            if not isinstance(value, bool):
+                raise BadRequest(f"upload: malformed header ('{name}' must be true or false, "
+                                 f"not {shown(value)})")
         return cls(folder=str(texts["folder"]), name=str(texts["name"]), sha256=str(texts["sha256"]).lower(),
                    total_bytes=_whole_number(header, "total_bytes"), offset=_whole_number(header, "offset"),
-                   data=_chunk_bytes(header.get("data")), final=final)
+                   data=_chunk_bytes(header.get("data")), final=bool(flags["final"]),
+                   content=bool(flags["content"]))
 
 
 def _chunk_bytes(value: object) -> bytes | memoryview:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from diffsplit.engine.types import DiffusionModel, TextEncoders
@@ -64,3 +65,27 @@ def test_paths_reach_into_dataclasses_tuples_and_modules() -> None:
     assert get_path(outputs, "1.encoders.1.2") is encoder[2]
     assert find_path(outputs, make_net()) is None
     assert [path for path, _ in named_tensors(clip)][:2] == ["encoders.0.0.weight", "encoders.0.0.bias"]
+
+
+def test_peft_adapter_weights_and_activity_are_in_the_fingerprint(models_dir: Path) -> None:
+    """set_adapters weights live in no tensor: without them a wrong weight would pass the worker's check."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(models_dir / "diffusers" / "tiny-sd15", subfolder="unet")
+    for name in ("a", "b"):
+        unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"], init_lora_weights=False),
+                         adapter_name=name)
+    unet.set_adapters(["a", "b"], weights=[1.0, 1.0])
+    both = fingerprint(unet)
+    unet.set_adapters(["a", "b"], weights=[1.0, 0.5])
+    half = fingerprint(unet)
+    unet.set_adapters(["a"], weights=[1.0])
+    only_a = fingerprint(unet)
+    unet.set_adapters(["a", "b"], weights=[1.0, 0.5])
+    assert len({both, half, only_a}) == 3 and fingerprint(unet) == half
+    unet.set_adapters(["a"], weights=[1.0])
+    unet.set_adapters(["a"], weights=[1.0])  # b inactive: its scaling no longer counts
+    assert fingerprint(unet) == only_a
+    unet.disable_adapters()
+    assert fingerprint(unet) != only_a

@@ -100,9 +100,12 @@ def test_upload_chunks_keep_their_bytes_without_a_copy_and_name_bad_fields() -> 
     assert bytes(got.data) == bytes(data) and got.sha256 == "ab" * 32 and got.target == "loras/a.safetensors"
     assert isinstance(got.data, memoryview)  # a view of the frame that arrived
     empty = UploadChunk.parse(arrived({**sent.header(), "data": b"", "final": True}))
-    assert bytes(empty.data) == b"" and empty.final
+    assert bytes(empty.data) == b"" and empty.final and not empty.content
+    by_content = UploadChunk.parse(arrived({**sent.header(), "content": True}))
+    assert by_content.content and "content" not in sent.header()
     for change, named in (({"offset": 1.5}, "'offset'"), ({"total_bytes": True}, "'total_bytes'"),
-                          ({"name": 3}, "'name'"), ({"final": 1}, "'final'"), ({"data": [1, 2]}, "'data'")):
+                          ({"name": 3}, "'name'"), ({"final": 1}, "'final'"), ({"data": [1, 2]}, "'data'"),
+                          ({"content": "yes"}, "'content'")):
         with pytest.raises(BadRequest, match=named):
             UploadChunk.parse({**sent.header(), **change})
 
