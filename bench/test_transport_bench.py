@@ -15,8 +15,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from diffsplit.transport.auth import ClientCurve, ServerCurve, generate_keypair
 from diffsplit.transport.envelope import decode, describe, encode
 from diffsplit.transport.errors import TransportError
+from diffsplit.transport.pool import ClientPool
 from diffsplit.transport.sockets import Client, Server, Settings
 
 MB = 1024 * 1024
@@ -199,3 +201,52 @@ def test_loopback_round_trip_16mb(benchmark, capsys, echo_endpoint: str) -> None
         ratio_vs_copy=ratio_to_copy(benchmark, copy),
         gb_per_s_both_ways=2 * 16 * MB / benchmark.stats.stats.min / 1e9,
     )
+
+
+@pytest.fixture(scope="module")
+def curve_echo() -> Iterator[tuple[str, ClientCurve]]:
+    """A CURVE server on loopback answering every request (what a worker on a network looks like)."""
+    keys = generate_keypair()
+    settings = Settings(heartbeat_interval=0.5, heartbeat_timeout=10.0)
+    server = Server("tcp://127.0.0.1:*", settings=settings, curve=ServerCurve(keys))
+
+    def serve() -> None:
+        while True:
+            try:
+                request = server.recv(timeout=0.1)
+            except TransportError:
+                return
+            if request is not None:
+                server.reply(request, {"op": "result"})
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.endpoint, ClientCurve(keys.public)
+    server.close()
+    thread.join(10)
+
+
+def test_pooled_call_vs_a_connection_per_call(benchmark, capsys, curve_echo: tuple[str, ClientCurve]) -> None:
+    """One small request per ``@node``-style call: leased from the process's pool (one context and one
+    CURVE handshake, kept) against the old way, a new Client (context, I/O thread, handshake) per call."""
+    endpoint, curve = curve_echo
+    settings = Settings(heartbeat_interval=0.5, heartbeat_timeout=10.0)
+
+    def fresh() -> None:
+        with Client(endpoint, settings=settings, curve=curve) as client:
+            client.request({"op": "ping"}, timeout=30)
+
+    pool = ClientPool()
+    try:
+        def pooled() -> None:
+            with pool.lease(endpoint, settings=settings, curve=curve) as client:
+                client.request({"op": "ping"}, timeout=30)
+
+        per_call = best_of(fresh, min_repeat=10)
+        benchmark(pooled)
+        assert pool.connections() == 1
+    finally:
+        pool.close()
+    report(benchmark, capsys, "a call through the pool vs a new connection per call (CURVE, loopback)",
+           connection_per_call_min_s=per_call, pooled_min_s=benchmark.stats.stats.min,
+           per_call_over_pooled=per_call / benchmark.stats.stats.min)
