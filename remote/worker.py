@@ -287,6 +287,7 @@ class Worker:
         try:
             self.batching = BatchSettings(config.batch_max, config.batch_wait_ms / 1000)
         except ValueError as exc:
+            self.content.close()
             raise BadRequest(str(exc)) from None
         self._membership = BatchMembership()
         self._stopping = threading.Event()
@@ -302,8 +303,12 @@ class Worker:
             threading.Thread(target=self._serve_slot, name=f"diffsplit-slot-{n}", daemon=True)
             for n in range(config.slots)
         ]
-        self.server = Server(config.listen, settings=config.settings, curve=config.curve,
-                             on_cancel=self._drop_cancelled)
+        try:
+            self.server = Server(config.listen, settings=config.settings, curve=config.curve,
+                                 on_cancel=self._drop_cancelled)
+        except BaseException:
+            self.content.close()  # a worker that never started leaves no temporary folder behind
+            raise
         self.endpoint = self.server.endpoint
         #: one log line per request; client counts for ``status``
         self.requests = RequestLog(connected_s=config.settings.heartbeat_timeout)

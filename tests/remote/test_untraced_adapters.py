@@ -129,3 +129,30 @@ def test_content_uploads_are_named_by_their_hash_and_land_outside_the_store(
                            offset=0, data=bytearray(data), final=True, content=True)
         assert client.request(good.header(), timeout=30)["op"] == "result"
     assert list((store / "loras").iterdir()) == []
+
+
+def test_the_content_cache_is_a_temporary_folder_gone_when_the_worker_stops_or_fails_to_start(
+    store: Path, tmp_path: Path
+) -> None:
+    import tempfile
+
+    from diffsplit.remote.worker import Worker, WorkerConfig
+
+    def content_folders() -> set[str]:
+        return {path.name for path in Path(tempfile.gettempdir()).glob("diffsplit-content-*")}
+
+    before = content_folders()
+    worker = Worker(WorkerConfig(models=store, listen="tcp://127.0.0.1:*", index_at_start=False))
+    assert worker.content.root.name in content_folders() - before
+    worker.stop()
+    worker.serve()  # returns at once: stopped before it served
+    assert content_folders() == before
+    with pytest.raises(Exception, match="batch"):
+        Worker(WorkerConfig(models=store, listen="tcp://127.0.0.1:*", index_at_start=False, batch_max=-1))
+    assert content_folders() == before
+    given = tmp_path / "kept"
+    worker = Worker(WorkerConfig(models=store, listen="tcp://127.0.0.1:*", index_at_start=False,
+                                 content_dir=given))
+    worker.stop()
+    worker.serve()
+    assert given.is_dir()  # a folder the user named stays
