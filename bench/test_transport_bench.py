@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -165,10 +166,9 @@ def test_wire_bytes_vs_raw_tensor_bytes(benchmark, capsys, payload: Callable[[],
     assert "wire_over_raw" in benchmark.extra_info and "meets_goal" in benchmark.extra_info
 
 
-@pytest.fixture(scope="module")
-def echo_endpoint() -> Iterator[str]:
-    settings = Settings(heartbeat_interval=0.5, heartbeat_timeout=10.0)
-    server = Server(settings=settings)
+@contextmanager
+def answering(server: Server, answer: Callable[[dict], dict]) -> Iterator[str]:
+    """``server`` answering every request with ``answer(header)`` in a thread; its endpoint."""
 
     def serve() -> None:
         while True:
@@ -177,13 +177,22 @@ def echo_endpoint() -> Iterator[str]:
             except TransportError:
                 return
             if request is not None:
-                server.reply(request, {"op": "result", "t": request.header["t"]})
+                server.reply(request, answer(request.header))
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    yield server.endpoint
-    server.close()
-    thread.join(10)
+    try:
+        yield server.endpoint
+    finally:
+        server.close()
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def echo_endpoint() -> Iterator[str]:
+    server = Server(settings=Settings(heartbeat_interval=0.5, heartbeat_timeout=10.0))
+    with answering(server, lambda header: {"op": "result", "t": header["t"]}) as endpoint:
+        yield endpoint
 
 
 def test_loopback_round_trip_16mb(benchmark, capsys, echo_endpoint: str) -> None:
@@ -209,21 +218,8 @@ def curve_echo() -> Iterator[tuple[str, ClientCurve]]:
     keys = generate_keypair()
     settings = Settings(heartbeat_interval=0.5, heartbeat_timeout=10.0)
     server = Server("tcp://127.0.0.1:*", settings=settings, curve=ServerCurve(keys))
-
-    def serve() -> None:
-        while True:
-            try:
-                request = server.recv(timeout=0.1)
-            except TransportError:
-                return
-            if request is not None:
-                server.reply(request, {"op": "result"})
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.endpoint, ClientCurve(keys.public)
-    server.close()
-    thread.join(10)
+    with answering(server, lambda header: {"op": "result"}) as endpoint:
+        yield endpoint, ClientCurve(keys.public)
 
 
 def test_pooled_call_vs_a_connection_per_call(benchmark, capsys, curve_echo: tuple[str, ClientCurve]) -> None:
