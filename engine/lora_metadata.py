@@ -14,6 +14,7 @@ peft's own default for it; an unknown key is refused too.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -152,17 +153,24 @@ def _check_config(config: Mapping[str, Any], name: str) -> None:
                               f"({_shown(defaults[key])}) is accepted from a recipe's file")
 
 
+def config_json(config: Any) -> str:
+    """A peft config as the JSON a LoRA file's header holds (sorted keys: the same config, the same text)."""
+    return json.dumps(config.to_dict(), sort_keys=True, default=_plain)
+
+
+@functools.cache
 def _peft_defaults() -> dict[str, Any]:
-    """peft's default ``LoraConfig`` as its JSON form (what a file holds for keys left alone)."""
+    """peft's default ``LoraConfig`` as its JSON form (what a file holds for keys left alone); made once."""
     from peft import LoraConfig
 
-    return json.loads(json.dumps(LoraConfig().to_dict(), default=_plain))
+    return dict(json.loads(config_json(LoraConfig())))
 
 
 def _plain(value: Any) -> Any:
+    """What JSON cannot hold as it is: sets as sorted lists, enums as their value."""
     if isinstance(value, set | frozenset):
         return sorted(value)
-    return str(value.value) if hasattr(value, "value") else str(value)
+    return str(getattr(value, "value", value))
 
 
 def _shown(value: Any) -> str:

@@ -68,11 +68,6 @@ class LruTable(Generic[K, V]):
         found = self._entries.get(key)
         return None if found is None else found[0]
 
-    def size_of(self, key: K) -> int:
-        """The size of the entry under ``key`` (0 when there is none)."""
-        found = self._entries.get(key)
-        return 0 if found is None else found[1]
-
     def put(self, key: K, value: V, size: int = 0) -> list[Evicted[K, V]]:
         """Keep ``value`` under ``key`` as the most recent entry; the entries evicted for it, oldest first."""
         if size < 0:

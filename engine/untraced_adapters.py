@@ -20,7 +20,6 @@ weights, adapter kinds other than LoRA.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import tempfile
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffsplit.engine.lora_metadata import ADAPTER_METADATA_KEY
+from diffsplit.engine.lora_metadata import ADAPTER_METADATA_KEY, config_json
 from diffsplit.engine.models.safetensors_io import save_file_sorted
 from diffsplit.tracer.recipe import FileRef, Step
 
@@ -103,8 +102,8 @@ def _adapter_file(module: torch.nn.Module, name: str) -> ContentFile:
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(module, adapter_name=name)
-    config = module.peft_config[name].to_dict()  # type: ignore[index, union-attr, operator]
-    metadata = {"format": "pt", ADAPTER_METADATA_KEY: json.dumps(config, sort_keys=True, default=_plain)}
+    config = module.peft_config[name]  # type: ignore[index, union-attr]
+    metadata = {"format": "pt", ADAPTER_METADATA_KEY: config_json(config)}
     with tempfile.TemporaryDirectory(prefix="diffsplit-adapter-") as folder:
         path = Path(folder) / "adapter.safetensors"
         save_file_sorted({key: tensor.detach().contiguous() for key, tensor in state.items()}, path, metadata)
@@ -112,12 +111,6 @@ def _adapter_file(module: torch.nn.Module, name: str) -> ContentFile:
     sha256 = hashlib.sha256(data).hexdigest()
     return ContentFile(FileRef(name=f"{sha256}.safetensors", sha256=sha256, bytes=len(data),
                                folder=ADAPTER_FOLDER), data)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, set | frozenset):
-        return sorted(value)
-    return str(getattr(value, "value", value))
 
 
 def _adapter_weight(layers: list[Any], name: str, config: Any) -> float:

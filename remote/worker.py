@@ -270,6 +270,10 @@ class Worker:
         self.memory = worker_device_memory(config)
         # computing in fp16/bf16: an fp16 file's weights are kept in fp16 (half the cache), not doubled
         policy = self.memory.policy
+        try:
+            self.batching = BatchSettings(config.batch_max, config.batch_wait_ms / 1000)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
         upload_limits = UploadLimits(max_file_bytes=config.max_upload_bytes,
                                      max_partials_per_client=config.max_uploads_per_client,
                                      idle_s=config.upload_idle_s)
@@ -284,11 +288,6 @@ class Worker:
         self.hints = HintTable()
         self.uploads = UploadReceiver(Path(config.models), upload_limits)
         self.limits = config.work_limits
-        try:
-            self.batching = BatchSettings(config.batch_max, config.batch_wait_ms / 1000)
-        except ValueError as exc:
-            self.content.close()
-            raise BadRequest(str(exc)) from None
         self._membership = BatchMembership()
         self._stopping = threading.Event()
         self._failure: str | None = None
