@@ -412,7 +412,7 @@ class GenieScheduler:
         if not math.isfinite(scale):
             raise GenieSchedulerError("the guidance scale could not be recovered from the UNet outputs")
         _check_fit("classifier-free guidance", uncond + scale * difference, model_output)
-        return scale
+        return _exact_scale(scale, uncond, difference, model_output)
 
     def _replayed_denoiser(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         replay = self._replay
@@ -433,6 +433,23 @@ class GenieScheduler:
             uncond, cond = output.chunk(2)
             output = uncond + replay.guidance * (cond - uncond)
         return self._denoised(output, x, sigma)
+
+
+def _exact_scale(fitted: float, uncond: torch.Tensor, difference: torch.Tensor, guided: torch.Tensor) -> float:
+    """The guidance scale the pipeline used, where a short decimal near the fitted one reproduces its output.
+
+    The least-squares fit is off in its last digits, by amounts that depend on the CPU's kernels; finite
+    differences magnify that into visibly different steps. Users write scales such as 7.5: the shortest
+    decimal within 1e-4 of the fit whose guided output equals the pipeline's bit for bit is that scale, the
+    same on every machine. Where none does (another guidance formula), the fit stands.
+    """
+    target = guided.to(uncond.dtype)
+    for digits in range(1, 8):
+        candidate = float(f"{fitted:.{digits}g}")
+        if abs(candidate - fitted) <= 1e-4 * max(1.0, abs(fitted)) and torch.equal(
+                uncond + candidate * difference, target):
+            return candidate
+    return fitted
 
 
 def _with_inputs(

@@ -91,6 +91,8 @@ def test_finite_difference_curvature_is_the_engines_too(
                              noise * scheduler.sigmas[0], scheduler.sigmas)
     torch.testing.assert_close(split, expected, rtol=1e-4, atol=1e-4)
     assert scheduler.nfe == 2 * 3 + 1
+    replay = scheduler._replay
+    assert replay is not None and replay.guidance == GUIDANCE, "the pipeline's own scale, not a fit of it"
 
 
 def test_an_untrained_head_gives_diffusers_own_karras_euler_steps(
