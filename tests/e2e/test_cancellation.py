@@ -28,6 +28,18 @@ LONG_STEPS = 10_000
 STOP_WITHIN_S = 30
 
 
+@pytest.fixture(autouse=True)
+def sigint_not_ignored() -> object:
+    """A suite started in the background (``cmd &``) ignores SIGINT, and an ignored signal stays ignored in
+    the runs started here: they would never see the Ctrl-C. Handled in this process, it is the default
+    (Python's KeyboardInterrupt) in theirs."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def long_workflow(tmp_path: Path) -> Path:
     document = sd15_workflow(steps=LONG_STEPS, lora=False)
     document["5"]["inputs"].update(width=256, height=256)

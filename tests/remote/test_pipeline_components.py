@@ -53,17 +53,17 @@ def test_an_offloaded_unet_costs_the_worker_the_unet_only(traced: tuple[Any, Any
 def test_only_a_named_library_class_with_its_subfolder_is_built_alone(tmp_path: Path) -> None:
     import json
 
-    from diffsplit.engine.rebuild import _component_class
+    from diffsplit.tracer.pipeline_folders import component_class
 
     (tmp_path / "unet").mkdir()
     index = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
              "safety_checker": [None, None], "odd": ["os", "system"], "text_encoder": "CLIPTextModel"}
     (tmp_path / "model_index.json").write_text(json.dumps(index))
-    assert _component_class(tmp_path, "unet") == ("diffusers", "UNet2DConditionModel")
+    assert component_class(tmp_path, "unet") == ("diffusers", "UNet2DConditionModel")
     for name in ("vae", "safety_checker", "odd", "text_encoder", "missing"):  # no subfolder, or no class
-        assert _component_class(tmp_path, name) == (None, None), name
+        assert component_class(tmp_path, name) == (None, None), name
     (tmp_path / "model_index.json").write_text("{not json")
-    assert _component_class(tmp_path, "unet") == (None, None)
+    assert component_class(tmp_path, "unet") == (None, None)
 
 
 def test_a_recipe_with_steps_after_the_load_builds_the_pipeline(traced: tuple[Any, Any]) -> None:
