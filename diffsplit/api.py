@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from diffsplit.engine.call_offload import CallSender, ModuleOffload, OffloadedPipeline, OffloadError
-from diffsplit.engine.untraced_adapters import ContentFile, UnexplainedChange, adapter_steps
+from diffsplit.engine.component_files import WeightsEdited, component_folder_ref
+from diffsplit.engine.untraced_adapters import AdapterSteps, ContentFile, UnexplainedChange, adapter_steps
 from diffsplit.tracer.files import HashingFileRefs
 from diffsplit.tracer.fingerprint import fingerprint
 from diffsplit.tracer.hub_cache import loader_path
@@ -31,9 +32,13 @@ def offload(
 
     The worker rebuilds the target from its recipe: from ``trace`` (a
     ``diffsplit.tracing()`` that saw the pipeline being loaded, LoRAs and all),
-    or else from the folder the pipeline was loaded from; LoRA adapters a
-    component got outside any trace travel once by content
-    (``engine.untraced_adapters``; the worker needs ``--allow-upload``). Either way the recipe
+    or else from the files the pipeline was loaded from: a component from
+    the files of its subfolder whose weights equal its own (found and
+    checked here, so weights edited in place are refused before anything is
+    sent; ``engine.component_files``), named by sha256 so a worker holding
+    them in any layout serves it; LoRA adapters a component got outside any
+    trace travel once by content (``engine.untraced_adapters``; the worker
+    needs ``--allow-upload``). Either way the recipe
     carries a fingerprint of the weights as they are here, and the worker
     refuses to run if its rebuild differs, never giving a silently different
     result. ``curve`` (or DIFFSPLIT_CURVE_SERVER_KEY / DIFFSPLIT_CURVE_CLIENT_KEY)
@@ -46,10 +51,10 @@ def offload(
     contents: tuple[ContentFile, ...] = ()
     if trace is not None:
         recipe = trace.recipe(target)
-    elif component is not None and getattr(target, "peft_config", None):
-        recipe, contents = _adapter_recipe(pipeline, component, target)
+    elif component is not None:
+        recipe, contents = _component_recipe(pipeline, component, target)
     else:
-        recipe = _folder_recipe(pipeline, component, target)
+        recipe = _folder_recipe(pipeline, target)
     sender = CallSender(
         to, recipe.to_dict(), settings=settings or Settings(), timeout_s=timeout_s, curve=curve,
         contents={content.ref.sha256: content for content in contents},
@@ -76,22 +81,33 @@ def _changes_beyond_folder(pipeline: Any, target: Any) -> str:
     return ""
 
 
-def _adapter_recipe(pipeline: Any, component: str, target: Any) -> tuple[Recipe, tuple[ContentFile, ...]]:
-    """The component alone from its subfolder, its adapters loaded from their content, the fingerprint."""
+def _component_recipe(pipeline: Any, component: str, target: Any) -> tuple[Recipe, tuple[ContentFile, ...]]:
+    """The component alone from the files it came from, its adapters loaded from their content.
+
+    The files are found by the module's own weights (``engine.component_files``): weights edited in place
+    since loading are refused here, before anything is sent.
+    """
     folder = _loaded_folder(pipeline)
     if getattr(pipeline, "num_fused_loras", 0):
         raise OffloadError(f"no trace given and {type(pipeline).__name__} has LoRA weights fused into it: a "
                            f"worker cannot separate them; {_TRACE_FIX}")
+    if not isinstance(target, torch.nn.Module):
+        return _folder_recipe(pipeline, target, component), ()
     try:
-        adapters = adapter_steps(target)
+        adapters = adapter_steps(target) if getattr(target, "peft_config", None) else AdapterSteps((), ())
     except UnexplainedChange as exc:
         raise OffloadError(f"no trace given and {component}'s adapters cannot be sent: {exc}") from None
+    try:
+        files = component_folder_ref(folder, component, target, HashingFileRefs().sha256)
+    except WeightsEdited as exc:
+        raise OffloadError(f"no trace given and {component} cannot be rebuilt from {folder.name}: {exc}; "
+                           f"{_TRACE_FIX}") from None
     kwargs: dict[str, Any] = {"subfolder": component}
     dtype = getattr(target, "dtype", None)
     if isinstance(dtype, torch.dtype):
         kwargs["torch_dtype"] = str(dtype).removeprefix("torch.")
-    base = Step(op="diffusers.from_pretrained", cls=type(target).__name__,
-                file=HashingFileRefs().file_ref(folder), kwargs=kwargs)
+    library = "transformers" if type(target).__module__.startswith("transformers") else "diffusers"
+    base = Step(op=f"{library}.from_pretrained", cls=type(target).__name__, file=files, kwargs=kwargs)
     return Recipe(steps=(base, *adapters.steps), fingerprint=fingerprint(target)), adapters.files
 
 
@@ -109,7 +125,7 @@ def _loaded_folder(pipeline: Any) -> Path:
     return folder
 
 
-def _folder_recipe(pipeline: Any, component: str | None, target: Any) -> Recipe:
+def _folder_recipe(pipeline: Any, target: Any, component: str | None = None) -> Recipe:
     """``from_pretrained(<the folder it came from>)`` plus the current weights' fingerprint."""
     folder = _loaded_folder(pipeline)
     changed = _changes_beyond_folder(pipeline, target)

@@ -177,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where files clients send by content are kept (LoRA adapters loaded outside a "
                         "trace; never the store; taken only with --allow-upload); default: a temporary "
                         "folder removed when the worker stops")
+    worker.add_argument("--hf-cache", metavar="DIR",
+                        help="a Hugging Face cache whose files serve recipes besides the store's (files are "
+                        "found by sha256, never by a name a client sent); default: the hub library's usual "
+                        "cache folder ($HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub)")
+    worker.add_argument("--no-hf-cache", action="store_true",
+                        help="serve recipes from the store (and content sent by clients) only")
     worker.add_argument("--trust-code", action="store_true",
                         help="run @diffsplit.node steps' code sent by allow-listed CURVE clients (needs both "
                         "--curve-secret and --curve-clients; never accepted from anonymous peers)")

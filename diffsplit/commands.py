@@ -227,6 +227,16 @@ def trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hf_cache(args: argparse.Namespace) -> Path | None:
+    """The Hugging Face cache a worker reads: --hf-cache, else the usual location, none with --no-hf-cache."""
+    from diffsplit.engine.hub_cache_files import default_hub_cache
+
+    if getattr(args, "no_hf_cache", False):
+        return None
+    given = getattr(args, "hf_cache", None)
+    return Path(given) if given else default_hub_cache()
+
+
 def _worker_limits(args: argparse.Namespace) -> dict[str, Any]:
     """The WorkerConfig limits on what one request or client may ask (``--max-*``, ``--upload-idle-s``)."""
     gib = 1 << 30
@@ -280,6 +290,7 @@ def worker(args: argparse.Namespace) -> int:
         models=Path(args.models), listen=args.listen,
         extra_model_paths=Path(args.extra_model_paths) if args.extra_model_paths else None,
         content_dir=Path(args.content_dir) if getattr(args, "content_dir", None) else None,
+        hf_cache=_hf_cache(args),
         cache_bytes=int(args.cache_gb * (1 << 30)),
         slots=args.slots, max_queue=args.max_queue, allow_upload=args.allow_upload, threads=args.threads,
         trust_code=args.trust_code, curve=curve, insecure=args.insecure,

@@ -22,7 +22,6 @@ worker looks them up by sha256 in its store).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from diffsplit.engine.dtypes import DtypePolicy, ModelKind
 from diffsplit.engine.errors import EngineError
+from diffsplit.engine.folder_views import FolderViews
 from diffsplit.engine.lora_metadata import check_adapter_file
 from diffsplit.engine.nodes.base import NodeClass
 from diffsplit.engine.nodes.registry import NodeRegistry
@@ -43,8 +43,9 @@ from diffsplit.engine.recipe_checks import (
 from diffsplit.tracer.errors import FingerprintMismatch, RecipeError
 from diffsplit.tracer.fingerprint import fingerprint
 from diffsplit.tracer.objects import get_path, named_tensors
-from diffsplit.tracer.ops import OPS, OpSpec
+from diffsplit.tracer.ops import OPS, PIPELINE_LORA_OP, OpSpec
 from diffsplit.tracer.owned_memory import own_weights
+from diffsplit.tracer.pipeline_folders import component_class, selected_component
 from diffsplit.tracer.recipe import FileRef, Recipe, Step
 from diffsplit.transport.errors import DiffsplitError
 
@@ -57,6 +58,8 @@ _WEIGHT_CLASSES = ("DiffusionPipeline", "ModelMixin", "PreTrainedModel")
 _SHOWN_ERROR_CHARS = 600
 #: Mutators that read a LoRA file whose header may carry a peft config (``engine.lora_metadata``).
 _ADAPTER_FILE_METHODS = frozenset({"load_lora_weights", "load_lora_adapter"})
+#: Keywords of ``load_lora_weights`` that go to ``load_lora_into_unet``; the others read the file.
+_LORA_INTO_UNET_KEYWORDS = ("adapter_name", "hotswap", "low_cpu_mem_usage")
 
 
 class _RecipeNodeContext:
@@ -243,7 +246,7 @@ class Builder:
         where the folder's ``model_index.json`` does not name a loadable class for it."""
         assert step.file is not None
         folder = self._resolve(step.file, spec.file_rule.suffixes)
-        library, class_name = _component_class(folder, name)
+        library, class_name = component_class(folder, name)
         if library is None:
             return {name: get_path(self._load(step, spec), name)}
         cls = allowed_class(library, class_name)
@@ -257,6 +260,8 @@ class Builder:
         args, kwargs = self._call_arguments(step, spec)
         if step.op == "torch.to":
             target.to(kwargs["dtype"])
+        elif step.op == PIPELINE_LORA_OP:
+            self._pipeline_lora_into_unet(target, step, spec, args, kwargs)
         elif step.op == "set":
             name = str(kwargs["name"])
             components = getattr(target, "components", None)
@@ -271,6 +276,24 @@ class Builder:
                 # diffusers builds a peft LoraConfig from the file's own header: data only, never code
                 check_adapter_file(Path(args[0]))
             bound(*args, **kwargs)
+
+    @staticmethod
+    def _pipeline_lora_into_unet(target: Any, step: Step, spec: OpSpec, args: list[Any],
+                                 kwargs: dict[str, Any]) -> None:
+        """What ``pipeline.load_lora_weights(file)`` does to the pipeline's UNet, on a UNet alone."""
+        pipeline = allowed_class(spec.library, step.cls, spec.bases)
+        if not (hasattr(pipeline, "lora_state_dict") and hasattr(pipeline, "load_lora_into_unet")):
+            raise RecipeError(f"{step.cls} loads no LoRA into a UNet")
+        if len(args) != 1:
+            raise RecipeError(f"{step.op} takes its LoRA file and nothing else")
+        check_adapter_file(Path(args[0]))  # diffusers builds a peft LoraConfig from the file's own header
+        loading = {key: kwargs.pop(key) for key in _LORA_INTO_UNET_KEYWORDS if key in kwargs}
+        state_dict, network_alphas, metadata = pipeline.lora_state_dict(args[0], return_lora_metadata=True,
+                                                                         **kwargs)
+        if not all("lora" in key for key in state_dict):
+            raise RecipeError(f"{step.op}: the file is not a LoRA (a key without 'lora' in it)")
+        pipeline.load_lora_into_unet(state_dict, network_alphas=network_alphas, unet=target,
+                                     metadata=metadata, _pipeline=None, **loading)
 
     def _node_class(self, step: Step) -> NodeClass:
         if self.registry is None:
@@ -340,42 +363,20 @@ def comparable_fingerprint(value: Any) -> str:
 #: What a pipeline load passes on to each component's own load.
 _COMPONENT_KEYWORDS = frozenset({"torch_dtype", "variant", "low_cpu_mem_usage", "local_files_only",
                                  "use_safetensors"})
-_MODEL_INDEX = "model_index.json"
-_MODEL_INDEX_MAX_BYTES = 1 << 20
 
 
 def pipeline_component(recipe: Recipe) -> str | None:
     """The component a one-step pipeline load (``diffusers.from_pretrained`` of a folder) selects,
     which the worker then builds alone from its subfolder (the UNet without the text encoder and
     VAE); None for other recipes, and where the recipe passes that component itself."""
-    if len(recipe.steps) != 1:
-        return None
-    step = recipe.steps[0]
-    head = recipe.select.partition(".")[0]
-    if step.op != "diffusers.from_pretrained" or step.file is None or step.file.kind != "dir":
-        return None
-    if not head.isidentifier() or head.startswith("_") or head in step.kwargs or "subfolder" in step.kwargs:
+    head = selected_component(recipe)
+    if head is None:
         return None
     try:
-        cls = allowed_class("diffusers", step.cls)
+        cls = allowed_class("diffusers", recipe.steps[0].cls)
     except RecipeError:
         return None
     return head if derives_from(cls, "DiffusionPipeline") else None
-
-
-def _component_class(folder: Path, name: str) -> tuple[str | None, str | None]:
-    """(library, class) ``model_index.json`` names for component ``name``; (None, None) if none."""
-    index_path = folder / _MODEL_INDEX
-    try:
-        if index_path.stat().st_size > _MODEL_INDEX_MAX_BYTES:
-            return None, None
-        entry = json.loads(index_path.read_text(encoding="utf-8")).get(name)
-    except (OSError, ValueError, AttributeError):
-        return None, None
-    if (isinstance(entry, list) and len(entry) == 2 and entry[0] in ("diffusers", "transformers")
-            and isinstance(entry[1], str) and (folder / name).is_dir()):
-        return entry[0], entry[1]
-    return None, None
 
 
 def part_index(recipe: Recipe, registry: NodeRegistry | None) -> int | None:
@@ -426,10 +427,17 @@ def build(
                    master_dtypes=master_dtypes).build(recipe)
 
 
-def store_resolver(store: Any) -> FileResolver:
-    """A resolver over an engine ModelStore: by sha256 first (with the name as a hint), then by name."""
+def store_resolver(store: Any, views: FolderViews | None = None) -> FileResolver:
+    """A resolver over an engine ModelStore: by sha256 first (with the name as a hint), then by name.
+
+    A folder reference that lists its files is assembled from the store's files of those sha256s
+    (``views``: where; default under the user cache).
+    """
+    folders = views if views is not None else FolderViews([store.find_file])
 
     def resolve(ref: FileRef) -> Path:
+        if ref.files:
+            return folders.view(ref)
         try:
             return store.find(sha256=ref.sha256, name=ref.name, folder=ref.folder, size=ref.bytes)
         except DiffsplitError:

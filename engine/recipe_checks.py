@@ -161,6 +161,8 @@ class _StepCheck:
         else:
             builds = spec.kind == "loader" and spec.library in ALLOWED_BASES
             cls = allowed_class(spec.library, step.cls, spec.bases) if builds else None
+            if spec.kind == "mutator" and spec.bases is not None:
+                allowed_class(spec.library, step.cls, spec.bases)  # a mutator run through a named class
             self.check_file(spec)
             self.check_args(spec)
             self.check_kwargs(spec, cls)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -40,6 +40,7 @@ from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.store_index import HashIndex, IndexEntry, file_stamp
 from diffsplit.engine.user_cache import cache_root
 from diffsplit.tracer.files import directory_files, file_sha256
+from diffsplit.tracer.recipe import FolderFile, folder_digest
 
 MODEL_FOLDERS: tuple[str, ...] = (
     "checkpoints",
@@ -70,6 +71,7 @@ FOLDER_GROUPS: Mapping[str, tuple[str, ...]] = MappingProxyType({
 FOLDER_EXTENSIONS: Mapping[str, frozenset[str]] = MappingProxyType({"configs": frozenset({".yaml"})})
 MODEL_DIRECTORY_MARKERS: tuple[str, ...] = ("model_index.json", "config.json")
 _MAX_LISTED = 30
+_NO_ENTRY = IndexEntry(sha256="", bytes=0, stamp="")
 
 
 @dataclass(frozen=True)
@@ -306,6 +308,33 @@ class ModelStore:
             + (f" (a model named {name!r} was looked for too)" if name else "")
         )
 
+    def find_file(self, sha256: str, size: int) -> Path | None:
+        """Any file of the store with this content: a model file, or a file inside a model folder.
+
+        The index answers first; files it does not know with this size are hashed (and indexed).
+        None when the store holds no such file.
+        """
+        wanted = sha256.lower()
+        files = dict(self._every_file(self._every_listed(self.folders())))
+        known = self._index.fresh_entries()
+        indexed = [relative for relative in sorted(files) if known.get(relative, _NO_ENTRY).sha256 == wanted]
+        # indexed files first; then the others of this size (hashed only when the index has no fresh entry)
+        for relative in [*indexed, *sorted(set(files) - set(indexed))]:
+            if self._holds(relative, files[relative], wanted, size):
+                return files[relative]
+        return None
+
+    @staticmethod
+    def _every_file(listed: Mapping[str, Path]) -> Iterator[tuple[str, Path]]:
+        """``folder/name`` of each listed model file, ``folder/name/inner`` of each file in listed folders."""
+        for relative, path in listed.items():
+            if path.is_dir():
+                for inner in directory_files(path):
+                    if inner.resolve().is_relative_to(path.resolve()):
+                        yield f"{relative}/{inner.relative_to(path).as_posix()}", inner
+            else:
+                yield relative, path
+
     def _every_listed(self, folders: Sequence[str]) -> dict[str, Path]:
         """``folder/name`` → path of every model the listing shows in ``folders``."""
         return {f"{folder}/{name}": path for folder in folders for name, path in self._listed(folder).items()}
@@ -371,18 +400,15 @@ class ModelStore:
             raise ModelFileError(f"{relative} cannot be read: {exc.strerror or type(exc).__name__}") from None
 
     def _directory_entry(self, directory: Path, relative: str) -> IndexEntry:
-        files = directory_files(directory)
-        lines = []
-        total = 0
-        for file_path in files:
-            file_relative = f"{relative}/{file_path.relative_to(directory).as_posix()}"
+        files = []
+        for file_path in directory_files(directory):
             inner = file_path.relative_to(directory).as_posix()
             stamp, size = file_stamp(file_path)
-            entry = self._index.get_or_compute(file_relative, stamp, size, lambda p=file_path: file_sha256(p))
-            lines.append(f"{inner}\0{entry.sha256}\n")
-            total += size
-        digest = hashlib.sha256("".join(lines).encode()).hexdigest()
-        return IndexEntry(sha256=digest, bytes=total, stamp="directory")
+            entry = self._index.get_or_compute(f"{relative}/{inner}", stamp, size,
+                                               lambda p=file_path: file_sha256(p))
+            files.append(FolderFile(inner, entry.sha256, size))
+        total = sum(item.bytes for item in files)
+        return IndexEntry(sha256=folder_digest(tuple(files)), bytes=total, stamp="directory")
 
     @staticmethod
     def _size(path: Path) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 
 from diffsplit.engine.dtypes import DtypePolicy
 from diffsplit.engine.errors import ModelFileError
+from diffsplit.engine.folder_views import FolderViews, MissingFolderFile
 from diffsplit.engine.nodes.registry import NodeRegistry
 from diffsplit.engine.rebuild import Builder, build_key, check_fingerprint
 from diffsplit.engine.store import ModelStore
@@ -35,10 +36,13 @@ class CachedBuilder(Builder):
     """A recipe builder whose built objects live in a shared, bounded :class:`ModelCache`."""
 
     def __init__(self, store: ModelStore, registry: NodeRegistry, cache: ModelCache,
-                 master_dtypes: DtypePolicy | None = None, content: ContentFiles | None = None) -> None:
+                 master_dtypes: DtypePolicy | None = None, content: ContentFiles | None = None,
+                 views: FolderViews | None = None) -> None:
         super().__init__(self.resolve_file, registry=registry, master_dtypes=master_dtypes)
         self.store = store
         self.content = content
+        #: folders assembled from files found by sha256 (the store's, then a Hugging Face cache's)
+        self.views = views if views is not None else FolderViews([store.find_file])
         self.cache = cache
         self._lock = threading.Lock()
         self._verified: set[tuple[str, str, str]] = set()
@@ -68,7 +72,13 @@ class CachedBuilder(Builder):
 
     def resolve_file(self, ref: FileRef) -> Path:
         """The store's file for ``ref`` (by sha256 first, then by name with a matching hash), else the
-        content cache's file of that sha256 (what a client sent by content)."""
+        content cache's file of that sha256 (what a client sent by content). A folder reference that
+        lists its files is assembled from files found by sha256 in any layout."""
+        if ref.files:
+            try:
+                return self.views.view(ref)
+            except MissingFolderFile as missing:
+                raise MissingModel(missing.name, missing.item.sha256, missing.item.bytes) from None
         try:
             return self.store.find(sha256=ref.sha256, name=ref.name.rpartition("/")[2], folder=ref.folder,
                                    size=ref.bytes)
@@ -102,8 +112,9 @@ class ModelBuilder:
     """What the worker asks for: a model from a recipe given as plain data, and the reverse."""
 
     def __init__(self, store: ModelStore, registry: NodeRegistry, cache: ModelCache,
-                 master_dtypes: DtypePolicy | None = None, content: ContentFiles | None = None) -> None:
-        self.builder = CachedBuilder(store, registry, cache, master_dtypes, content)
+                 master_dtypes: DtypePolicy | None = None, content: ContentFiles | None = None,
+                 views: FolderViews | None = None) -> None:
+        self.builder = CachedBuilder(store, registry, cache, master_dtypes, content, views)
         self._lock = threading.Lock()
         self._recipes: weakref.WeakKeyDictionary[Any, Mapping[str, Any]] = weakref.WeakKeyDictionary()
 

@@ -50,6 +50,8 @@ from diffsplit.engine.device_memory import DeviceMemory, DeviceOutOfMemory, is_p
 from diffsplit.engine.device_runner import computes_on_device, run_on_device
 from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.extra_paths import open_store
+from diffsplit.engine.folder_views import FileFinder, FolderViews
+from diffsplit.engine.hub_cache_files import HubCacheFiles
 from diffsplit.engine.nodes.registry import NodeRegistry, default_registry
 from diffsplit.engine.placement import outputs_to_host, tensors_to
 from diffsplit.engine.run_files import RunFilesError, parse_run_files
@@ -126,6 +128,8 @@ class WorkerConfig:
     extra_model_paths: Path | None = None
     #: where files sent by content are kept (``remote.content``); None: a temporary folder
     content_dir: Path | None = None
+    #: a Hugging Face cache whose files serve recipes besides the store's (``--hf-cache``); None: none
+    hf_cache: Path | None = None
     listen: str = "tcp://127.0.0.1:5555"
     cache_bytes: int = 8 << 30
     held_bytes: int = 256 << 20
@@ -279,9 +283,12 @@ class Worker:
                                      idle_s=config.upload_idle_s)
         #: files clients sent by content (adapters loaded outside a trace), never in the store
         self.content = ContentFiles(config.content_dir, upload_limits)
+        finders: list[FileFinder] = [self.store.find_file]
+        if config.hf_cache is not None:
+            finders.append(HubCacheFiles(config.hf_cache).find_file)
         self.builder = ModelBuilder(self.store, self.registry, self.cache,
                                     master_dtypes=None if policy.all_float32 else policy,
-                                    content=self.content)
+                                    content=self.content, views=FolderViews(finders))
         self.held = HeldValues(config.held_bytes)
         self.echo_budget = EchoBudget()
         #: one object per distinct ControlNet hint, across requests and held values (cond/uncond batching)

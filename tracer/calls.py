@@ -53,7 +53,9 @@ class CallRecord:
     when the function reads none); ``from_dtype`` is the subject's dtype before
     a ``torch.to`` conversion (to drop lossless round trips);
     ``argument_states`` holds, by ``id``, the tensors of every argument that
-    has some, as they were when the call started.
+    has some, as they were when the call started; ``files_read`` the files
+    inside a loader's folder that the call read (``tracer.file_reads``; empty:
+    not known, the recipe names the whole folder).
     """
 
     index: int
@@ -66,6 +68,7 @@ class CallRecord:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     from_dtype: torch.dtype | None = None
     argument_states: Mapping[int, WeightSnapshot] = field(default_factory=dict)
+    files_read: tuple[Path, ...] = ()
 
     def summary(self) -> str:
         """``label(file, key=value, …)`` for reports, without hashing anything."""
@@ -225,8 +228,8 @@ def record_from_call(
 class ValueEncoder(Protocol):
     """What turning a record into a step needs: file references and nested recipes."""
 
-    def file_ref(self, path: Path) -> FileRef:
-        """The reference of a local file or folder."""
+    def file_ref(self, path: Path, read: tuple[Path, ...] = ()) -> FileRef:
+        """The reference of a local file or folder (``read``: the folder's files a loader read)."""
         ...
 
     def nested_recipe(self, value: Any) -> Recipe:
@@ -276,7 +279,7 @@ def to_step(record: CallRecord, encoder: ValueEncoder, *, on: str | None) -> Ste
         if isinstance(record.file, LocalFile):
             if not record.file.path.exists():
                 raise NotOffloadable(where, f"{record.file.path.name} no longer exists")
-            file_ref = encoder.file_ref(record.file.path)
+            file_ref = encoder.file_ref(record.file.path, record.files_read)
         elif isinstance(record.file, str):
             raise NotOffloadable(
                 where,

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffsplit.tracer.calls import CallRecord, ValueEncoder, to_step
+from diffsplit.tracer.calls import CallRecord, LocalFile, ValueEncoder, to_step
 from diffsplit.tracer.errors import NotOffloadable
 from diffsplit.tracer.fingerprint import WeightSnapshot, fingerprint, summarize_changes
-from diffsplit.tracer.objects import describe, find_path
+from diffsplit.tracer.objects import describe, find_path, is_pipeline
+from diffsplit.tracer.pipeline_folders import component_steps, narrowed_to_component
 from diffsplit.tracer.provenance import NOW, HistoryEvent, Mutation, Provenance, Root
 from diffsplit.tracer.recipe import FileRef, Recipe, Step, paths_overlap, recipe_value, split_path
 
@@ -51,7 +52,7 @@ class Explainer:
     """Makes recipes from a :class:`Provenance` as of one moment (``NOW`` or a past call)."""
 
     provenance: Provenance
-    file_ref: Callable[[Path], FileRef]
+    file_ref: Callable[[Path, tuple[Path, ...]], FileRef]
     as_of: int = NOW
     state: WeightSnapshot | None = None
     depth: int = 0
@@ -143,7 +144,11 @@ class Explainer:
         steps = [to_step(root.record, _Encoder(self, root.record), on=None)]
         for event in _drop_round_trips(list(candidate.events)):
             steps.append(self._event_step(event, where))
-        return Recipe(steps=tuple(steps), select=candidate.path, fingerprint=fingerprint(candidate.target))
+        recipe = Recipe(steps=tuple(steps), select=candidate.path, fingerprint=fingerprint(candidate.target))
+        pipeline = root.ref.get()
+        if isinstance(root.record.file, LocalFile) and is_pipeline(pipeline):
+            recipe = narrowed_to_component(component_steps(recipe, pipeline), root.record.file.path)
+        return recipe
 
     def _event_step(self, event: HistoryEvent, where: str) -> Step:
         if event.record is not None:
@@ -167,8 +172,8 @@ class _Encoder(ValueEncoder):
     explainer: Explainer
     record: CallRecord
 
-    def file_ref(self, path: Path) -> FileRef:
-        return self.explainer.file_ref(path)
+    def file_ref(self, path: Path, read: tuple[Path, ...] = ()) -> FileRef:
+        return self.explainer.file_ref(path, read)
 
     def nested_recipe(self, value: Any) -> Recipe:
         """The recipe of a model argument as it was passed, with no fingerprint (the outer one covers it)."""

@@ -22,6 +22,7 @@ from types import CodeType, MappingProxyType
 from typing import Any, Literal
 
 import torch
+from diffsplit.tracer.file_reads import NATIVE_READERS
 from diffsplit.tracer.ops import OPS, OpSpec
 
 __all__ = ["OPS", "CallKind", "KnownFunction", "OpSpec", "ResolvedFunction", "Role"]
@@ -270,6 +271,17 @@ def resolve_known_functions(
                 spec = KnownFunction(target, "user.loader" if role == "call" else "node", "loader")
                 watched[function.__code__] = describe_function(function, spec, qualname, role)
     return watched
+
+
+def resolve_native_readers(readers: Mapping[str, str] = NATIVE_READERS) -> dict[CodeType, str]:
+    """The code objects of the importable native file readers, each with its file argument's name."""
+    found: dict[CodeType, str] = {}
+    for target, parameter in readers.items():
+        for _, raw in _targets(target):
+            function = _unwrap(raw)
+            if function is not None and parameter in inspect.signature(function).parameters:
+                found[function.__code__] = parameter
+    return found
 
 
 def _dtype_argument(arguments: Mapping[str, Any]) -> torch.dtype | None:

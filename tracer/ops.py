@@ -174,6 +174,9 @@ def _adapter_loader(method: str, kwargs: Mapping[str, ArgRule]) -> OpSpec:
     return _mutator(method, kwargs, file="file_or_model", file_rule=_WEIGHTS_FILE, forced=_SAFE_LOADING)
 
 
+#: The op that loads a pipeline's LoRA file into its UNet alone (see :data:`OPS`).
+PIPELINE_LORA_OP = "diffusers.pipeline_lora_into_unet"
+
 #: Every operation a recipe may contain, with its allowed arguments. Nothing else is ever executed.
 OPS: Mapping[str, OpSpec] = MappingProxyType(
     {
@@ -228,6 +231,13 @@ OPS: Mapping[str, OpSpec] = MappingProxyType(
             required=frozenset({"name", "value"}),
         ),
         "diffusers.load_lora_weights": _adapter_loader("load_lora_weights", _LORA_LOADING),
+        # A pipeline's LoRA loading for its UNet alone, on a UNet built without the pipeline: the pipeline
+        # class (``cls``) reads and converts the file (``lora_state_dict``) and loads the UNet's part
+        # (``load_lora_into_unet``), as its ``load_lora_weights`` does; the text encoders' part is left out.
+        PIPELINE_LORA_OP: OpSpec(
+            "mutator", "diffusers", "load_lora_into_unet", file="file", file_rule=_WEIGHTS_FILE,
+            kwargs=_LORA_LOADING, bases=frozenset({"DiffusionPipeline"}), forced=_SAFE_LOADING,
+        ),
         "diffusers.load_lora_adapter": _adapter_loader(
             "load_lora_adapter", {**_LORA_LOADING, "prefix": ArgRule("plain_name", nullable=True)}
         ),

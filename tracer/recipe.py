@@ -47,6 +47,8 @@ FILE_TAG = "$file"
 RECIPE_TAG = "$recipe"
 
 FileKind = Literal["file", "dir"]
+#: The most files a folder reference may list (a diffusers pipeline reads about fifteen).
+MAX_FOLDER_FILES = 256
 
 
 def relative_name_problem(name: object) -> str | None:
@@ -120,13 +122,82 @@ class FrozenMap(Mapping[str, Any]):
         return f"FrozenMap({self._items!r})"
 
 
+def _check_sha256(sha256: object, what: str) -> None:
+    if not isinstance(sha256, str) or len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise RecipeError(f"{what} has a malformed sha256 {sha256!r}")
+
+
+def _check_size(size: object, what: str) -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise RecipeError(f"{what} has a malformed size {size!r}")
+
+
+@dataclass(frozen=True)
+class FolderFile:
+    """One file of a model folder that a loader read: its path inside the folder, sha256 and size."""
+
+    path: str
+    sha256: str
+    bytes: int
+
+    def __post_init__(self) -> None:
+        reason = relative_name_problem(self.path)
+        if reason is not None:
+            raise RecipeError(f"a folder file's path {reason}: it must be relative to its folder")
+        _check_sha256(self.sha256, f"folder file {self.path!r}")
+        _check_size(self.bytes, f"folder file {self.path!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data."""
+        return {"path": self.path, "sha256": self.sha256, "bytes": self.bytes}
+
+    @classmethod
+    def from_dict(cls, data: object) -> FolderFile:
+        """The inverse of :meth:`to_dict`; RecipeError on malformed data."""
+        if not isinstance(data, Mapping) or set(data) != {"path", "sha256", "bytes"}:
+            raise RecipeError("a folder file must be an object with exactly path, sha256 and bytes")
+        if not isinstance(data["path"], str):
+            raise RecipeError("a folder file's path must be a string")
+        return cls(path=data["path"], sha256=data["sha256"], bytes=data["bytes"])
+
+
+def folder_digest(files: tuple[FolderFile, ...]) -> str:
+    """The digest of a folder's files: sha256 over ``"<path>\\0<sha256>\\n"`` lines sorted by path.
+
+    The store names a whole model folder by the same digest over all its files.
+    """
+    lines = "".join(f"{item.path}\0{item.sha256}\n" for item in sorted(files, key=lambda item: item.path))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _check_folder_files(files: tuple[FolderFile, ...], sha256: str, total: int) -> None:
+    if len(files) > MAX_FOLDER_FILES:
+        raise RecipeError(f"a folder reference lists {len(files)} files; at most {MAX_FOLDER_FILES}")
+    paths = sorted(item.path for item in files)
+    if len(set(paths)) != len(paths):
+        raise RecipeError("a folder reference lists one path twice")
+    folders = {path.rsplit("/", 1)[0] for path in paths if "/" in path}
+    folders |= {folder.rsplit("/", cut)[0] for folder in folders for cut in range(1, folder.count("/") + 1)}
+    both = sorted(folders.intersection(paths))
+    if both:
+        raise RecipeError(f"a folder reference lists {both[0]!r} both as a file and as a folder")
+    if folder_digest(files) != sha256:
+        raise RecipeError("a folder reference's sha256 is not the digest of the files it lists")
+    if sum(item.bytes for item in files) != total:
+        raise RecipeError("a folder reference's bytes are not the sum of the files it lists")
+
+
 @dataclass(frozen=True)
 class FileRef:
     """A model file (or diffusers folder) as the worker's store knows it.
 
     ``name`` is relative to the store folder ``folder`` (``None`` when the file
     lies outside any store). For ``kind == "dir"``, ``sha256`` is a digest over
-    the folder's files (see :func:`diffsplit.tracer.files.directory_digest`).
+    the folder's files (see :func:`folder_digest`). A folder reference made by
+    the tracer lists in ``files`` the files its loader read (each by path, sha256
+    and size): the digest then covers only those, and a worker assembles the
+    folder from files it finds by sha256 in any layout (``name`` is a hint).
+    Without ``files`` the reference names a whole folder.
     """
 
     name: str
@@ -134,6 +205,7 @@ class FileRef:
     bytes: int
     folder: str | None = None
     kind: FileKind = "file"
+    files: tuple[FolderFile, ...] = ()
 
     def __post_init__(self) -> None:
         # the name is only a hint (the worker finds files by sha256), but it is never a path: the
@@ -146,10 +218,20 @@ class FileRef:
             )
         if self.folder is not None and (relative_name_problem(self.folder) is not None or "/" in self.folder):
             raise RecipeError("a file reference's folder must be one store folder name (e.g. 'loras')")
-        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
-            raise RecipeError(f"file {self.name!r} has a malformed sha256 {self.sha256!r}")
-        if isinstance(self.bytes, bool) or not isinstance(self.bytes, int) or self.bytes < 0:
-            raise RecipeError(f"file {self.name!r} has a malformed size {self.bytes!r}")
+        _check_sha256(self.sha256, f"file {self.name!r}")
+        _check_size(self.bytes, f"file {self.name!r}")
+        object.__setattr__(self, "files", tuple(self.files))
+        if self.files:
+            if self.kind != "dir":
+                raise RecipeError(f"file {self.name!r} lists files but is not a folder")
+            _check_folder_files(self.files, self.sha256, self.bytes)
+
+    @classmethod
+    def folder_of(cls, name: str, files: tuple[FolderFile, ...], folder: str | None = None) -> FileRef:
+        """A folder reference listing ``files`` (digest and size computed from them)."""
+        ordered = tuple(sorted(files, key=lambda item: item.path))
+        return cls(name=name, sha256=folder_digest(ordered), bytes=sum(item.bytes for item in ordered),
+                   folder=folder, kind="dir", files=ordered)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data; ``folder`` and ``kind`` are left out when they hold their defaults."""
@@ -158,6 +240,8 @@ class FileRef:
             data["folder"] = self.folder
         if self.kind != "file":
             data["kind"] = self.kind
+        if self.files:
+            data["files"] = [item.to_dict() for item in self.files]
         return data
 
     @classmethod
@@ -174,7 +258,11 @@ class FileRef:
                 raise RecipeError("a file reference's name, sha256 and folder must be strings")
             if isinstance(size, bool) or not isinstance(size, int):
                 raise RecipeError("a file reference's bytes must be an integer")
-            return cls(name=name, sha256=sha256, bytes=size, folder=folder, kind=kind)
+            listed = data.get("files", [])
+            if not isinstance(listed, list | tuple) or len(listed) > MAX_FOLDER_FILES:
+                raise RecipeError(f"a folder reference's files must be a list of at most {MAX_FOLDER_FILES}")
+            files = tuple(FolderFile.from_dict(item) for item in listed)
+            return cls(name=name, sha256=sha256, bytes=size, folder=folder, kind=kind, files=files)
         except (KeyError, TypeError, ValueError) as exc:
             raise RecipeError(f"malformed file reference: missing or bad field {exc}") from None
 

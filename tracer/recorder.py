@@ -43,6 +43,7 @@ from typing import Any, Protocol
 
 import torch
 from diffsplit.tracer.errors import TracerError
+from diffsplit.tracer.file_reads import note_read
 from diffsplit.tracer.known_loaders import ResolvedFunction
 
 _RETURN_OPCODES = frozenset(dis.opmap[name] for name in ("RETURN_VALUE", "RETURN_CONST") if name in dis.opmap)
@@ -108,6 +109,8 @@ class _PauseState(threading.local):
 
 
 Entries = tuple[tuple["CallRecorder", ResolvedFunction], ...]
+#: A native reader's code maps to the name of its file argument instead of entries (see ``file_reads``).
+Watched = Entries | str
 
 
 class _ProfileHub:
@@ -118,7 +121,8 @@ class _ProfileHub:
         self.previous_threads = previous_threads
         self.chained: ProfileFunction | None = previous if callable(previous) else None
         self.recorders: list[CallRecorder] = []
-        self._by_id: dict[int, Entries] = {}
+        self._by_id: dict[int, Watched] = {}
+        self._readers: dict[int, str] = {}
         self._pause = _PauseState()
         self._resume_hooks: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
         self._call_event, self._return_event = _event_names()
@@ -136,10 +140,17 @@ class _ProfileHub:
 
     def _rebuild(self) -> None:
         by_id: dict[int, list[tuple[CallRecorder, ResolvedFunction]]] = {}
+        readers: dict[int, str] = {}
         for recorder in self.recorders:
             for code, function in recorder.watched.items():
                 by_id.setdefault(id(code), []).append((recorder, function))
-        self._by_id.clear()  # updated in place: threads running the current function see the change
+            readers.update({id(code): name for code, name in recorder.readers.items()})
+        readers = {key: name for key, name in readers.items() if key not in by_id}
+        # updated in place: threads running the current function see the change
+        self._readers.clear()
+        self._readers.update(readers)
+        self._by_id.clear()
+        self._by_id.update(readers)
         self._by_id.update({key: tuple(entries) for key, entries in by_id.items()})
         self.profile = self._make_profile()
         sys.setprofile(self.profile)
@@ -202,25 +213,36 @@ class _ProfileHub:
         """A thread still running a stale profile function after recording stopped gets its old one back."""
         sys.setprofile(self.previous_threads)
 
-    def _enter(self, frame: FrameType, entries: Entries) -> None:
+    def _enter(self, frame: FrameType, entries: Watched) -> None:
         if not self.recorders:
             self._hand_back()
+            return
+        if isinstance(entries, str):
+            note_read(frame.f_locals.get(entries))
             return
         for recorder, function in entries:
             recorder.entered(frame, function)
         if self.shortcuts and all(recorder.inside_loader for recorder in self.recorders):
             sys.setprofile(self._await_return(frame, entries))
 
-    def _leave(self, frame: FrameType, entries: Entries, value: Any) -> None:
+    def _leave(self, frame: FrameType, entries: Watched, value: Any) -> None:
+        if isinstance(entries, str):
+            return
         for recorder, _ in entries:
             recorder.left(frame, value)
 
     def _await_return(self, target: FrameType, entries: Entries) -> ProfileFunction:
-        """A profile function for the inside of an outermost loader call: it only waits for its return."""
-        ret = self._return_event
+        """A profile function for the inside of an outermost loader call: it waits for its return and
+        reports the files native readers are handed (``file_reads``)."""
+        call, ret = self._call_event, self._return_event
+        reader = self._readers.get
 
         def inner(frame: FrameType, event: str, arg: Any) -> None:
-            if frame is target and event is ret:
+            if event is call:
+                name = reader(id(frame.f_code))
+                if name is not None:
+                    note_read(frame.f_locals.get(name))
+            elif frame is target and event is ret:
                 sys.setprofile(self.profile if self.recorders else self.previous)
                 self._leave(frame, entries, arg)
 
@@ -276,6 +298,9 @@ def _part(recorder: CallRecorder, hub: _ProfileHub) -> None:
 class CallRecorder:
     """A context manager that reports watched calls to a listener while it is active.
 
+    ``readers`` are native file readers whose file argument goes to ``file_reads.note_read`` when
+    called (inside loader calls, where a read block collects).
+
     ``errors`` collects failures of the listener (they never reach the traced code).
     """
 
@@ -285,8 +310,11 @@ class CallRecorder:
         listener: CallListener,
         *,
         pause_in_module_calls: bool = True,
+        readers: Mapping[CodeType, str] | None = None,
     ) -> None:
         self.watched: Mapping[CodeType, ResolvedFunction] = dict(watched)
+        #: native file readers (code → name of the file argument), reported to ``file_reads``
+        self.readers: Mapping[CodeType, str] = dict(readers or {})
         self.listener = listener
         self.pause_in_module_calls = pause_in_module_calls
         self._state = _ThreadState()

@@ -14,15 +14,21 @@ import itertools
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from diffsplit.tracer.calls import CallRecord, record_from_call
+from diffsplit.tracer.calls import CallRecord, LocalFile, record_from_call
 from diffsplit.tracer.errors import NotOffloadable
 from diffsplit.tracer.explain import Explainer
+from diffsplit.tracer.file_reads import ReadBlock
 from diffsplit.tracer.files import FileRefResolver, file_refs_for
 from diffsplit.tracer.inputs import InputExplanation, ModuleUse, explain_input, with_used_parts
-from diffsplit.tracer.known_loaders import ResolvedFunction, classify_call, resolve_known_functions
+from diffsplit.tracer.known_loaders import (
+    ResolvedFunction,
+    classify_call,
+    resolve_known_functions,
+    resolve_native_readers,
+)
 from diffsplit.tracer.objects import describe
 from diffsplit.tracer.owned_memory import own_weights
 from diffsplit.tracer.provenance import Provenance
@@ -56,6 +62,7 @@ class StepCall:
 class _PendingCall:
     record: CallRecord
     subject: Any
+    reads: ReadBlock | None = None
 
 
 @dataclass
@@ -66,6 +73,11 @@ class _PendingStep:
     values: dict[str, Any]
     inputs: tuple[InputExplanation, ...]
     use: ModuleUse
+
+
+def _reads_folder(record: CallRecord) -> bool:
+    """Whether a recorded call is a loader reading a folder (whose files read its recipe names)."""
+    return record.kind == "loader" and isinstance(record.file, LocalFile) and record.file.path.is_dir()
 
 
 class Session:
@@ -140,7 +152,8 @@ class Session:
         self.provenance.note_swaps()
         record = record_from_call(self.next_index(), function, arguments, kind, extra)
         subject_param = function.spec.subject_param
-        return _PendingCall(record, arguments.get(subject_param) if subject_param else None)
+        reads = ReadBlock().start() if _reads_folder(record) else None
+        return _PendingCall(record, arguments.get(subject_param) if subject_param else None, reads)
 
     def call_finished(self, token: object, result: Any, raised: bool) -> None:
         """A watched call returned or raised."""
@@ -148,6 +161,11 @@ class Session:
             self._step_finished(token, raised)
             return
         assert isinstance(token, _PendingCall)
+        if token.reads is not None:
+            read = token.reads.stop()
+            if not raised and isinstance(token.record.file, LocalFile):
+                files_read = read.inside(token.record.file.path)
+                token = replace(token, record=replace(token.record, files_read=files_read))
         if raised:
             if token.record.kind == "mutator":
                 self.provenance.add_failure(token.record, token.subject)
@@ -266,7 +284,8 @@ def tracing(
     local run.
     """
     session = Session(file_refs_for(store), model_types=model_types, offload_nodes=offload_nodes)
-    recorder = CallRecorder(resolve_known_functions(), session, pause_in_module_calls=pause_in_module_calls)
+    recorder = CallRecorder(resolve_known_functions(), session, pause_in_module_calls=pause_in_module_calls,
+                            readers=resolve_native_readers())
     recorded = Trace(session, recorder)
     with recorder:
         yield recorded

@@ -64,17 +64,27 @@ def test_untraced_whole_pipeline_with_lora_is_refused_before_anything_is_sent(tr
     assert "forward" not in vars(pipe.unet)
 
 
-def test_untraced_pipeline_with_changed_weights_is_refused_by_the_fingerprint(
+def test_untraced_weights_edited_in_place_are_refused_before_anything_is_sent(models_dir: Path) -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(models_dir / "diffusers" / "tiny-sd15")
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        pipe.unet.conv_in.weight.add_(0.01)  # what no file holds, and no hook can see
+    # an unreachable address: the refusal comes from this machine, before any connection
+    refusal = r"conv_in\.weight differs .* edited in place .* diffsplit\.tracing"
+    with pytest.raises(OffloadError, match=refusal):
+        diffsplit.offload(pipe, "unet", to="tcp://127.0.0.1:9")
+    assert "forward" not in vars(pipe.unet)
+
+
+def test_untraced_whole_pipeline_with_changed_weights_is_refused_by_the_fingerprint(
     models_dir: Path, worker_address: str
 ) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(models_dir / "diffusers" / "tiny-sd15")
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        pipe.unet.conv_in.weight.add_(0.01)  # what no folder holds, and no hook can see
-    with diffsplit.offload(pipe, "unet", to=worker_address) as handle, pytest.raises(OffloadError,
-                                                                                     match="differs"):
-        generate(pipe)
-    assert "forward" not in vars(handle.module)
+        pipe.vae.decoder.conv_out.bias.add_(0.01)
+    with diffsplit.offload(pipe, to=worker_address) as remote, pytest.raises(OffloadError, match="differs"):
+        remote(PROMPT, num_inference_steps=1, height=64, width=64)
 
 
 def test_untraced_plain_pipeline_offloads_from_its_folder(models_dir: Path, worker_address: str) -> None:

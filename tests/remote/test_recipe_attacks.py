@@ -8,6 +8,7 @@ for the store's absolute path and any path the attacker sent.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,8 +179,9 @@ def test_the_redactor_rewrites_every_local_path_a_reply_could_carry(tmp_path: Pa
     )
 
 
+@pytest.mark.parametrize("loader", ["model", "pipeline"])
 def test_a_lora_whose_header_asks_peft_to_import_a_module_is_refused_before_loading(
-    worker: str, store: Path, models_dir: Path
+    worker: str, store: Path, models_dir: Path, loader: str
 ) -> None:
     import json
 
@@ -201,11 +203,16 @@ def test_a_lora_whose_header_asks_peft_to_import_a_module_is_refused_before_load
     folder = refs.file_ref(store / "diffusers" / "tiny-sd15").to_dict()
 
     def recipe(lora: str) -> dict[str, Any]:
+        file = refs.file_ref(store / "loras" / lora).to_dict()
+        if loader == "pipeline":  # a pipeline's LoRA loaded into its UNet alone
+            return {"v": 1, "select": "unet", "steps": [
+                {"op": "diffusers.from_pretrained", "cls": "StableDiffusionPipeline", "file": folder},
+                {"op": "diffusers.pipeline_lora_into_unet", "cls": "StableDiffusionPipeline", "on": "unet",
+                 "file": file, "kwargs": {"adapter_name": "x"}}]}
         return {"v": 1, "steps": [
             {"op": "diffusers.from_pretrained", "cls": "UNet2DConditionModel", "file": folder,
              "kwargs": {"subfolder": "unet"}},
-            {"op": "diffusers.load_lora_adapter", "on": "",
-             "file": refs.file_ref(store / "loras" / lora).to_dict(),
+            {"op": "diffusers.load_lora_adapter", "on": "", "file": file,
              "kwargs": {"adapter_name": "x", "prefix": None}}]}
 
     width = unet.config.cross_attention_dim
@@ -219,4 +226,24 @@ def test_a_lora_whose_header_asks_peft_to_import_a_module_is_refused_before_load
     assert reply["op"] == "error" and reply["error"]["kind"] == "BadRequest", reply
     assert "megatron" in reply["error"]["message"] and "only peft's default" in reply["error"]["message"]
     assert "No module named" not in texts(reply)
+    assert_no_local_paths(reply, store)
+
+
+@pytest.mark.parametrize("cls", ["UNet2DConditionModel", "os.system", None])
+def test_a_pipeline_lora_step_runs_only_through_a_pipeline_class(worker: str, store: Path, models_dir: Path,
+                                                                 cls: str | None) -> None:
+    refs = StoreFileRefs(ModelStore(store))
+    shutil.copyfile(models_dir / "loras" / "tiny-sd15-lora.safetensors", store / "loras" / "l.safetensors")
+    step: dict[str, Any] = {"op": "diffusers.pipeline_lora_into_unet", "on": "unet",
+                            "file": refs.file_ref(store / "loras" / "l.safetensors").to_dict()}
+    if cls is not None:
+        step["cls"] = cls
+    target = {"v": 1, "select": "unet", "steps": [
+        {"op": "diffusers.from_pretrained", "cls": "StableDiffusionPipeline",
+         "file": refs.file_ref(store / "diffusers" / "tiny-sd15").to_dict()}, step]}
+    with Client(worker) as client:
+        reply = client.request({"op": "call", "target": target, "method": "forward", "args": [],
+                                "kwargs": {}}, timeout=60)
+    assert reply["op"] == "error" and reply["error"]["kind"] == "BadRequest", reply
+    assert "class" in reply["error"]["message"]
     assert_no_local_paths(reply, store)

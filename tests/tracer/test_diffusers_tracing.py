@@ -26,27 +26,38 @@ def lora(models_dir: Path) -> str:
 
 def test_unet_recipe_is_base_plus_lora_plus_adapters(sd15_lora_run: Any, store: ModelStore) -> None:
     recipe = sd15_lora_run.trace.recipe(sd15_lora_run.pipe.unet)
-    assert [step.op for step in recipe.steps] == [
-        "diffusers.from_pretrained",
-        "diffusers.load_lora_weights",
-        "diffusers.set_adapters",
+    # the pipeline's LoRA steps become steps on its UNet alone: a worker builds no text encoder or VAE
+    assert [(step.op, step.on) for step in recipe.steps] == [
+        ("diffusers.from_pretrained", None),
+        ("diffusers.pipeline_lora_into_unet", "unet"),
+        ("diffusers.set_adapters", "unet"),
     ]
     base, with_lora, adapters = recipe.steps
     assert base.cls == "StableDiffusionPipeline"
-    assert base.file == FileRef(
-        name="tiny-sd15",
-        sha256=store.sha256(store.resolve("diffusers", "tiny-sd15")),
-        bytes=base.file.bytes,
-        folder="diffusers",
-        kind="dir",
-    )
+    assert base.file is not None
+    assert (base.file.name, base.file.folder, base.file.kind) == ("tiny-sd15", "diffusers", "dir")
+    # the UNet alone needs the pipeline's index and its own files
+    assert [item.path for item in base.file.files] == [
+        "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+    assert with_lora.cls == "StableDiffusionPipeline"  # the pipeline class reads and converts the file
     assert with_lora.file is not None and with_lora.file.folder == "loras"
     assert with_lora.file.sha256 == store.sha256(store.resolve("loras", "tiny-sd15-lora.safetensors"))
     assert dict(with_lora.kwargs) == {"adapter_name": "style"}
-    assert dict(adapters.kwargs) == {"adapter_names": ("style",), "adapter_weights": (0.7,)}
-    assert adapters.to_dict()["kwargs"] == {"adapter_names": ["style"], "adapter_weights": [0.7]}
+    assert dict(adapters.kwargs) == {"adapter_names": ("style",), "weights": (0.7,)}
     assert recipe.select == "unet"
     assert recipe.fingerprint == fingerprint(sd15_lora_run.pipe.unet)
+
+
+def test_the_text_encoder_recipe_keeps_the_pipeline_steps(sd15_lora_run: Any, store: ModelStore) -> None:
+    recipe = sd15_lora_run.trace.recipe(sd15_lora_run.pipe.text_encoder)
+    assert [(step.op, step.on) for step in recipe.steps] == [
+        ("diffusers.from_pretrained", None),
+        ("diffusers.load_lora_weights", ""),
+        ("diffusers.set_adapters", ""),
+    ]
+    base = recipe.steps[0]
+    assert base.file is not None and base.file.sha256 == store.sha256(store.resolve("diffusers", "tiny-sd15"))
+    assert dict(recipe.steps[2].kwargs) == {"adapter_names": ("style",), "adapter_weights": (0.7,)}
 
 
 def test_recipes_are_small_and_name_no_local_paths(sd15_lora_run: Any, models_dir: Path) -> None:
