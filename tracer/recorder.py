@@ -111,6 +111,23 @@ class _PauseState(threading.local):
 Entries = tuple[tuple["CallRecorder", ResolvedFunction], ...]
 #: A native reader's code maps to the name of its file argument instead of entries (see ``file_reads``).
 Watched = Entries | str
+#: What the module-call code maps to: pause until that forward returns.
+_PAUSE = "pause in this module's forward"
+#: The codes of one name, each with what it maps to: the profile function's table is keyed by ``co_name``.
+Candidates = tuple[tuple[CodeType, Any], ...]
+
+
+def _by_name(pairs: Mapping[CodeType, Any]) -> dict[str, Candidates]:
+    """``code → value`` regrouped by the code's name, for lookups that hash a (cached) string only.
+
+    Neither ``id(code)`` nor the code object works as a key in a profile function: ``id`` raises the
+    ``builtins.id`` audit event (a Python call per event once any audit hook is installed, as
+    ``file_reads`` does) and hashing a code object hashes its constants (~0.4 µs).
+    """
+    table: dict[str, list[tuple[CodeType, Any]]] = {}
+    for code, value in pairs.items():
+        table.setdefault(code.co_name, []).append((code, value))
+    return {name: tuple(codes) for name, codes in table.items()}
 
 
 class _ProfileHub:
@@ -121,8 +138,8 @@ class _ProfileHub:
         self.previous_threads = previous_threads
         self.chained: ProfileFunction | None = previous if callable(previous) else None
         self.recorders: list[CallRecorder] = []
-        self._by_id: dict[int, Watched] = {}
-        self._readers: dict[int, str] = {}
+        self._by_name: dict[str, Candidates] = {}
+        self._readers: dict[str, Candidates] = {}
         self._pause = _PauseState()
         self._resume_hooks: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
         self._call_event, self._return_event = _event_names()
@@ -139,19 +156,22 @@ class _ProfileHub:
         self._rebuild()
 
     def _rebuild(self) -> None:
-        by_id: dict[int, list[tuple[CallRecorder, ResolvedFunction]]] = {}
-        readers: dict[int, str] = {}
+        watched: dict[CodeType, list[tuple[CallRecorder, ResolvedFunction]]] = {}
+        readers: dict[CodeType, str] = {}
         for recorder in self.recorders:
             for code, function in recorder.watched.items():
-                by_id.setdefault(id(code), []).append((recorder, function))
-            readers.update({id(code): name for code, name in recorder.readers.items()})
-        readers = {key: name for key, name in readers.items() if key not in by_id}
+                watched.setdefault(code, []).append((recorder, function))
+            readers.update(recorder.readers)
+        readers = {code: name for code, name in readers.items() if code not in watched}
+        table: dict[CodeType, Any] = dict(readers)
+        table.update({code: tuple(entries) for code, entries in watched.items()})
+        if self.shortcuts and self.recorders and all(r.pause_in_module_calls for r in self.recorders):
+            table.setdefault(_MODULE_CALL_CODE, _PAUSE)
         # updated in place: threads running the current function see the change
         self._readers.clear()
-        self._readers.update(readers)
-        self._by_id.clear()
-        self._by_id.update(readers)
-        self._by_id.update({key: tuple(entries) for key, entries in by_id.items()})
+        self._readers.update(_by_name(readers))
+        self._by_name.clear()
+        self._by_name.update(_by_name(table))
         self.profile = self._make_profile()
         sys.setprofile(self.profile)
         threading.setprofile(self.profile)
@@ -173,28 +193,34 @@ class _ProfileHub:
     # --- the profile function -----------------------------------------------------------------
 
     def _make_profile(self) -> ProfileFunction:
-        # Keyed by id: hashing a code object costs ~0.4 µs, far more than the rest of this function.
-        lookup = self._by_id.get
+        lookup = self._by_name.get
         enter = self._enter
         leave = self._leave
         pause = self._pause_in
-        pausing = self.shortcuts and all(r.pause_in_module_calls for r in self.recorders)
-        module_call = id(_MODULE_CALL_CODE) if pausing else None
         call, ret = self._call_event, self._return_event
         chained = self.chained
 
         def profile(frame: FrameType, event: str, arg: Any) -> None:
             if event is call:
-                key = id(frame.f_code)
-                entries = lookup(key)
-                if entries is not None:
-                    enter(frame, entries)
-                elif key == module_call:
-                    pause(frame)
+                code = frame.f_code
+                candidates = lookup(code.co_name)
+                if candidates is not None:
+                    for watched, entries in candidates:
+                        if watched is code:
+                            if entries is _PAUSE:
+                                pause(frame)
+                            else:
+                                enter(frame, entries)
+                            return
             elif event is ret:
-                entries = lookup(id(frame.f_code))
-                if entries is not None:
-                    leave(frame, entries, arg)
+                code = frame.f_code
+                candidates = lookup(code.co_name)
+                if candidates is not None:
+                    for watched, entries in candidates:
+                        if watched is code:
+                            if entries is not _PAUSE:
+                                leave(frame, entries, arg)
+                            return
 
         function: ProfileFunction = profile
         if chained is not None:
@@ -239,9 +265,12 @@ class _ProfileHub:
 
         def inner(frame: FrameType, event: str, arg: Any) -> None:
             if event is call:
-                name = reader(id(frame.f_code))
-                if name is not None:
-                    note_read(frame.f_locals.get(name))
+                code = frame.f_code
+                candidates = reader(code.co_name)
+                if candidates is not None:
+                    for watched, name in candidates:
+                        if watched is code:
+                            note_read(frame.f_locals.get(name))
             elif frame is target and event is ret:
                 sys.setprofile(self.profile if self.recorders else self.previous)
                 self._leave(frame, entries, arg)
