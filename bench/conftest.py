@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,28 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _available_memory() -> int:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (0 where there is none)."""
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.exists():
+        return 0
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.fixture(scope="session")
+def require_room() -> Callable[[Path, int, int], None]:
+    """``require(folder, memory, disk)`` skips the asking benchmark unless ``memory`` bytes are available
+    and ``disk`` bytes are free where ``folder`` lies (the full-size ones)."""
+
+    def require(folder: Path, memory: int, disk: int) -> None:
+        if _available_memory() < memory:
+            pytest.skip(f"needs {memory >> 30} GiB of free memory")
+        if shutil.disk_usage(folder).free < disk:
+            pytest.skip(f"needs {disk >> 30} GiB of free disk")
+
+    return require

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -82,20 +81,10 @@ print(path.stat().st_size, built, status('VmHWM'))
 """
 
 
-def _available_memory() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 @pytest.fixture(scope="module")
-def full_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def full_models(tmp_path_factory: pytest.TempPathFactory, require_room: Any) -> Path:
     root = tmp_path_factory.mktemp("full-models")
-    if _available_memory() < NEEDED_MEMORY_BYTES:
-        pytest.skip(f"needs {NEEDED_MEMORY_BYTES >> 30} GiB of free memory")
-    if shutil.disk_usage(root).free < NEEDED_DISK_BYTES:
-        pytest.skip(f"needs {NEEDED_DISK_BYTES >> 30} GiB of free disk")
+    require_room(root, NEEDED_MEMORY_BYTES, NEEDED_DISK_BYTES)
     path = root / "checkpoints" / CHECKPOINT
     out = subprocess.run([sys.executable, "-c", WRITER, str(path), str(_BENCH)], check=True,
                          capture_output=True, text=True)
