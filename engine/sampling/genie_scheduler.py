@@ -435,7 +435,9 @@ class GenieScheduler:
         return self._denoised(output, x, sigma)
 
 
-def _exact_scale(fitted: float, uncond: torch.Tensor, difference: torch.Tensor, guided: torch.Tensor) -> float:
+def _exact_scale(
+    fitted: float, uncond: torch.Tensor, difference: torch.Tensor, guided: torch.Tensor
+) -> float:
     """The guidance scale the pipeline used, where a short decimal near the fitted one reproduces its output.
 
     The least-squares fit is off in its last digits, by amounts that depend on the CPU's kernels; finite
