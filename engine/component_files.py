@@ -22,7 +22,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from diffsplit.tracer.recipe import FileRef, FolderFile
+from diffsplit.tracer.files import folder_ref
+from diffsplit.tracer.recipe import FileRef
 
 _CONFIG_NAMES = ("config.json",)
 _INDEX_SUFFIX = ".safetensors.index.json"
@@ -95,9 +96,7 @@ def component_folder_ref(folder: Path, component: str, module: torch.nn.Module,
     for candidate in _shards(subfolder):
         reason = _difference(candidate, state)
         if reason is None:
-            files = tuple(FolderFile(path.relative_to(folder).as_posix(), sha256(path), path.stat().st_size)
-                          for path in (*configs, *candidate))
-            return FileRef.folder_of(folder.name, files)
+            return folder_ref(folder, (*configs, *candidate), sha256, None)
         reasons.append(reason)
     raise WeightsEdited(
         f"its weights are not those of any weight file in {folder.name}/{component} "

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from diffsplit.tracer.files import HashingFileRefs
+from diffsplit.tracer.recipe import is_sha256
 
 
 def default_hub_cache() -> Path | None:
@@ -48,7 +49,7 @@ class HubCacheFiles:
         for folder in folders:
             with os.scandir(folder) as entries:
                 for entry in entries:
-                    if len(entry.name) == 64 or not entry.is_file() or entry.stat().st_size != size:
+                    if is_sha256(entry.name) or not entry.is_file() or entry.stat().st_size != size:
                         continue
                     if self._hashes.sha256(Path(entry.path)) == sha256:
                         return Path(entry.path)

@@ -33,9 +33,9 @@ from pathlib import Path
 from diffsplit.engine.store import FOLDER_EXTENSIONS, MODEL_FOLDERS, is_model_directory, unsafe_name_reason
 from diffsplit.remote.errors import BadRequest, Overloaded
 from diffsplit.tracer.files import file_sha256 as _sha256_of
+from diffsplit.tracer.recipe import is_sha256
 from diffsplit.transport.worker_ops import UploadChunk
 
-_SHA256_HEX = frozenset("0123456789abcdef")
 #: Weight files a loader reads without unpickling (safetensors); other folders' kinds in FOLDER_EXTENSIONS.
 UPLOAD_EXTENSIONS = frozenset({".safetensors", ".sft"})
 #: Disk space every upload leaves free besides what it declares.
@@ -82,7 +82,7 @@ def check_chunk(chunk: UploadChunk, max_file_bytes: int) -> UploadChunk:
         kinds = ", ".join(sorted(allowed))
         raise BadRequest(f"upload: {chunk.name!r}: a worker takes only {kinds} files into {chunk.folder}/ "
                          "(files it reads without unpickling); copy other files yourself")
-    if len(chunk.sha256) != 64 or not set(chunk.sha256) <= _SHA256_HEX:
+    if not is_sha256(chunk.sha256):
         raise BadRequest("upload: sha256 must be 64 hex digits")
     if Path(chunk.name).suffix.lower() == ".yaml" and chunk.total_bytes > MAX_CONFIG_BYTES:
         raise BadRequest(f"upload: a config file is at most {MAX_CONFIG_BYTES} bytes")

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol
 
-from diffsplit.tracer.recipe import FileRef, FolderFile, folder_digest
+from diffsplit.tracer.recipe import FileRef, FolderFile, folder_digest, is_sha256
 from diffsplit.transport.errors import DiffsplitError
 
 #: Store folders of a ComfyUI-style models folder; a file directly inside one keeps it as its folder.
@@ -44,10 +44,7 @@ def hub_blob_sha256(path: Path) -> str | None:
     if not path.is_symlink():
         return None
     target = path.resolve()
-    name = target.name
-    if target.parent.name == "blobs" and len(name) == 64 and all(c in "0123456789abcdef" for c in name):
-        return name
-    return None
+    return target.name if target.parent.name == "blobs" and is_sha256(target.name) else None
 
 
 def complete_reads(folder: Path, read: tuple[Path, ...]) -> tuple[Path, ...] | None:
@@ -162,7 +159,6 @@ class StoreFileRefs:
             folder=entry.folder,
             kind="dir" if path.is_dir() else "file",
         )
-
 
     def _sha256(self, path: Path) -> str:
         try:

@@ -122,8 +122,16 @@ class FrozenMap(Mapping[str, Any]):
         return f"FrozenMap({self._items!r})"
 
 
+_SHA256_DIGITS = frozenset("0123456789abcdef")
+
+
+def is_sha256(value: object) -> bool:
+    """Whether ``value`` is a sha256 as recipes, stores and uploads write it: 64 lowercase hex digits."""
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _SHA256_DIGITS
+
+
 def _check_sha256(sha256: object, what: str) -> None:
-    if not isinstance(sha256, str) or len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+    if not is_sha256(sha256):
         raise RecipeError(f"{what} has a malformed sha256 {sha256!r}")
 
 
