@@ -140,6 +140,8 @@ class _ProfileHub:
         self.recorders: list[CallRecorder] = []
         self._by_name: dict[str, Candidates] = {}
         self._readers: dict[str, Candidates] = {}
+        #: the readers that are also watched codes (a state-dict loader such as safetensors' load_file)
+        self._watched_readers: dict[CodeType, str] = {}
         self._pause = _PauseState()
         self._resume_hooks: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
         self._call_event, self._return_event = _event_names()
@@ -162,14 +164,15 @@ class _ProfileHub:
             for code, function in recorder.watched.items():
                 watched.setdefault(code, []).append((recorder, function))
             readers.update(recorder.readers)
-        readers = {code: name for code, name in readers.items() if code not in watched}
-        table: dict[CodeType, Any] = dict(readers)
+        table: dict[CodeType, Any] = {code: name for code, name in readers.items() if code not in watched}
         table.update({code: tuple(entries) for code, entries in watched.items()})
         if self.shortcuts and self.recorders and all(r.pause_in_module_calls for r in self.recorders):
             table.setdefault(_MODULE_CALL_CODE, _PAUSE)
         # updated in place: threads running the current function see the change
         self._readers.clear()
         self._readers.update(_by_name(readers))
+        self._watched_readers.clear()
+        self._watched_readers.update({code: name for code, name in readers.items() if code in watched})
         self._by_name.clear()
         self._by_name.update(_by_name(table))
         self.profile = self._make_profile()
@@ -248,6 +251,10 @@ class _ProfileHub:
             return
         for recorder, function in entries:
             recorder.entered(frame, function)
+        if self._watched_readers:
+            reads = self._watched_readers.get(frame.f_code)  # a watched call: hashing its code is rare enough
+            if reads is not None:
+                note_read(frame.f_locals.get(reads))
         if self.shortcuts and all(recorder.inside_loader for recorder in self.recorders):
             sys.setprofile(self._await_return(frame, entries))
 

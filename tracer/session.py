@@ -76,8 +76,9 @@ class _PendingStep:
 
 
 def _reads_folder(record: CallRecord) -> bool:
-    """Whether a recorded call is a loader reading a folder (whose files read its recipe names)."""
-    return record.kind == "loader" and isinstance(record.file, LocalFile) and record.file.path.is_dir()
+    """Whether a recorded call reads a folder (whose files read its recipe names): a loader's model
+    folder, or a mutator's (a LoRA folder or hub repository with ``weight_name=``)."""
+    return record.kind != "placement" and isinstance(record.file, LocalFile) and record.file.path.is_dir()
 
 
 class Session:

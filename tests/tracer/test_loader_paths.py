@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from diffsplit.engine.folder_views import FolderViews
 from diffsplit.engine.rebuild import build, store_resolver
 from diffsplit.engine.store import ModelStore
 from diffsplit.tracer.fingerprint import fingerprint
@@ -70,3 +71,31 @@ def test_only_existing_paths_and_cached_repositories_resolve(models_dir: Path, t
     assert loader_path("tiny-org/tiny-sd15", revision="main", cache_dir=str(cache)) == found
     for absent in ("tiny-org/absent", "../tiny-org/tiny-sd15", "a/b/c", "", str(tmp_path / "none")):
         assert loader_path(absent, cache_dir=str(cache)) is None, absent
+
+
+@pytest.mark.parametrize("source", ["hub id", "local folder"])
+def test_a_lora_from_a_folder_with_weight_name_is_named_by_the_file_read(
+    models_dir: Path, store: ModelStore, tmp_path: Path, source: str
+) -> None:
+    lora = models_dir / "loras" / "tiny-sd15-lora.safetensors"
+    folder = tmp_path / "lora-repo"
+    folder.mkdir()
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(lora.read_bytes())
+    (folder / "other.safetensors").write_bytes(b"not read")
+    location, options = str(folder), {}
+    if source == "hub id":
+        cache = hub_cache(tmp_path / "hub", "tiny-org/tiny-lora", folder)
+        location, options = "tiny-org/tiny-lora", {"cache_dir": str(cache)}
+    with tracing(store=store) as trace:
+        pipe = StableDiffusionPipeline.from_pretrained(str(models_dir / "diffusers" / "tiny-sd15"))
+        pipe.load_lora_weights(location, weight_name="pytorch_lora_weights.safetensors", adapter_name="style",
+                               **options)
+    recipe = trace.recipe(pipe.unet)
+    lora_step = recipe.steps[1]
+    assert lora_step.file is not None and lora_step.file.kind == "dir"
+    # only the file the pipeline read, by the sha256 the store knows it by under its own name
+    assert [(item.path, item.sha256) for item in lora_step.file.files] == [
+        ("pytorch_lora_weights.safetensors", store.sha256(lora))]
+    assert str(tmp_path) not in recipe.to_json()
+    rebuilt = build(recipe, store_resolver(store, FolderViews([store.find_file], root=tmp_path / "views")))
+    assert fingerprint(rebuilt) == fingerprint(pipe.unet)
