@@ -361,7 +361,7 @@ def comparable_fingerprint(value: Any) -> str:
 
 
 #: What a pipeline load passes on to each component's own load.
-_COMPONENT_KEYWORDS = frozenset({"torch_dtype", "variant", "low_cpu_mem_usage", "local_files_only",
+_COMPONENT_KEYWORDS = frozenset({"torch_dtype", "dtype", "variant", "low_cpu_mem_usage", "local_files_only",
                                  "use_safetensors"})
 
 

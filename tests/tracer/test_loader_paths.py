@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from diffsplit.engine.folder_views import FolderViews
 from diffsplit.engine.rebuild import build, store_resolver
 from diffsplit.engine.store import ModelStore
@@ -99,3 +100,16 @@ def test_a_lora_from_a_folder_with_weight_name_is_named_by_the_file_read(
     assert str(tmp_path) not in recipe.to_json()
     rebuilt = build(recipe, store_resolver(store, FolderViews([store.find_file], root=tmp_path / "views")))
     assert fingerprint(rebuilt) == fingerprint(pipe.unet)
+
+
+@pytest.mark.parametrize("keyword", ["torch_dtype", "dtype"])
+def test_a_component_built_alone_keeps_the_pipelines_dtype_whichever_keyword_gave_it(
+    models_dir: Path, store: ModelStore, keyword: str
+) -> None:
+    with tracing(store=store) as trace:
+        pipe = StableDiffusionPipeline.from_pretrained(str(models_dir / "diffusers" / "tiny-sd15"),
+                                                       **{keyword: torch.float16})
+    for component in ("unet", "text_encoder", "vae"):
+        rebuilt = build(trace.recipe(getattr(pipe, component)), store_resolver(store))
+        assert next(rebuilt.parameters()).dtype == torch.float16, component
+        assert fingerprint(rebuilt) == fingerprint(getattr(pipe, component)), component
