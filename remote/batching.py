@@ -105,12 +105,15 @@ class BatchMembership:
         self._local.member = member
 
     def leave(self) -> None:
+        """This thread's request is done with its batch; the last member to leave records the batch (before
+        its reply goes out, so a client that heard back sees the batch in ``stats``)."""
         member = self.current()
-        if member is not None:
-            member.group.leave(member.index)
         self._local.member = None
+        if member is not None and member.group.leave(member.index):
+            self._record(member.group)
 
-    def record(self, group: LockstepGroup, size: int) -> None:
+    def _record(self, group: LockstepGroup) -> None:
+        size = group.size
         stats = group.stats()
         with self._lock:
             self.batches += 1

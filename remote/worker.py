@@ -556,7 +556,6 @@ class Worker:
         self._run_job(job, Member(group, 0))
         for thread in threads:
             thread.join()
-        self._membership.record(group, len(threads) + 1)
 
     def _gather(self, signature: str) -> list[_Job]:
         """Queued requests with ``signature`` (up to ``--batch-max`` in all), waiting ``--batch-wait-ms``."""

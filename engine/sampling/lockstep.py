@@ -291,9 +291,13 @@ class LockstepGroup:
         with self._cond:
             return frozenset(self._live)
 
-    def leave(self, index: int) -> None:
-        """Member ``index`` makes no more calls (finished, failed or cancelled); idempotent."""
+    def leave(self, index: int) -> bool:
+        """Member ``index`` makes no more calls (finished, failed or cancelled); idempotent.
+
+        Returns whether this call was the one that left the group without members.
+        """
         with self._cond:
+            was_live = index in self._live
             self._live.discard(index)
             self._detached.discard(index)
             self._queued.pop(index, None)
@@ -301,6 +305,7 @@ class LockstepGroup:
             if not self._live and self._pass_thread is not None:
                 self._pass_thread.shutdown(wait=False)  # no round can come any more
                 self._pass_thread = None
+            return was_live and not self._live
 
     def _passes(self) -> ThreadPoolExecutor:
         """The group's pass thread (made at the first round that needs it)."""
