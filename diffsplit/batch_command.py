@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffsplit.arg_types import positive_int
+from diffsplit.arg_types import positive_float, positive_int
 from diffsplit.client_args import add_client_arguments, add_loading_argument, add_priority_argument
 from diffsplit.device_args import add_device_arguments
 
@@ -54,11 +55,39 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
                         help="send a model file once to a worker that lacks it (needs --allow-upload there)")
     parser.add_argument("--fallback", choices=("local",), default=None,
                         help="local: a node whose workers are all gone or overloaded runs here instead")
+    add_ray_arguments(parser)
     add_client_arguments(parser)
     add_priority_argument(parser)
     add_loading_argument(parser)
     add_device_arguments(parser, what="the nodes run here")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--ray`` and its settings: the batch as a Ray Data pipeline (``diffsplit[ray]``)."""
+    group = parser.add_argument_group("on Ray (pip install 'diffsplit[ray]')")
+    group.add_argument("--ray", metavar="ADDRESS",
+                       help="run the batch as a Ray Data pipeline: prompts prepared in CPU actors, the "
+                       "sampling nodes in a pool of actors holding the models, images saved here. ADDRESS: "
+                       "local (start a Ray instance in this process), auto (the running cluster) or a "
+                       "cluster address")
+    group.add_argument("--ray-nodes", metavar="NODE[,NODE...]",
+                       help="the nodes the sampling actors run (default: every sampler node; nodes between "
+                       "two of them join them)")
+    group.add_argument("--ray-actors", type=positive_int, default=1, metavar="N",
+                       help="sampling actors (default 1; each takes a CPU, and --ray-gpus GPUs)")
+    group.add_argument("--ray-prepare-actors", type=positive_int, default=1, metavar="N",
+                       help="actors encoding prompts ahead of the samplers (default 1)")
+    group.add_argument("--ray-batch", type=positive_int, default=None, metavar="N",
+                       help="items one sampling actor samples together, one UNet pass per step for all "
+                       "(default: 4, or 8 with --ray-gpus)")
+    group.add_argument("--ray-gpus", type=positive_float, default=0.0, metavar="F",
+                       help="GPUs per sampling actor (default 0: the CPU; fractions share a GPU)")
+    group.add_argument("--ray-threads", type=positive_int, default=None, metavar="N",
+                       help="intra-op CPU threads of each actor (default: this process's count, so each "
+                       "image equals `diffsplit run` here bit for bit)")
+    group.add_argument("--ray-cpus", type=positive_int, default=None, metavar="N",
+                       help="logical CPUs of a --ray local instance (default: this machine's cores)")
 
 
 def check_items(items: Sequence[BatchItem], workflow: Workflow, registry: NodeRegistry, store: Any) -> None:
@@ -126,6 +155,8 @@ def batch_command(args: argparse.Namespace) -> int:
     if skipped:
         printer.message(f"{skipped} of {len(items)} item(s) already done (per {manifest.path}); "
                         "--restart redoes them")
+    if args.ray is not None:
+        return _ray_batch_command(args, workflow, registry, todo, manifest, skipped, len(items))
     assigned = assign_remotes(workflow, registry, args.remote)
     if assigned:
         printer.message("remote nodes:\n" + describe_assignment(assigned, workflow))
@@ -150,6 +181,55 @@ def batch_command(args: argparse.Namespace) -> int:
         bar.close()
         if runner is not None:
             runner.close()
+    return _summarise(summary, manifest)
+
+
+def _ray_batch_command(args: argparse.Namespace, workflow: Workflow, registry: NodeRegistry,
+                       todo: Sequence[BatchItem], manifest: Any, skipped: int, total: int) -> int:
+    """``batch --ray``: the same items, manifest and bar, through the Ray pipeline."""
+    from diffsplit.batch_run import item_overrides
+    from diffsplit.engine.errors import WorkflowError
+    from diffsplit.engine.workflow_stages import sampler_nodes, split_stages
+    from diffsplit.ray_batch import RayOptions, run_ray_batch
+    from diffsplit.ray_stages import StageSettings
+
+    if args.remote:
+        raise WorkflowError("--ray runs the sampling nodes in Ray actors; --remote sends nodes to workers: "
+                            "give one or the other")
+    sampling = (tuple(part.strip() for part in args.ray_nodes.split(",") if part.strip())
+                if args.ray_nodes else sampler_nodes(workflow, registry))
+    split = split_stages(workflow, registry, sampling)  # a workflow that cannot be cut fails here, not in Ray
+    source = json.loads(Path(args.workflow).read_text(encoding="utf-8"))
+    device = {name: getattr(args, name) for name in ("device", "dtype", "unet_dtype", "vae_dtype",
+                                                      "text_encoder_dtype")}
+    vram = int(args.vram_gb * (1 << 30)) if args.vram_gb is not None else None
+    settings = StageSettings(
+        workflow_source=source, sets=tuple(args.set), models=str(Path(args.models).resolve()),
+        extra_model_paths=str(Path(args.extra_model_paths).resolve()) if args.extra_model_paths else None,
+        inputs=str(Path(args.inputs).resolve()), out=str(Path(args.out).resolve()), sampling=split.sampling,
+        device=device, vram_bytes=vram, threads=args.ray_threads or _torch_threads())
+    options = RayOptions(address=args.ray, sampling_actors=args.ray_actors,
+                         preparing_actors=args.ray_prepare_actors,
+                         batch_size=args.ray_batch or (8 if args.ray_gpus else 4),
+                         gpus_per_actor=args.ray_gpus, local_cpus=args.ray_cpus)
+    overrides = {item.key: item_overrides(workflow, registry, item) for item in todo}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    bar = _Bar(total, skipped, args.quiet)
+    try:
+        summary = run_ray_batch(settings, options, workflow, registry, todo, overrides, manifest, bar,
+                                skipped=skipped)
+    finally:
+        bar.close()
+    return _summarise(summary, manifest)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _summarise(summary: Any, manifest: Any) -> int:
     rate = summary.done / summary.seconds if summary.seconds > 0 else 0.0
     print(f"batch: {summary.done} done, {summary.skipped} already done, {summary.failed} failed "
           f"in {summary.seconds:.1f}s ({rate:.2f} item/s); manifest: {manifest.path}", file=sys.stderr)

@@ -143,7 +143,7 @@ def run_item(plan: BatchPlan, item: BatchItem, cache: ExecutionCache,
              cancel: threading.Event) -> ManifestEntry:
     """Run one item; its manifest entry (``failed`` with the error when the workflow failed)."""
     started = time.perf_counter()
-    overrides = {**item.override_map(), **_image_names(plan, item)}
+    overrides = item_overrides(plan.workflow, plan.registry, item)
     workflow = plan.workflow.with_overrides(overrides, plan.registry)
     seed = seed_of(workflow)
     try:
@@ -163,10 +163,15 @@ def run_item(plan: BatchPlan, item: BatchItem, cache: ExecutionCache,
     )
 
 
-def _image_names(plan: BatchPlan, item: BatchItem) -> dict[str, str]:
+def item_overrides(workflow: Workflow, registry: NodeRegistry, item: BatchItem) -> dict[str, Any]:
+    """What one item changes in the workflow: its own overrides, and its images named after it."""
+    return {**item.override_map(), **_image_names(workflow, registry, item)}
+
+
+def _image_names(workflow: Workflow, registry: NodeRegistry, item: BatchItem) -> dict[str, str]:
     """Each image-saving node's prefix set to the item's key (and node id when there are several)."""
-    savers = [node.id for node in plan.workflow.nodes.values()
-              if plan.registry.get(node.class_type) is not None and plan.registry[node.class_type].output_node
+    savers = [node.id for node in workflow.nodes.values()
+              if registry.get(node.class_type) is not None and registry[node.class_type].output_node
               and isinstance(node.inputs.get("filename_prefix"), str)]
     if len(savers) == 1:
         return {f"{savers[0]}.filename_prefix": item.key}

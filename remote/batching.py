@@ -130,9 +130,13 @@ class BatchMembership:
 
     def in_batch(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """``inputs`` with the MODEL's UNet seen through this thread's batch (unchanged outside one)."""
-        member = self.current()
-        model = inputs.get("model")
-        if member is None or not isinstance(model, DiffusionModel):
-            return inputs
-        unet = LockstepUNet(model.unet, member.group, member.index)
-        return {**inputs, "model": dataclasses.replace(model, unet=unet)}
+        return in_group(inputs, self.current())
+
+
+def in_group(inputs: dict[str, Any], member: Member | None) -> dict[str, Any]:
+    """``inputs`` with the MODEL's UNet seen through ``member``'s batch (unchanged for None)."""
+    model = inputs.get("model")
+    if member is None or not isinstance(model, DiffusionModel):
+        return inputs
+    unet = LockstepUNet(model.unet, member.group, member.index)
+    return {**inputs, "model": dataclasses.replace(model, unet=unet)}
