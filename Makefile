@@ -14,7 +14,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: this takes the CPU build, not a multi-GB CUDA one
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,ray]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -23,6 +23,7 @@ from diffsplit.arg_types import (
 )
 from diffsplit.client_args import add_client_arguments, add_loading_argument, add_priority_argument
 from diffsplit.device_args import add_device_arguments
+from diffsplit.serve_args import add_serve_arguments
 from diffsplit.worker_control import add_control_parsers
 
 EXIT_USAGE = 2
@@ -127,87 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
         "exits 0. If its I/O thread or a slot thread dies it stops the same way but exits 70, so a "
         "supervisor (systemd Restart=on-failure) restarts it.",
     )
-    # required for the daemon; checked in main() so that `diffsplit worker status ADDR` needs none
-    worker.add_argument("--models", help="ComfyUI-style models folder (the store); required")
-    worker.add_argument("--extra-model-paths", metavar="YAML",
-                     help="ComfyUI extra_model_paths.yaml: more folders for each kind of model")
-    worker.add_argument("--listen", default="tcp://127.0.0.1:5555",
-                        help="ZeroMQ endpoint to bind (default tcp://127.0.0.1:5555); beyond loopback it "
-                        "needs --curve-secret (or --insecure)")
-    worker.add_argument("--cache-gb", type=float, default=8.0, help="model cache budget in GiB (default 8)")
-    worker.add_argument("--slots", type=int, default=1,
-                        help="nodes run at once (default 1); with a device budget, a node whose models and "
-                        "activations do not fit beside the running ones waits, and its client is told why")
-    add_device_arguments(worker, what="the worker's nodes")
-    worker.add_argument("--batch-max", type=batch_size, default=1, metavar="N",
-                        help="sample up to N compatible requests of any clients as one batch: same model, "
-                        "sampler, scheduler, steps, denoise and latent shape, each with its own seed, CFG "
-                        "and prompts (default 1: off, results bit for bit as unbatched)")
-    worker.add_argument("--batch-wait-ms", type=batch_wait, default=10.0, metavar="MS",
-                        help="how long a slot waits to gather a batch (default 10)")
-    worker.add_argument("--threads", type=positive_int, default=None,
-                        help="CPU threads per job (default: each job runs with its client's thread count, "
-                        "so results equal the client's local run)")
-    worker.add_argument("--max-queue", type=int, default=16,
-                        help="requests waiting beyond the slots before Overloaded (default 16)")
-    worker.add_argument("--max-queue-per-client", type=non_negative_int, default=None, metavar="N",
-                        help="requests one client may have waiting beyond the slots (default: half of "
-                        "--max-queue), so one client cannot lock the others out")
-    worker.add_argument("--max-request-gb", type=positive_float, default=4.0, metavar="GB",
-                        help="memory one request's values may take once decoded: tensors, zero tensors "
-                        "described by shape, held values (default 4)")
-    worker.add_argument("--max-steps", type=positive_int, default=10_000,
-                        help="sampling steps one node may run (steps inputs, sigma schedules; default 10000)")
-    worker.add_argument("--max-pixels", type=positive_int, default=4096 * 4096,
-                        help="width x height x batch of any latent or image a node takes or makes, a latent "
-                        "counted at its image size (default 16777216 = 4096x4096)")
-    worker.add_argument("--max-batch", type=positive_int, default=64,
-                        help="batch size of any latent or image a node takes or makes (default 64)")
-    worker.add_argument("--max-upload-gb", type=positive_float, default=16.0, metavar="GB",
-                        help="largest model file a client may upload (default 16)")
-    worker.add_argument("--max-uploads-per-client", type=positive_int, default=2, metavar="N",
-                        help="unfinished uploads one client may have at once (default 2)")
-    worker.add_argument("--upload-idle-s", type=positive_float, default=600.0, metavar="S",
-                        help="an unfinished upload idle this long is dropped and its file deleted "
-                        "(default 600)")
-    worker.add_argument("--allow-upload", action="store_true",
-                        help="accept model files from clients after MissingModel (checked by sha256); "
-                        "needs --curve-secret and --curve-clients (or --insecure on a loopback address)")
-    worker.add_argument("--content-dir", metavar="DIR",
-                        help="where files clients send by content are kept (LoRA adapters loaded outside a "
-                        "trace; never the store; taken only with --allow-upload); default: a temporary "
-                        "folder removed when the worker stops")
-    worker.add_argument("--hf-cache", metavar="DIR",
-                        help="a Hugging Face cache whose files serve recipes besides the store's (files are "
-                        "found by sha256, never by a name a client sent); default: the hub library's usual "
-                        "cache folder ($HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub)")
-    worker.add_argument("--no-hf-cache", action="store_true",
-                        help="serve recipes from the store (and content sent by clients) only")
-    worker.add_argument("--trust-code", action="store_true",
-                        help="run @diffsplit.node steps' code sent by allow-listed CURVE clients (needs both "
-                        "--curve-secret and --curve-clients; never accepted from anonymous peers)")
-    worker.add_argument("--curve-secret", metavar="FILE",
-                        help="this worker's CURVE key pair (a .key_secret file): encrypts the connection")
-    worker.add_argument("--curve-clients", metavar="DIR",
-                        help="folder of client public keys (*.key) allowed to connect")
-    worker.add_argument("--grace", type=float, default=30.0,
-                        help="seconds in-flight nodes may finish after SIGTERM (default 30)")
-    worker.add_argument("--insecure", action="store_true",
-                        help="allow listening beyond loopback without CURVE (a trusted network), and, on a "
-                        "loopback address only, --allow-upload without --curve-clients")
-    worker.add_argument("--heartbeat", type=float, default=0.5, help="heartbeat interval in s (default 0.5)")
-    worker.add_argument("--heartbeat-timeout", type=float, default=10.0,
-                        help="a silent client's requests are cancelled after this many s (default 10)")
-    worker.add_argument("--idle-unload-s", type=positive_seconds, default=None, metavar="S",
-                        help="drop cached models no job used for S seconds (default: keep them until "
-                        "evicted or freed with `diffsplit worker free ADDR`)")
-    worker.add_argument("--no-index", dest="index_at_start", action="store_false",
-                        help="do not hash the store's models in the background at start (default: hash "
-                        "every model not indexed yet, so no request waits for it; progress is logged)")
-    worker.add_argument("--log-json", action="store_true",
-                        help="log as JSON lines on stderr (one per request: op, client, request id, node, "
-                        "outcome, queue_s, run_s, bytes); default: text lines")
+    add_worker_arguments(worker)
     add_control_parsers(worker)
+    serve = sub.add_parser(
+        "serve", help="workers as a Ray Serve application, reachable by the same clients",
+        description="Start worker replicas as a Ray Serve application and take client requests on --listen, "
+        "as a worker does (same protocol, limits, fair queue, priorities and security). Each node request "
+        "goes to a replica that holds its models (Serve's model multiplexing, keyed by the recipe digest); "
+        "requests arriving together from any clients are gathered (@serve.batch) and sampled in lockstep "
+        "on the replica (--batch-max). SIGTERM or Ctrl-C stops it.", allow_abbrev=False)
+    add_worker_arguments(serve)
+    add_serve_arguments(serve)
 
     from diffsplit.profiles.cli import add_plan_arguments, add_profile_arguments
 
@@ -230,6 +161,90 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a worker daemon is told: store, limits, device, batching, security (``worker`` and ``serve``)."""
+    # required for the daemon; checked in main() so that `diffsplit worker status ADDR` needs none
+    parser.add_argument("--models", help="ComfyUI-style models folder (the store); required")
+    parser.add_argument("--extra-model-paths", metavar="YAML",
+                     help="ComfyUI extra_model_paths.yaml: more folders for each kind of model")
+    parser.add_argument("--listen", default="tcp://127.0.0.1:5555",
+                        help="ZeroMQ endpoint to bind (default tcp://127.0.0.1:5555); beyond loopback it "
+                        "needs --curve-secret (or --insecure)")
+    parser.add_argument("--cache-gb", type=float, default=8.0, help="model cache budget in GiB (default 8)")
+    parser.add_argument("--slots", type=int, default=1,
+                        help="nodes run at once (default 1); with a device budget, a node whose models and "
+                        "activations do not fit beside the running ones waits, and its client is told why")
+    add_device_arguments(parser, what="the worker's nodes")
+    parser.add_argument("--batch-max", type=batch_size, default=1, metavar="N",
+                        help="sample up to N compatible requests of any clients as one batch: same model, "
+                        "sampler, scheduler, steps, denoise and latent shape, each with its own seed, CFG "
+                        "and prompts (default 1: off, results bit for bit as unbatched)")
+    parser.add_argument("--batch-wait-ms", type=batch_wait, default=10.0, metavar="MS",
+                        help="how long a slot waits to gather a batch (default 10)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads per job (default: each job runs with its client's thread count, "
+                        "so results equal the client's local run)")
+    parser.add_argument("--max-queue", type=int, default=16,
+                        help="requests waiting beyond the slots before Overloaded (default 16)")
+    parser.add_argument("--max-queue-per-client", type=non_negative_int, default=None, metavar="N",
+                        help="requests one client may have waiting beyond the slots (default: half of "
+                        "--max-queue), so one client cannot lock the others out")
+    parser.add_argument("--max-request-gb", type=positive_float, default=4.0, metavar="GB",
+                        help="memory one request's values may take once decoded: tensors, zero tensors "
+                        "described by shape, held values (default 4)")
+    parser.add_argument("--max-steps", type=positive_int, default=10_000,
+                        help="sampling steps one node may run (steps inputs, sigma schedules; default 10000)")
+    parser.add_argument("--max-pixels", type=positive_int, default=4096 * 4096,
+                        help="width x height x batch of any latent or image a node takes or makes, a latent "
+                        "counted at its image size (default 16777216 = 4096x4096)")
+    parser.add_argument("--max-batch", type=positive_int, default=64,
+                        help="batch size of any latent or image a node takes or makes (default 64)")
+    parser.add_argument("--max-upload-gb", type=positive_float, default=16.0, metavar="GB",
+                        help="largest model file a client may upload (default 16)")
+    parser.add_argument("--max-uploads-per-client", type=positive_int, default=2, metavar="N",
+                        help="unfinished uploads one client may have at once (default 2)")
+    parser.add_argument("--upload-idle-s", type=positive_float, default=600.0, metavar="S",
+                        help="an unfinished upload idle this long is dropped and its file deleted "
+                        "(default 600)")
+    parser.add_argument("--allow-upload", action="store_true",
+                        help="accept model files from clients after MissingModel (checked by sha256); "
+                        "needs --curve-secret and --curve-clients (or --insecure on a loopback address)")
+    parser.add_argument("--content-dir", metavar="DIR",
+                        help="where files clients send by content are kept (LoRA adapters loaded outside a "
+                        "trace; never the store; taken only with --allow-upload); default: a temporary "
+                        "folder removed when the worker stops")
+    parser.add_argument("--hf-cache", metavar="DIR",
+                        help="a Hugging Face cache whose files serve recipes besides the store's (files are "
+                        "found by sha256, never by a name a client sent); default: the hub library's usual "
+                        "cache folder ($HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub)")
+    parser.add_argument("--no-hf-cache", action="store_true",
+                        help="serve recipes from the store (and content sent by clients) only")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="run @diffsplit.node steps' code sent by allow-listed CURVE clients (needs both "
+                        "--curve-secret and --curve-clients; never accepted from anonymous peers)")
+    parser.add_argument("--curve-secret", metavar="FILE",
+                        help="this worker's CURVE key pair (a .key_secret file): encrypts the connection")
+    parser.add_argument("--curve-clients", metavar="DIR",
+                        help="folder of client public keys (*.key) allowed to connect")
+    parser.add_argument("--grace", type=float, default=30.0,
+                        help="seconds in-flight nodes may finish after SIGTERM (default 30)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow listening beyond loopback without CURVE (a trusted network), and, on a "
+                        "loopback address only, --allow-upload without --curve-clients")
+    parser.add_argument("--heartbeat", type=float, default=0.5, help="heartbeat interval in s (default 0.5)")
+    parser.add_argument("--heartbeat-timeout", type=float, default=10.0,
+                        help="a silent client's requests are cancelled after this many s (default 10)")
+    parser.add_argument("--idle-unload-s", type=positive_seconds, default=None, metavar="S",
+                        help="drop cached models no job used for S seconds (default: keep them until "
+                        "evicted or freed with `diffsplit worker free ADDR`)")
+    parser.add_argument("--no-index", dest="index_at_start", action="store_false",
+                        help="do not hash the store's models in the background at start (default: hash "
+                        "every model not indexed yet, so no request waits for it; progress is logged)")
+    parser.add_argument("--log-json", action="store_true",
+                        help="log as JSON lines on stderr (one per request: op, client, request id, node, "
+                        "outcome, queue_s, run_s, bytes); default: text lines")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``diffsplit`` console script."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -240,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "worker" and args.worker_command is None and args.models is None:
         parser.error("diffsplit worker needs --models DIR (or an action: `diffsplit worker status ADDR`)")
+    if args.command == "serve" and args.models is None:
+        parser.error("diffsplit serve needs --models DIR")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -255,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "trace": commands.trace,
         "demo": commands.demo,
         "worker": commands.worker,
+        "serve": commands.serve,
         "profile": commands.profile,
         "plan": commands.plan,
         "keys": commands.keys,

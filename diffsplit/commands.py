@@ -259,20 +259,10 @@ def _worker_device(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def worker(args: argparse.Namespace) -> int:
-    """``diffsplit worker``: serve until SIGTERM/SIGINT, then finish or fail in-flight work.
-
-    ``diffsplit worker status|free ADDR`` asks a running worker instead (``worker_control``).
-    """
-    if getattr(args, "worker_command", None):
-        from diffsplit.worker_control import command as control_command
-
-        return control_command(args)
-    from diffsplit.remote.log_format import configure_worker_logging
-
-    configure_worker_logging(json_lines=getattr(args, "log_json", False))
+def worker_config(args: argparse.Namespace) -> Any:
+    """The WorkerConfig the worker flags describe (``worker`` and ``serve``); BadRequest for a bad pairing."""
     from diffsplit.remote.errors import BadRequest
-    from diffsplit.remote.worker import Worker, WorkerConfig, WorkerFailed
+    from diffsplit.remote.worker import WorkerConfig
     from diffsplit.transport.auth import ServerCurve, load_keypair, load_public_keys
     from diffsplit.transport.protocol import Settings
 
@@ -286,7 +276,7 @@ def worker(args: argparse.Namespace) -> int:
             print(f"warning: no client keys (*.key) in {args.curve_clients}: no client can connect",
                   file=sys.stderr, flush=True)
         curve = ServerCurve(load_keypair(args.curve_secret), allowed)
-    config = WorkerConfig(
+    return WorkerConfig(
         models=Path(args.models), listen=args.listen,
         extra_model_paths=Path(args.extra_model_paths) if args.extra_model_paths else None,
         content_dir=Path(args.content_dir) if getattr(args, "content_dir", None) else None,
@@ -299,26 +289,57 @@ def worker(args: argparse.Namespace) -> int:
         grace_s=args.grace, settings=Settings(heartbeat_interval=args.heartbeat,
                                              heartbeat_timeout=args.heartbeat_timeout),
     )
+
+
+def worker(args: argparse.Namespace) -> int:
+    """``diffsplit worker``: serve until SIGTERM/SIGINT, then finish or fail in-flight work.
+
+    ``diffsplit worker status|free ADDR`` asks a running worker instead (``worker_control``).
+    """
+    if getattr(args, "worker_command", None):
+        from diffsplit.worker_control import command as control_command
+
+        return control_command(args)
+    from diffsplit.remote.log_format import configure_worker_logging
+
+    configure_worker_logging(json_lines=getattr(args, "log_json", False))
+    from diffsplit.remote.worker import Worker
+
+    config = worker_config(args)
     daemon = Worker(config)
+    from diffsplit.device_args import describe
+
+    return run_daemon(daemon, f"diffsplit worker listening on {daemon.endpoint} (models: {config.models}; "
+                      f"device: {describe(daemon.memory)})", name="worker")
+
+
+def run_daemon(daemon: Any, started: str, *, name: str) -> int:
+    """Serve until SIGTERM/SIGINT (``started`` is printed first); the exit code (70: it failed on its own)."""
+    from diffsplit.remote.worker import WorkerFailed
+
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: daemon.stop())
-    from diffsplit.device_args import describe
-
-    print(f"diffsplit worker listening on {daemon.endpoint} (models: {config.models}; "
-          f"device: {describe(daemon.memory)})", flush=True)
+    print(started, flush=True)
     code = 0
     try:
         daemon.serve()
     except WorkerFailed as exc:  # not a stop we were asked for: exit non-zero so a supervisor restarts us
         code = EXIT_WORKER_FAILED
-        print(f"diffsplit worker failed: {exc} (exit code {code})", file=sys.stderr, flush=True)
+        print(f"diffsplit {name} failed: {exc} (exit code {code})", file=sys.stderr, flush=True)
     if daemon.busy:  # a job inside one long step: its thread cannot be joined, so skip interpreter teardown
-        print("diffsplit worker stopped (a job was still inside a step)", file=sys.stderr, flush=True)
+        print(f"diffsplit {name} stopped (a job was still inside a step)", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(code)
-    print("diffsplit worker stopped", file=sys.stderr, flush=True)
+    print(f"diffsplit {name} stopped", file=sys.stderr, flush=True)
     return code
+
+
+def serve(args: argparse.Namespace) -> int:
+    """``diffsplit serve --ray``: worker replicas as a Ray Serve application behind one client endpoint."""
+    from diffsplit.serve_command import serve_command
+
+    return serve_command(args)
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,19 +32,13 @@ from diffsplit.batch_run import BatchSummary, seed_of
 from diffsplit.engine.errors import Interrupted
 from diffsplit.engine.graph import Workflow
 from diffsplit.engine.nodes.registry import NodeRegistry
+from diffsplit.ray_connect import RayUnavailable, ray_session
 from diffsplit.ray_stages import FinishStage, PrepareStage, SampleStage, StageSettings, new_row
-from diffsplit.transport.errors import DiffsplitError
 
-#: ``--ray local``: start a Ray instance in this process rather than join a running cluster.
-LOCAL = "local"
 #: Logical CPUs each preparing actor takes (encoding a prompt is short; the samplers get whole CPUs).
 PREPARE_CPUS = 0.5
 #: The label of every Ray node naming it (the finishing actor runs on the driver's node).
 NODE_ID_LABEL = "ray.io/node-id"
-
-
-class RayBatchError(DiffsplitError):
-    """Ray is missing, cannot be reached, or the pipeline itself failed (not one item)."""
 
 
 class ItemProgress(Protocol):
@@ -64,32 +57,6 @@ class RayOptions:
     local_cpus: int | None = None  # logical CPUs of a ``local`` instance (None: this machine's cores)
 
 
-@contextmanager
-def ray_session(options: RayOptions) -> Iterator[Any]:
-    """Ray, connected as ``options.address`` says; a local instance started here is shut down after."""
-    try:
-        import ray
-    except ImportError:
-        raise RayBatchError("--ray needs Ray: pip install 'diffsplit[ray]'") from None
-    started_here = not ray.is_initialized()
-    if started_here:
-        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
-                                  "log_to_driver": False}
-        if options.address == LOCAL:
-            kwargs["num_cpus"] = options.local_cpus
-        else:
-            kwargs["address"] = options.address
-        try:
-            ray.init(**kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise RayBatchError(f"cannot reach the Ray cluster at {options.address!r}: {exc}") from None
-    try:
-        yield ray
-    finally:
-        if started_here:
-            ray.shutdown()
-
-
 def run_ray_batch(settings: StageSettings, options: RayOptions, workflow: Workflow, registry: NodeRegistry,
                   items: Sequence[BatchItem], overrides: Mapping[str, Mapping[str, Any]], manifest: Manifest,
                   progress: ItemProgress, *, skipped: int = 0) -> BatchSummary:
@@ -100,7 +67,7 @@ def run_ray_batch(settings: StageSettings, options: RayOptions, workflow: Workfl
     by_key = {item.key: item for item in items}
     counts = {OK: 0, FAILED: 0}
     sampling = settings.sampling
-    with ray_session(options) as ray:
+    with ray_session(options.address, local_cpus=options.local_cpus) as ray:
         rows = [new_row(item.key, overrides[item.key]) for item in items]
         dataset = _pipeline(ray, settings, options, rows)
         try:
@@ -113,7 +80,7 @@ def run_ray_batch(settings: StageSettings, options: RayOptions, workflow: Workfl
         except KeyboardInterrupt:
             raise Interrupted() from None
         except ray.exceptions.RayError as exc:
-            raise RayBatchError(f"the Ray pipeline failed: {_first_line(exc)}") from None
+            raise RayUnavailable(f"the Ray pipeline failed: {_first_line(exc)}") from None
     return BatchSummary(counts[OK], skipped, counts[FAILED], time.perf_counter() - started)
 
 

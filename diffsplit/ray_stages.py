@@ -35,16 +35,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import msgpack
-
 from diffsplit.engine.errors import WorkflowError
 from diffsplit.engine.executor import Executor, NodeCall, NodeRunner, run_node_locally
 from diffsplit.engine.graph import Workflow
 from diffsplit.engine.nodes.registry import NodeRegistry
 from diffsplit.engine.store import ModelStore
 from diffsplit.engine.workflow_stages import StageSplit, crossing_values, given_outputs, split_stages
-from diffsplit.transport import envelope
-from diffsplit.transport.errors import DiffsplitError
+from diffsplit.transport.errors import DiffsplitError, MalformedMessage
+from diffsplit.transport.packed import pack_message, unpack_message
 
 if TYPE_CHECKING:
     from diffsplit.remote.batching import Member
@@ -98,23 +96,14 @@ def open_environment(settings: StageSettings) -> _Environment:
 
 
 def encode_values(values: Mapping[str, Any]) -> bytes:
-    """Wire values (tensors anywhere) as one bytes object: the envelope's parts, msgpack-framed."""
-    parts = envelope.encode({"values": dict(values)})
-    return msgpack.packb([bytes(part) for part in parts], use_bin_type=True)
+    """Wire values (tensors anywhere) as one bytes object (``transport.packed``)."""
+    return pack_message({"values": dict(values)})
 
 
 def decode_values(payload: bytes) -> dict[str, Any]:
     """The inverse of :func:`encode_values`; MalformedMessage for anything else (never unpickled)."""
-    parts = msgpack.unpackb(payload, raw=False, max_bin_len=len(payload), max_array_len=1 << 16)
-    if not isinstance(parts, list) or not all(isinstance(part, bytes) for part in parts):
-        from diffsplit.transport.errors import MalformedMessage
-
-        raise MalformedMessage("a stage payload is a list of byte strings")
-    body = envelope.decode(parts)
-    values = body.get("values")
+    values = unpack_message(payload).get("values")
     if not isinstance(values, dict):
-        from diffsplit.transport.errors import MalformedMessage
-
         raise MalformedMessage("a stage payload holds a map of values")
     return values
 

@@ -43,7 +43,7 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from diffsplit.engine.device_memory import DeviceMemory, DeviceOutOfMemory, is_placed
@@ -192,6 +192,16 @@ def worker_device_memory(config: WorkerConfig) -> DeviceMemory:
         text_encoder_dtype=config.text_encoder_dtype, budget_bytes=config.vram_bytes)
 
 
+class NodeForward(Protocol):
+    """Runs ``run_node`` requests elsewhere (``diffsplit serve --ray``)."""
+
+    def __call__(self, request: Request, op: RunNode) -> Mapping[str, Any]:
+        """The reply header to send back (an error reply included)."""
+
+    def stats(self) -> Mapping[str, Any]:
+        """What ``stats`` reports of where the requests went."""
+
+
 class WorkerFailed(DiffsplitError):
     """The worker stopped on its own: its I/O thread or a slot thread died (exit non-zero, restart it)."""
 
@@ -255,7 +265,11 @@ class _WorkerContext:
 class Worker:
     """One worker daemon bound to ``config.listen``; ``serve()`` runs until ``stop()``."""
 
-    def __init__(self, config: WorkerConfig, *, registry: NodeRegistry | None = None) -> None:
+    def __init__(self, config: WorkerConfig, *, registry: NodeRegistry | None = None,
+                 forward: NodeForward | None = None) -> None:
+        """``forward``: where ``run_node`` requests go instead of this process's models (``diffsplit serve
+        --ray``: to the replicas of a Ray Serve application); it returns the reply to send. Everything
+        else (limits, the fair queue, priorities, places, cancel, security) is this worker's own."""
         if config.trust_code and (config.curve is None or not config.curve.authenticates_clients):
             raise BadRequest(
                 "--trust-code needs CURVE with an allow-list of client keys (--curve-secret and "
@@ -264,6 +278,7 @@ class Worker:
         check_worker_exposure(config.listen, config.curve, allow_upload=config.allow_upload,
                               insecure=config.insecure)
         self.config = config
+        self._forward = forward
         self.registry = registry if registry is not None else default_registry()
         self.store = open_store(config.models, config.extra_model_paths)
         self.indexer = StoreIndexer(self.store) if config.index_at_start else None
@@ -461,9 +476,12 @@ class Worker:
         self._send(request, {"op": "result", "worker": self._describe()})
 
     def _stats(self, request: Request) -> None:
-        self._send(request, {"op": "result", "cache": vars(self.cache.stats()),
-                             "batching": self._membership.report(self.batching),
-                             "device": dataclasses.asdict(self.memory.stats())})
+        report = {"op": "result", "cache": vars(self.cache.stats()),
+                  "batching": self._membership.report(self.batching),
+                  "device": dataclasses.asdict(self.memory.stats())}
+        if self._forward is not None:
+            report["forwarded"] = dict(self._forward.stats())
+        self._send(request, report)
 
     def _status(self, request: Request) -> None:
         """Op ``status``: models cached, queue, slots, clients (read-only; no paths, no keys)."""
@@ -608,6 +626,9 @@ class Worker:
             run: dict[str, Callable[[Request, Any, float], dict[str, Any]]] = {
                 "run_node": self._run_node, "call": self._run_call, "run_function": self._run_function,
                 "upload": self._upload}
+            if self._forward is not None:
+                run = {"run_node": self._forward_node, "call": self._not_forwarded,
+                       "run_function": self._not_forwarded, "upload": self._not_forwarded}
             threads = self._threads_for(request)
             if member is not None:
                 threads = BATCH_MEMBER_THREADS  # the group's shared passes use the request's count
@@ -640,6 +661,17 @@ class Worker:
         if self.config.threads is not None:
             return self.config.threads
         return parse_threads(request.header)
+
+    def _not_forwarded(self, request: Request, op: Any, received: float) -> dict[str, Any]:
+        raise BadRequest(f"op {request.op} is not served here: this endpoint hands workflow nodes (run_node) "
+                         "to a Ray Serve application; a diffsplit worker serves offload(), @node, uploads")
+
+    def _forward_node(self, request: Request, op: RunNode, received: float) -> dict[str, Any]:
+        """``run_node`` handed to ``forward`` (its reply, an error reply included, goes back as it is)."""
+        assert self._forward is not None
+        if op.deadline_s is not None and time.monotonic() - received > op.deadline_s:
+            raise Cancelled(f"deadline of {op.deadline_s} s passed while queued")
+        return dict(self._forward(request, op))
 
     def _run_node(self, request: Request, op: RunNode, received: float) -> dict[str, Any]:
         started = time.monotonic()
