@@ -4,7 +4,10 @@ An assignment may list several workers (``engine.remote_assign``). Before a
 node goes out, the client asks each candidate's ``status`` (a short timeout,
 all at once) and orders them:
 
-1. workers that hold more of the node's models first: a worker's ``status``
+1. workers with a free slot before those where the node would wait (every slot
+   taken): an idle worker builds the models once rather than leave the node
+   queued behind a busy holder (a batch's second worker gets used);
+2. among those, workers that hold more of the node's models first: a worker's ``status``
    lists its cached models by *build key* (``remote.cache.CachedModel.digest``,
    the key ``remote.builder.CachedBuilder`` caches a build under), which is
    ``engine.rebuild.build_key`` of the recipe the client sends in a
@@ -12,8 +15,8 @@ all at once) and orders them:
    steps, leaving out ``select`` and ``fingerprint``, plus the selected output
    where the loader builds it alone (the UNet, CLIP and VAE of one checkpoint are
    three builds, ``<digest>:0`` ``:1`` ``:2``);
-2. then the least loaded: (busy slots + queued requests) / slots;
-3. ties keep the user's order; a worker that did not answer ``status`` goes
+3. then the least loaded: (busy slots + queued requests) / slots;
+4. ties keep the user's order; a worker that did not answer ``status`` goes
    last (in the user's order), and is still tried there.
 
 Answers are kept for ``STATUS_TTL_S`` (:class:`WorkerStatusCache`), and a node
@@ -122,17 +125,18 @@ def order_workers(
 ) -> tuple[WorkerChoice, ...]:
     """``addresses`` in the order to try them for a node needing the models ``digests``.
 
-    More of ``digests`` held first, then the lower load share, then the given order; an
-    address without an answered picture goes last. Every address stays in the order.
+    A free slot first, then more of ``digests`` held, then the lower load share, then the given
+    order; an address without an answered picture goes last. Every address stays in the order.
     """
     wanted = frozenset(digests)
 
-    def key(indexed: tuple[int, str]) -> tuple[int, int, float, int]:
+    def key(indexed: tuple[int, str]) -> tuple[int, bool, int, float, int]:
         index, address = indexed
         picture = pictures.get(address, UNANSWERED)
         if picture.load is None:
-            return 1, 0, 0.0, index
-        return 0, -len(wanted & picture.digests), picture.load.share, index
+            return 1, True, 0, 0.0, index
+        would_wait = picture.load.share >= 1
+        return 0, would_wait, -len(wanted & picture.digests), picture.load.share, index
 
     choices: list[WorkerChoice] = []
     first_by_load = True

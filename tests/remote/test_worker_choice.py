@@ -70,17 +70,23 @@ def order(addresses: list[str], pictures: dict[str, WorkerPicture], digests: tup
 # -- the ordering, as a pure function ------------------------------------------------------------------
 
 
-def test_the_worker_holding_the_model_comes_first_even_when_busier() -> None:
-    pictures = {"a": picture(0, 2), "b": picture(2, 2, queued=3, holds=(UNET,)), "c": picture(0, 1)}
+def test_the_worker_holding_the_model_comes_first_even_when_busier_while_it_has_a_free_slot() -> None:
+    pictures = {"a": picture(0, 2), "b": picture(2, 3, holds=(UNET,)), "c": picture(0, 1)}
     choices = order_workers(["a", "b", "c"], pictures, [UNET])
     assert [c.address for c in choices] == ["b", "a", "c"]
-    assert choices[0].reason == "holds the model (2 of 2 slots busy, 3 queued)"
+    assert choices[0].reason == "holds the model (2 of 3 slots busy, 0 queued)"
     assert choices[1].reason == "least loaded: 0 of 2 slots busy, 0 queued"
     assert choices[2].reason == "next by load: 0 of 1 slot busy, 0 queued"
 
 
+def test_a_worker_with_a_free_slot_comes_before_a_holder_where_the_node_would_wait() -> None:
+    pictures = {"a": picture(0, 2), "b": picture(2, 2, queued=3, holds=(UNET,)),
+                "c": picture(1, 1, holds=(UNET,))}
+    assert order(["b", "c", "a"], pictures, (UNET,)) == ["a", "c", "b"]  # then the holders, by load
+
+
 def test_holding_more_of_the_models_comes_before_holding_fewer() -> None:
-    pictures = {"a": picture(0, 1, holds=(CLIP,)), "b": picture(1, 1, holds=(UNET, CLIP)), "c": picture(0, 1)}
+    pictures = {"a": picture(0, 1, holds=(CLIP,)), "b": picture(1, 2, holds=(UNET, CLIP)), "c": picture(0, 1)}
     choices = order_workers(["a", "b", "c"], pictures, [UNET, CLIP])
     assert [c.address for c in choices] == ["b", "a", "c"]
     assert choices[0].reason.startswith("holds the models")
