@@ -1,9 +1,9 @@
-"""A worker serving 4 clients at once: ``--batch-max 1`` (off) against ``--batch-max 4``.
+"""A worker serving 8 clients at once: ``--batch-max 1`` (off) against ``--batch-max 8``.
 
-Four clients, each on its own thread and connection, send ``REQUESTS`` tiny
+Eight clients (``DIFFSPLIT_BENCH_CLIENTS``), each on its own thread and connection, send ``REQUESTS`` tiny
 SD 1.5 KSampler requests one after another (own seeds, CFG scales and prompt
 embeddings; euler, ``STEPS`` steps, 8x8 latents) to one worker process with one
-slot. With batching off the slot serves them one by one; with ``--batch-max 4``
+slot. With batching off the slot serves them one by one; with ``--batch-max 8``
 it gathers the queued compatible ones and samples them in lockstep (one UNet
 pass per step). Rows alternate for ``ROUNDS`` rounds and keep their fastest;
 the ratio is off / on from the same run, and the worker's ``stats`` say how
@@ -15,6 +15,7 @@ asserts a timing.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -34,7 +35,7 @@ from diffsplit.transport.sockets import Client
 
 from diffsplit.demo import local_worker
 
-CLIENTS = 4
+CLIENTS = int(os.environ.get("DIFFSPLIT_BENCH_CLIENTS", "8"))
 REQUESTS = 3
 STEPS = 8
 ROUNDS = 3
