@@ -155,6 +155,7 @@ def remote_runner_for(assigned: dict[str, str], workflow: Any, registry: Any, st
 
     options = client_options(args)
     return RemoteRunner(assigned, output_recipe_source(workflow, registry, store), local_store=store,
+                        recipes_for=lambda item: output_recipe_source(item, registry, store),
                         upload_missing=args.upload_missing, settings=options.settings, curve=options.curve,
                         fallback_local=args.fallback == "local", priority=getattr(args, "priority", 0),
                         on_waiting=on_waiting, lazy_loaders=not getattr(args, "eager_loaders", False))

@@ -158,8 +158,7 @@ class PrepareStage(_Stage):
         self.cache = ModelCache(max_entries=CACHE_ENTRIES)
         self._temp = tempfile.TemporaryDirectory(prefix="diffsplit-prepare-")
         self._executor = self.executor(Path(self._temp.name))
-        self._recipes = _ItemRecipes(self.env)
-        self._runner = self._recipes.runner()
+        self._runner = _recipe_runner(self.env)
 
     def close(self) -> None:
         self._runner.close()
@@ -174,7 +173,6 @@ class PrepareStage(_Stage):
         split = self.env.split
         try:
             workflow = self.item_workflow(row)
-            self._recipes.use(workflow)
             result = self._executor.run(workflow, targets=split.fed_nodes, cache=self.cache,
                                         node_runner=self._runner)
             values = crossing_values(dict(result.outputs), split.feeds)
@@ -185,27 +183,6 @@ class PrepareStage(_Stage):
             return _failed(row, "preparing", exc)
         _timed(row, "prepare_s", started)
         return row
-
-
-class _ItemRecipes:
-    """The recipe source of the item being prepared: a loader's recipe depends on the item's overrides
-    (a LoRA strength set per item), so the runner asks the current item's workflow, not the batch's."""
-
-    def __init__(self, env: _Environment) -> None:
-        from diffsplit.engine.trace_workflow import output_recipe_source
-
-        self._env = env
-        self._source = output_recipe_source(env.workflow, env.registry, env.store)
-        self._make = output_recipe_source
-
-    def use(self, workflow: Workflow) -> None:
-        self._source = self._make(workflow, self._env.registry, self._env.store)
-
-    def runner(self) -> Any:
-        from diffsplit.engine.offload import RemoteRunner
-
-        return RemoteRunner({}, lambda node_id, index: self._source(node_id, index),
-                            local_store=self._env.store)
 
 
 class SampleStage(_Stage):
@@ -345,6 +322,17 @@ class FinishStage(_Stage):
         row = {**row, "payload": b"", "outputs": json.dumps([str(path) for path in result.saved_files])}
         _timed(row, "finish_s", started)
         return row
+
+
+def _recipe_runner(env: _Environment) -> Any:
+    """Runs every node here, loaders deferred, and knows each model's recipe by the item's own workflow
+    (its overrides, a LoRA strength among them, are in the recipe)."""
+    from diffsplit.engine.offload import RemoteRunner
+    from diffsplit.engine.trace_workflow import output_recipe_source
+
+    return RemoteRunner({}, output_recipe_source(env.workflow, env.registry, env.store),
+                        local_store=env.store,
+                        recipes_for=lambda item: output_recipe_source(item, env.registry, env.store))
 
 
 def deferring_runner(call: NodeCall) -> Sequence[Any]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -39,6 +40,7 @@ from typing import Any
 from diffsplit.engine.errors import EngineError, Interrupted, NodeFailed
 from diffsplit.engine.executor import NodeCall, run_node_locally
 from diffsplit.engine.file_upload import FileShrank, send_file
+from diffsplit.engine.graph import Workflow
 from diffsplit.engine.lazy_models import LazyModel, can_defer, defer_loader, materialised
 from diffsplit.engine.rebuild import comparable_fingerprint
 from diffsplit.engine.remote_assign import worker_addresses
@@ -93,6 +95,8 @@ from diffsplit.transport.worker_ops import NodeResult, RunNode
 
 #: (node id, output index) of a local loader node → the recipe dict of that output, or None.
 RecipeForOutput = Callable[[str, int], Mapping[str, Any] | None]
+#: Recipe sources of the workflows a runner served lately (``RemoteRunner(recipes_for=...)``).
+_RECIPE_SOURCES_KEPT = 8
 
 #: Structured errors that mean "not here, not now": the node may go to the next worker or run here.
 UNAVAILABLE_ERRORS = (Overloaded, Cancelled)
@@ -191,6 +195,10 @@ class RemoteRunner:
     recipes and fingerprints of handles are worked out in a background thread meanwhile.
     ``pool``: where connections to workers come from (default: the process's
     ``transport.pool.shared_pool()``, shared with ``offload``, ``@node`` and profiles).
+    ``recipes_for``: the recipe source of another workflow, for a runner that serves several
+    (``diffsplit batch``: each item's overrides, a LoRA strength among them, are the item's
+    workflow; a loader's recipe is then worked out from the workflow of the call that ran it,
+    never from ``recipe_for_output``'s).
     """
 
     def __init__(
@@ -209,8 +217,11 @@ class RemoteRunner:
         on_waiting: Callable[[NodeCall, str], None] | None = None,
         lazy_loaders: bool = True,
         pool: ClientPool | None = None,
+        recipes_for: Callable[[Workflow], RecipeForOutput] | None = None,
     ) -> None:
         self.assigned = dict(assigned)
+        self.recipes_for = recipes_for
+        self._sources: OrderedDict[int, tuple[Workflow, RecipeForOutput]] = OrderedDict()
         self._workers = {node_id: worker_addresses(spec, f"node {node_id}")
                          for node_id, spec in assigned.items()}
         self.fallback_local = fallback_local
@@ -247,11 +258,11 @@ class RemoteRunner:
         if addresses is None:
             if self.lazy_loaders and can_defer(call.node_class):
                 handles = defer_loader(call.node.id, call.node_class, call.context, call.inputs)
-                self._remember_later(call.node.id, handles)
+                self._remember_later(call.node.id, handles, self._source_for(call.workflow))
                 return handles
             outputs = run_node_locally(call)
             if call.node_class.is_loader:
-                self._remember_recipes(call.node.id, outputs)
+                self._remember_recipes(call.node.id, outputs, self._source_for(call.workflow))
             return outputs
         return self._run_assigned(call, addresses)
 
@@ -304,11 +315,27 @@ class RemoteRunner:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _remember_recipes(self, node_id: str, outputs: Sequence[Any]) -> None:
+    def _source_for(self, workflow: Workflow) -> RecipeForOutput:
+        """The recipe source for a call of ``workflow`` (a few recent ones kept, by identity)."""
+        if self.recipes_for is None:
+            return self.recipe_for_output
+        with self._lock:
+            known = self._sources.get(id(workflow))
+            if known is not None and known[0] is workflow:
+                self._sources.move_to_end(id(workflow))
+                return known[1]
+        source = self.recipes_for(workflow)
+        with self._lock:
+            self._sources[id(workflow)] = (workflow, source)
+            while len(self._sources) > _RECIPE_SOURCES_KEPT:
+                self._sources.popitem(last=False)
+        return source
+
+    def _remember_recipes(self, node_id: str, outputs: Sequence[Any], source: RecipeForOutput) -> None:
         for index, value in enumerate(outputs):
             if not is_model_value(value):
                 continue
-            recipe = self.recipe_for_output(node_id, index)
+            recipe = source(node_id, index)
             if recipe is None:
                 continue
             if not recipe.get("fingerprint"):
@@ -318,17 +345,18 @@ class RemoteRunner:
                 self._recipes[id(value)] = (value, recipe)
                 self._by_recipe[canonical_json(recipe)] = value
 
-    def _remember_later(self, node_id: str, handles: Sequence[LazyModel]) -> None:
+    def _remember_later(self, node_id: str, handles: Sequence[LazyModel], source: RecipeForOutput) -> None:
         """Work out each handle's recipe in the background; ``recipe_of`` waits for it."""
         with self._lock:
             if self._background is None:
                 self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffsplit-recipes")
             for handle in handles:
-                future = self._background.submit(self._handle_recipe, node_id, handle)
+                future = self._background.submit(self._handle_recipe, node_id, handle, source)
                 self._pending[id(handle)] = (handle, future)
 
-    def _handle_recipe(self, node_id: str, handle: LazyModel) -> Mapping[str, Any] | None:
-        recipe = self.recipe_for_output(node_id, handle.index)
+    def _handle_recipe(self, node_id: str, handle: LazyModel,
+                       source: RecipeForOutput) -> Mapping[str, Any] | None:
+        recipe = source(node_id, handle.index)
         if recipe is None:
             return None
         recipe = self._with_base_fingerprints(recipe, handle)

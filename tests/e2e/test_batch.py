@@ -195,6 +195,24 @@ def test_remote_sampler_items_in_flight_equal_the_local_batch(
         assert np.array_equal(png_pixels(split / output), png_pixels(local / output)), output
 
 
+def test_each_items_lora_strength_reaches_the_remote_sampler(
+    run_cli, models_dir: Path, tmp_path: Path, worker_address: str,
+) -> None:
+    """The model's recipe follows the item's own overrides, not the batch's workflow (a LoRA strength
+    set per item once built every item's model at the workflow's strength: silently other images)."""
+    workflow = write_json(tmp_path / "lora.json", sd15_workflow(steps=2, lora=True))
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"id": f"s{n}", "prompt": "a fox", "strength_model": strength}) + "\n"
+                             for n, strength in enumerate((0.3, 1.5))), encoding="utf-8")
+    out = tmp_path / "images"
+    done = batch(run_cli, items, workflow, models_dir, out, "--remote", f"6={worker_address}", "--ahead", "2")
+    assert done.exit_code == 0, done.stderr
+    for n, strength in enumerate((0.3, 1.5)):
+        expected = run_one(run_cli, workflow, models_dir, tmp_path / f"ref{n}", "3.text=a fox",
+                           f"2.strength_model={strength}")
+        assert np.array_equal(png_pixels(out / f"s{n}_00001_.png"), expected), strength
+
+
 def test_an_item_a_worker_refuses_is_recorded_and_the_batch_goes_on(
     run_cli, workflow_file: Path, models_dir: Path, tmp_path: Path, strict_worker: str,
 ) -> None:

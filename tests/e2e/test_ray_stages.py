@@ -60,8 +60,14 @@ def settings(models_dir: Path, tmp_path: Path) -> StageSettings:
                          sampling=("6",))
 
 
-def items(count: int) -> list[dict[str, Any]]:
-    return [new_row(f"item{n}", {"3.text": f"prompt {n}", "6.seed": 100 + n, "8.filename_prefix": f"item{n}"})
+#: Each item's own LoRA strength: a recipe must follow the item's overrides, not the batch's workflow.
+STRENGTHS = (0.3, 1.5, 0.8, 1.0)
+
+
+def items(count: int, *, own_strengths: bool = True) -> list[dict[str, Any]]:
+    """Rows of ``count`` items, each with its own prompt and seed (and LoRA strength unless not asked)."""
+    return [new_row(f"item{n}", {"3.text": f"prompt {n}", "6.seed": 100 + n, "8.filename_prefix": f"item{n}",
+                                 **({"2.strength_model": STRENGTHS[n]} if own_strengths else {})})
             for n in range(count)]
 
 
@@ -89,7 +95,8 @@ def test_items_alone_give_the_image_of_diffsplit_run_bit_for_bit(
         (saved,) = json.loads(row["outputs"])
         assert Path(saved).name == f"item{n}_00001_.png"
         done = run_cli("run", workflow, "--models", models_dir, "--out", tmp_path / f"ref{n}", "-q",
-                       "--set", f"3.text=prompt {n}", "--set", f"6.seed={100 + n}")
+                       "--set", f"3.text=prompt {n}", "--set", f"6.seed={100 + n}",
+                       "--set", f"2.strength_model={STRENGTHS[n]}")
         assert done.exit_code == 0, done.stderr
         assert np.array_equal(png_pixels(Path(saved)), png_pixels(done.saved[0])), n
         assert set(json.loads(row["times"])) == {"prepare_s", "sample_s", "finish_s"}
@@ -100,7 +107,7 @@ def test_items_sampled_together_share_unet_passes_and_match_alone_to_rounding(
     stages: Callable[..., Any], settings: StageSettings,
 ) -> None:
     prepare = stages(PrepareStage, settings)
-    prepared = [prepare(row) for row in items(4)]
+    prepared = [prepare(row) for row in items(4, own_strengths=False)]  # one model: the passes can be shared
     alone, together = stages(SampleStage, settings), stages(SampleStage, settings)
     one_by_one = latents(sample_all(alone, prepared, batch_size=1))
     batched = latents(sample_all(together, prepared, batch_size=4))
