@@ -19,7 +19,8 @@ from diffsplit.transport.limits import DEFAULT_LIMITS, Limits
 def pack_message(header: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> bytes:
     """``header`` (tensors anywhere) as one bytes object; UnsupportedType/MessageTooLarge as ``encode``."""
     parts = envelope.encode(header, limits)
-    return msgpack.packb([bytes(part) for part in parts], use_bin_type=True)
+    packed: bytes = msgpack.packb([bytes(part) for part in parts], use_bin_type=True)
+    return packed
 
 
 def unpack_message(packed: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
