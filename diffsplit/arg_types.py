@@ -40,6 +40,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """A finite number of at least 0."""
+    value = _number(text, float, "a number")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of at least 0, not {text}")
+    return value
+
+
 def positive_seconds(text: str) -> float:
     """A number of seconds above 0."""
     value = _number(text, float, "a number of seconds")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffsplit.arg_types import positive_float, positive_int
+from diffsplit.arg_types import non_negative_float, positive_int
 from diffsplit.client_args import add_client_arguments, add_loading_argument, add_priority_argument
 from diffsplit.device_args import add_device_arguments
 
@@ -81,11 +81,11 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ray-batch", type=positive_int, default=None, metavar="N",
                        help="items one sampling actor samples together, one UNet pass per step for all "
                        "(default: 4, or 8 with --ray-gpus)")
-    group.add_argument("--ray-gpus", type=positive_float, default=0.0, metavar="F",
+    group.add_argument("--ray-gpus", type=non_negative_float, default=0.0, metavar="F",
                        help="GPUs per sampling actor (default 0: the CPU; fractions share a GPU)")
     group.add_argument("--ray-threads", type=positive_int, default=None, metavar="N",
-                       help="intra-op CPU threads of each actor (default: this process's count, so each "
-                       "image equals `diffsplit run` here bit for bit)")
+                       help="intra-op CPU threads of each actor (default: this process's count, so an item "
+                       "sampled alone, --ray-batch 1, equals `diffsplit run` here bit for bit)")
     group.add_argument("--ray-cpus", type=positive_int, default=None, metavar="N",
                        help="logical CPUs of a --ray local instance (default: this machine's cores)")
 
@@ -196,6 +196,13 @@ def _ray_batch_command(args: argparse.Namespace, workflow: Workflow, registry: N
     if args.remote:
         raise WorkflowError("--ray runs the sampling nodes in Ray actors; --remote sends nodes to workers: "
                             "give one or the other")
+    given = {"--ahead": args.ahead, "--workers": args.workers, "--fallback": args.fallback,
+             "--upload-missing": args.upload_missing, "--priority": args.priority,
+             "--eager-loaders": getattr(args, "eager_loaders", False)}
+    ignored = [flag for flag, value in given.items() if value]
+    if ignored:
+        raise WorkflowError(f"{', '.join(ignored)} steer workers and local runs; with --ray the pipeline's "
+                            "own flags do (--ray-actors, --ray-prepare-actors, --ray-batch)")
     sampling = (tuple(part.strip() for part in args.ray_nodes.split(",") if part.strip())
                 if args.ray_nodes else sampler_nodes(workflow, registry))
     split = split_stages(workflow, registry, sampling)  # a workflow that cannot be cut fails here, not in Ray
@@ -212,6 +219,10 @@ def _ray_batch_command(args: argparse.Namespace, workflow: Workflow, registry: N
                          preparing_actors=args.ray_prepare_actors,
                          batch_size=args.ray_batch or (8 if args.ray_gpus else 4),
                          gpus_per_actor=args.ray_gpus, local_cpus=args.ray_cpus)
+    if not todo:  # nothing to do: no Ray to start
+        from diffsplit.batch_run import BatchSummary
+
+        return _summarise(BatchSummary(0, skipped, 0, 0.0), manifest)
     overrides = {item.key: item_overrides(workflow, registry, item) for item in todo}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     bar = _Bar(total, skipped, args.quiet)

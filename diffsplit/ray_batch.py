@@ -32,7 +32,7 @@ from diffsplit.batch_run import BatchSummary, seed_of
 from diffsplit.engine.errors import Interrupted
 from diffsplit.engine.graph import Workflow
 from diffsplit.engine.nodes.registry import NodeRegistry
-from diffsplit.ray_connect import RayUnavailable, ray_session
+from diffsplit.ray_connect import RayUnavailable, ray_error_line, ray_session
 from diffsplit.ray_stages import FinishStage, PrepareStage, SampleStage, StageSettings, new_row
 
 #: Logical CPUs each preparing actor takes (encoding a prompt is short; the samplers get whole CPUs).
@@ -80,7 +80,7 @@ def run_ray_batch(settings: StageSettings, options: RayOptions, workflow: Workfl
         except KeyboardInterrupt:
             raise Interrupted() from None
         except ray.exceptions.RayError as exc:
-            raise RayUnavailable(f"the Ray pipeline failed: {_first_line(exc)}") from None
+            raise RayUnavailable(f"the Ray pipeline failed: {ray_error_line(exc)}") from None
     return BatchSummary(counts[OK], skipped, counts[FAILED], time.perf_counter() - started)
 
 
@@ -117,7 +117,3 @@ def _entry(row: Mapping[str, Any], item: BatchItem, workflow: Workflow, registry
     return ManifestEntry(item=item.key, line=item.line, digest=item.digest, status=OK, prompt=item.prompt,
                          seed=seed, outputs=outputs, workers=workers, times=times)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__

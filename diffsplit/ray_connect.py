@@ -29,8 +29,8 @@ def ray_session(address: str, *, local_cpus: int | None = None) -> Iterator[Any]
     if started_here:
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
                                   "log_to_driver": False}
-        if address == LOCAL:
-            kwargs["num_cpus"] = local_cpus
+        if address == LOCAL:  # "local" itself: RAY_ADDRESS must not turn it into a cluster
+            kwargs.update(address="local", num_cpus=local_cpus)
         else:
             kwargs["address"] = address
         try:
@@ -42,3 +42,9 @@ def ray_session(address: str, *, local_cpus: int | None = None) -> Iterator[Any]
     finally:
         if started_here:
             ray.shutdown()
+
+
+def ray_error_line(exc: BaseException) -> str:
+    """The line of a Ray error that says what happened (Ray puts it last, after a traceback)."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__

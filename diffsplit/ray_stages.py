@@ -25,6 +25,7 @@ hands them to Ray Data.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -47,6 +48,7 @@ from diffsplit.transport.packed import pack_message, unpack_message
 if TYPE_CHECKING:
     from diffsplit.remote.batching import Member
 
+log = logging.getLogger(__name__)
 #: Models kept by a preparing or finishing actor between items (loader outputs).
 CACHE_ENTRIES = 32
 #: What a sampling actor's model cache may hold (as a worker's default ``--cache-gb``).
@@ -145,7 +147,13 @@ def _timed(row: dict[str, Any], name: str, started: float) -> None:
 
 
 def _failed(row: dict[str, Any], stage: str, exc: Exception) -> dict[str, Any]:
-    return {**row, "payload": b"", "error": f"{stage}: {exc}"}
+    """The row of an item that failed in ``stage``: its error for the manifest, nothing to hand on."""
+    if isinstance(exc, DiffsplitError):
+        why = str(exc)
+    else:  # not one of ours: the traceback goes to the actor's log, the type to the manifest
+        log.error("item %s failed %s", row.get("key"), stage, exc_info=exc)
+        why = f"{type(exc).__name__}: {exc}"
+    return {**row, "payload": b"", "error": f"{stage}: {why}"}
 
 
 class PrepareStage(_Stage):
@@ -179,7 +187,7 @@ class PrepareStage(_Stage):
             wire = {name: to_wire(value, self._runner.recipe_of, where=f"output {name}")
                     for name, value in values.items()}
             row = {**row, "payload": encode_values(wire)}
-        except DiffsplitError as exc:
+        except Exception as exc:  # the item's failure, never the pipeline's (Ray would not retry it)
             return _failed(row, "preparing", exc)
         _timed(row, "prepare_s", started)
         return row
@@ -282,13 +290,13 @@ class SampleStage(_Stage):
             result = self._executor.run(workflow, targets=split.returning_nodes, given=given,
                                         node_runner=self._node_runner(member))
             outputs = crossing_values(dict(result.outputs), split.returns)
-            back = {name: to_wire(value, self.builder.recipe_of, where=f"output {name}")
-                    for name, value in outputs.items()}
-        except DiffsplitError as exc:
+            back = encode_values({name: to_wire(value, self.builder.recipe_of, where=f"output {name}")
+                                  for name, value in outputs.items()})
+        except Exception as exc:  # the item's failure (a build, a node, a reply too large), not its batch's
             return {**_failed(row, "sampling", exc), "worker": self.name}
         finally:
             self.membership.leave()  # the last member to leave records the batch
-        row = {**row, "payload": encode_values(back), "worker": self.name}
+        row = {**row, "payload": back, "worker": self.name}
         _timed(row, "sample_s", started)
         return row
 
@@ -317,7 +325,7 @@ class FinishStage(_Stage):
             values = {name: from_wire(value, _no_models, None) for name, value in wire.items()}
             given = given_outputs(workflow, self.env.registry, split.returns, values)
             result = self._executor.run(workflow, given=given, cache=self.cache, node_runner=self._runner)
-        except DiffsplitError as exc:
+        except Exception as exc:  # a node error, a full disk: this item fails, the batch goes on
             return _failed(row, "finishing", exc)
         row = {**row, "payload": b"", "outputs": json.dumps([str(path) for path in result.saved_files])}
         _timed(row, "finish_s", started)

@@ -430,6 +430,7 @@ class RemoteRunner:
             if choice.reason:
                 log.info("node %s (%s): worker %s %s: %s", node.id, node.class_type, address,
                          "tried next" if failures else "chosen", choice.reason)
+            self._status.note_sent(address)
             try:
                 outputs = self._run_remote(call, wire, address)
             except _Unavailable as failure:
@@ -438,6 +439,8 @@ class RemoteRunner:
                 log.warning("node %s (%s): worker %s is unavailable: %s", node.id, node.class_type,
                             address, failure.reason)
                 continue
+            finally:
+                self._status.note_finished(address)
             self._status.note_holds(address, digests)
             with self._lock:
                 self._placements[node.id] = address

@@ -203,9 +203,12 @@ class WorkerStatusCache:
         self._clock = clock
         self._lock = threading.Lock()
         self._pictures: dict[str, tuple[float, WorkerPicture]] = {}
+        #: nodes sent to each worker since its picture was taken, still running: counted as queued there,
+        #: so the nodes sent within one TTL do not all go to the worker that was idle when it answered
+        self._sent_since: dict[str, int] = {}
 
     def get(self, address: str) -> WorkerPicture | None:
-        """The picture of ``address`` if it is fresh, else None (ask again)."""
+        """The picture of ``address`` if it is fresh (with the nodes sent to it since), else None."""
         with self._lock:
             known = self._pictures.get(address)
             if known is None:
@@ -214,12 +217,26 @@ class WorkerStatusCache:
             if self._clock() - known[0] > ttl_s:
                 del self._pictures[address]
                 return None
-            return known[1]
+            picture, sent = known[1], self._sent_since.get(address, 0)
+            if picture.load is None or not sent:
+                return picture
+            return replace(picture, load=replace(picture.load, queued=picture.load.queued + sent))
 
     def put(self, address: str, picture: WorkerPicture) -> None:
         """Keep ``picture`` as what ``address`` says now."""
         with self._lock:
             self._pictures[address] = (self._clock(), picture)
+            self._sent_since[address] = 0
+
+    def note_sent(self, address: str) -> None:
+        """A node went to ``address``: until it finishes (or a new picture), it counts as queued there."""
+        with self._lock:
+            self._sent_since[address] = self._sent_since.get(address, 0) + 1
+
+    def note_finished(self, address: str) -> None:
+        """A node sent to ``address`` finished (or failed)."""
+        with self._lock:
+            self._sent_since[address] = max(0, self._sent_since.get(address, 0) - 1)
 
     def note_holds(self, address: str, digests: Iterable[str]) -> None:
         """A node needing ``digests`` ran on ``address``: it holds them now.

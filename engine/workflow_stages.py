@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from diffsplit.engine.errors import WorkflowError
 from diffsplit.engine.graph import Link, Workflow
 from diffsplit.engine.nodes.registry import NodeRegistry
+from diffsplit.engine.types import MODEL_TYPES
 
 #: Input types that make a node a sampler when it also returns a LATENT.
 _SAMPLER_INPUT_TYPES = frozenset({"MODEL", "GUIDER"})
@@ -96,6 +97,14 @@ def split_stages(workflow: Workflow, registry: NodeRegistry, sampling: Iterable[
     if not returns:
         raise WorkflowError("nothing reads the sampling nodes' outputs: the run would save nothing "
                             f"from them (sampling nodes: {', '.join(order)})")
+    for crossing in returns:  # refused now, not after every item has sampled
+        node = workflow.node(crossing.node_id)
+        output = registry[node.class_type].outputs[crossing.index]
+        if output.type in MODEL_TYPES:
+            raise WorkflowError(f"its {output.type} output is read by a later node: only tensors and "
+                                "conditioning come back from the sampling stage (add the nodes that use "
+                                "it to the sampling nodes)", node_id=crossing.node_id,
+                                class_type=node.class_type)
     return StageSplit(sampling=order, feeds=tuple(feeds), returns=tuple(returns))
 
 

@@ -201,6 +201,9 @@ class NodeForward(Protocol):
     def stats(self) -> Mapping[str, Any]:
         """What ``stats`` reports of where the requests went."""
 
+    def free(self) -> Mapping[str, Any]:
+        """``free`` where the requests go (the reply's body)."""
+
 
 class WorkerFailed(DiffsplitError):
     """The worker stopped on its own: its I/O thread or a slot thread died (exit non-zero, restart it)."""
@@ -403,6 +406,11 @@ class Worker:
 
     def _dispatch(self, request: Request) -> None:
         self.requests.received(request)
+        if self._forward is not None and request.op in POOLED_OPS and request.op != RunNode.op:
+            self._reply_error(request, BadRequest(
+                f"op {request.op} is not served here: this endpoint hands workflow nodes (run_node) to a Ray "
+                "Serve application; a diffsplit worker serves offload(), @node and uploads"))
+            return
         if request.op in POOLED_OPS:
             try:  # parsed once, before it takes a place or a client share: a malformed one is told now
                 op = POOLED_OPS[request.op].parse(request.header)
@@ -500,6 +508,9 @@ class Worker:
     def _free(self, request: Request) -> None:
         """Op ``free``: drop every cached model no running job uses; the reply lists what went."""
         may_control(request, self.endpoint, authenticates_clients=self.server.is_authenticated)
+        if self._forward is not None:  # the models are where the requests go
+            self._send(request, {"op": "result", **self._forward.free()})
+            return
         self.memory.free_unpinned()
         self._send(request, free_reply(self.cache, self.requests.logger))
 
@@ -626,9 +637,8 @@ class Worker:
             run: dict[str, Callable[[Request, Any, float], dict[str, Any]]] = {
                 "run_node": self._run_node, "call": self._run_call, "run_function": self._run_function,
                 "upload": self._upload}
-            if self._forward is not None:
-                run = {"run_node": self._forward_node, "call": self._not_forwarded,
-                       "run_function": self._not_forwarded, "upload": self._not_forwarded}
+            if self._forward is not None:  # only run_node is queued here (see _dispatch)
+                run = {"run_node": self._forward_node}
             threads = self._threads_for(request)
             if member is not None:
                 threads = BATCH_MEMBER_THREADS  # the group's shared passes use the request's count
@@ -661,10 +671,6 @@ class Worker:
         if self.config.threads is not None:
             return self.config.threads
         return parse_threads(request.header)
-
-    def _not_forwarded(self, request: Request, op: Any, received: float) -> dict[str, Any]:
-        raise BadRequest(f"op {request.op} is not served here: this endpoint hands workflow nodes (run_node) "
-                         "to a Ray Serve application; a diffsplit worker serves offload(), @node, uploads")
 
     def _forward_node(self, request: Request, op: RunNode, received: float) -> dict[str, Any]:
         """``run_node`` handed to ``forward`` (its reply, an error reply included, goes back as it is)."""

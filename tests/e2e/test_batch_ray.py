@@ -56,7 +56,19 @@ def manifest_lines(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-# These two come first: the module's Ray instance is not started yet.
+# These come first: the module's Ray instance is not started yet.
+@pytest.mark.parametrize("flags", [("--ahead", "3"), ("--priority", "2"), ("--fallback", "local")])
+def test_flags_that_steer_workers_are_refused_with_ray(
+    run_cli: Callable[..., CliRun], workflow_file: Path, models_dir: Path, tmp_path: Path,
+    flags: tuple[str, ...],
+) -> None:
+    items = write_items(tmp_path / "items.jsonl", 1)
+    done = run_cli("batch", items, "--workflow", workflow_file, "--models", models_dir,
+                   "--out", tmp_path / "o", "-q", "--ray", "local", *flags)
+    assert done.exit_code != 0 and f"{flags[0]} steer workers" in done.stderr
+    assert not ray.is_initialized()
+
+
 def test_ray_with_remote_workers_is_refused_before_ray_starts(
     run_cli: Callable[..., CliRun], workflow_file: Path, models_dir: Path, tmp_path: Path,
 ) -> None:

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -34,6 +35,8 @@ pytest.importorskip("ray")
 #: How long the serve process may take to deploy its replica (Ray start plus a replica importing torch).
 START_S = 180
 WAIT_S = 120
+#: Steps a sampler cannot finish within the test's waits.
+LONG_STEPS = 5000
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +106,18 @@ def test_three_clients_sent_together_are_sampled_as_one_batch_on_the_replica(
     print(f"\nserve: batched vs alone, max |latent difference| = {max(differences):.3g}")
     assert max(differences) < ATOL, differences
     assert not torch.equal(solo[0], solo[1]), "each kept its own seed, CFG and prompt"
+
+
+def test_a_cancel_reaches_the_replica_and_frees_its_slot(serve_address: str, models_dir: Path) -> None:
+    long = request(models_dir, 0, steps=LONG_STEPS)  # minutes of sampling on the replica's one slot
+    with Client(serve_address) as client:
+        request_id = client.submit(long)
+        time.sleep(3)  # gathered, forwarded and sampling on the replica
+        client.cancel(request_id)  # the front drops it and tells the replica that runs it
+        started = time.monotonic()
+        reply = client.request(request(models_dir, 1), timeout=WAIT_S)
+    assert reply["op"] == "result", reply
+    assert time.monotonic() - started < 30, "the cancelled sampler still held the replica's slot"
 
 
 def test_a_replica_refusal_reaches_the_client_as_the_workers_error(serve_address: str,

@@ -64,3 +64,12 @@ def test_given_outputs_fill_only_what_is_read(registry: NodeRegistry) -> None:
     assert given == {"1": ("model", None, None)}
     with pytest.raises(WorkflowError, match="no value for 1:2"):
         given_outputs(workflow, registry, [Crossing("1", 2)], {})
+
+
+def test_a_model_coming_back_from_the_sampling_stage_is_refused_before_anything_runs(
+    registry: NodeRegistry,
+) -> None:
+    workflow = load_workflow(sd15_workflow(lora=True), registry)
+    with pytest.raises(WorkflowError, match="its MODEL output is read by a later node") as raised:
+        split_stages(workflow, registry, ["2"])  # the LoraLoader: its MODEL would have to come back
+    assert raised.value.node_id == "2"

@@ -153,6 +153,22 @@ def test_the_status_cache_keeps_answers_for_its_ttl_and_learns_what_ran() -> Non
     assert cache.get("a") is None
 
 
+def test_nodes_sent_since_a_picture_count_as_queued_until_they_finish() -> None:
+    cache = WorkerStatusCache(ttl_s=60.0)
+    cache.put("a", picture(0, 1))
+    cache.put("b", picture(0, 1))
+    cache.note_sent("a")  # within one TTL the next node must not also pick a as idle
+    assert cache.get("a") == picture(0, 1, queued=1)
+    assert order(["a", "b"], {"a": cache.get("a"), "b": cache.get("b")}, ()) == ["b", "a"]
+    cache.note_finished("a")
+    assert cache.get("a") == picture(0, 1)
+    cache.note_sent("b")
+    cache.put("b", picture(1, 1))  # a fresh answer already counts it: not twice
+    assert cache.get("b") == picture(1, 1)
+    cache.note_finished("b")
+    assert cache.get("b") == picture(1, 1)
+
+
 def test_a_silent_worker_is_remembered_longer_than_an_answer() -> None:
     now = [0.0]
     cache = WorkerStatusCache(ttl_s=3.0, silent_ttl_s=30.0, clock=lambda: now[0])
