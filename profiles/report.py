@@ -105,10 +105,28 @@ def render_text(profile: Profile, *, details: bool = True) -> str:
         parts += ["", "why:"]
         parts += [f"  {v.node_id:>4} {v.class_type}: {v.reason}" for v in profile.plan.verdicts]
     if details:
+        conditions = _condition_lines(profile)
+        if conditions:
+            parts += ["", "condition plan (each preprocessing here or on the worker, the link shared):",
+                      *conditions]
         byte_lines = _category_lines(profile)
         if byte_lines:
             parts += ["", "input bytes by category (normal / intermediate / model recipe):", *byte_lines]
     return "\n".join(parts) + "\n"
+
+
+def _condition_lines(profile: Profile) -> list[str]:
+    """The subtask manager's plan for the workflow's condition preprocessors (``profiles.condition_plan``)."""
+    if profile.link is None:
+        return []
+    from diffsplit.engine.nodes.registry import default_registry
+    from diffsplit.profiles.condition_plan import condition_report
+
+    registry = default_registry()
+    categories = {cost.class_type: registry[cost.class_type].category for cost in profile.costs
+                  if cost.class_type in registry}
+    report = condition_report(profile.costs, categories, profile.link)
+    return report.lines() if report is not None else []
 
 
 def _category_lines(profile: Profile) -> list[str]:

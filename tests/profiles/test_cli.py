@@ -49,6 +49,32 @@ def test_profile_what_if_prints_the_table_and_writes_reports(
     assert report_html.read_text().startswith("<!DOCTYPE html>")
 
 
+def test_profile_shows_the_condition_plan_for_two_canny_conditions(
+    models_dir: Path, inputs_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from diffsplit.engine.example_workflows import controlnet_workflow
+
+    document = controlnet_workflow()
+    document["20"] = {"class_type": "Canny", "inputs": {"image": ["10", 0], "low_threshold": 0.2,
+                                                        "high_threshold": 0.6}}
+    document["21"] = {"class_type": "Canny", "inputs": {"image": ["10", 0], "low_threshold": 0.4,
+                                                        "high_threshold": 0.8}}
+    document["22"] = {"class_type": "ControlNetApply", "inputs": {
+        "conditioning": ["11", 0], "control_net": ["9", 0], "image": ["21", 0], "strength": 0.5}}
+    document["11"]["inputs"]["image"] = ["20", 0]
+    document["6"]["inputs"]["positive"] = ["22", 0]
+    workflow = tmp_path / "canny.json"
+    workflow.write_text(json.dumps(document))
+    args = _parse(add_profile_arguments, [
+        str(workflow), "--models", str(models_dir), "--inputs", str(inputs_dir), "--warmup", "0",
+        "--link", "50mbit,15ms", "--remote-speed", "6x"])
+    assert profile_command(args) == 0
+    out = capsys.readouterr().out
+    assert "condition plan" in out, out
+    assert "20 Canny" in out and "21 Canny" in out
+    assert "all conditions ready after" in out and "sooner than the better of the two" in out
+
+
 def test_plan_apply_labels_the_chosen_nodes(
     workflow_file: Path, models_dir: Path, inputs_dir: Path, tmp_path: Path, registry: NodeRegistry,
 ) -> None:
