@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import threading
 import uuid
 from collections import OrderedDict
@@ -44,6 +45,7 @@ from diffsplit.transport.sockets import Client
 from diffsplit.transport.worker_errors import error_reply
 from diffsplit.transport.worker_ops import RunNode
 
+log = logging.getLogger(__name__)
 APP_PREFIX = "diffsplit"
 DEPLOYMENT_NAME = "diffsplit-worker"
 #: How often a forwarded request checks for its client's cancel while the replica works.
@@ -266,7 +268,7 @@ class ServeForwarder:
         while True:
             if request.cancelled.is_set():
                 response.cancel()
-                self.handle.broadcast("cancel", client, request.request_id)  # the replica running it stops
+                self._cancel_on_replicas(client, request.request_id)
                 raise Cancelled(f"request {request.request_id} was cancelled")
             try:
                 packed = response.result(timeout_s=POLL_S)
@@ -278,6 +280,19 @@ class ServeForwarder:
             except RayError as exc:
                 raise NodeFailed(f"the Ray Serve replica failed: {ray_error_line(exc)}") from None
         return unpack_message(packed, self.limits)
+
+    def _cancel_on_replicas(self, client: str, request_id: str) -> None:
+        """Tell every replica: the one running the request stops it and frees its slot."""
+        from ray.exceptions import RayError
+        from ray.serve.exceptions import RayServeException
+
+        try:
+            found = self.handle.broadcast("cancel", client, request_id).results(timeout_s=10)
+        except (RayError, RayServeException, TimeoutError) as exc:
+            log.warning("could not pass the cancel of %s on to the replicas: %s", request_id, exc)
+            return
+        if not any(found):
+            log.info("no replica was running %s when it was cancelled", request_id)
 
     def stats(self) -> dict[str, Any]:
         """Every replica's worker stats."""
