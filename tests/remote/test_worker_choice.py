@@ -278,7 +278,11 @@ def run(models_dir: Path, out: Path, registry: NodeRegistry, document: dict[str,
 
 
 class OpsSeen(logging.Handler):
-    """The ``op`` of each request record the in-process workers log (``remote.request_log``)."""
+    """The ``op`` of each request record the in-process workers log (``remote.request_log``).
+
+    ``hello`` is left out: ``serving()`` probes a worker with one, and a worker logs a request just
+    after its reply has left, so the probe's record can land after ``serving()`` has returned.
+    """
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -286,7 +290,7 @@ class OpsSeen(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         ops = getattr(record, "ops", None)
-        if isinstance(ops, dict):
+        if isinstance(ops, dict) and ops.get("op") != "hello":
             self.ops.append(str(ops.get("op")))
 
 
