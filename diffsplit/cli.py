@@ -22,6 +22,7 @@ from diffsplit.arg_types import (
     positive_seconds,
 )
 from diffsplit.client_args import add_client_arguments, add_loading_argument, add_priority_argument
+from diffsplit.condition_args import add_condition_arguments
 from diffsplit.device_args import add_device_arguments
 from diffsplit.serve_args import add_serve_arguments
 from diffsplit.worker_control import add_control_parsers
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_priority_argument(run)
     add_loading_argument(run)
     add_device_arguments(run, what="the nodes run here")
+    add_condition_arguments(run)
     run.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
     from diffsplit.batch_command import add_batch_arguments

@@ -20,6 +20,7 @@ EXIT_WORKER_FAILED = 70
 
 def run(args: argparse.Namespace) -> int:
     """``diffsplit run``: execute a workflow, some nodes perhaps on workers."""
+    from diffsplit.condition_args import condition_settings, decisions_json
     from diffsplit.engine.executor import Executor, run_node_locally
     from diffsplit.engine.remote_assign import assign_remotes, describe_assignment
 
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     executor = Executor(
         registry, store, inputs_dir=Path(args.inputs), output_dir=Path(args.out),
         progress=printer.step, max_workers=max(1, args.workers or (2 if assigned else 1)),
-        master_dtypes=master_dtypes_for(memory),
+        master_dtypes=master_dtypes_for(memory), conditions=condition_settings(args),
     )
     started = time.perf_counter()
     runner = remote_runner_for(assigned, workflow, registry, store, args) if assigned else None
@@ -57,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     for path in result.saved_files:
         print(path)
     printer.message(f"done in {elapsed:.2f}s ({len(result.executed)} nodes ran)")
+    for decision in result.conditions:
+        printer.message("conditions: " + "\n".join(decision.lines()))
     comparison = None
     if getattr(args, "compare_local", False):
         from diffsplit.compare_local import compare_with_local
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
             },
             "remote": runner.stats_json() if runner is not None else {},
             "device": _device_stats(memory),
+            "conditions": decisions_json(result.conditions),
         }
         if comparison is not None:
             stats["compare_local"] = comparison.to_json()

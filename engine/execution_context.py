@@ -9,6 +9,7 @@ API form, authoritative) and ``workflow`` (the UI form as loaded, when known;
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
@@ -25,10 +26,13 @@ from diffsplit.engine.store import path_inside, unsafe_name_reason
 if TYPE_CHECKING:
     import torch
     from diffsplit.engine.dtypes import DtypePolicy, ModelKind
+    from diffsplit.engine.sampling.condition_scales import ConditionLog
     from diffsplit.engine.store import ModelStore
 
 #: ``callback(node_id, step, total)``; called from the thread running the node.
 ProgressCallback = Callable[[str, int, int], None]
+#: The PNG text chunk holding ``--conditions auto``'s decisions.
+CONDITIONS_CHUNK = "diffsplit_conditions"
 _MAX_LISTED = 20
 
 
@@ -38,6 +42,8 @@ class PngMetadata:
 
     prompt: str
     workflow: str | None
+    #: ``--conditions auto``'s decisions as JSON (the ``diffsplit_conditions`` chunk), or None
+    conditions: str | None = None
 
     @classmethod
     def of(cls, workflow: Workflow) -> PngMetadata:
@@ -82,6 +88,8 @@ class ImageSaver:
         info.add_text("prompt", metadata.prompt)
         if metadata.workflow is not None:
             info.add_text("workflow", metadata.workflow)
+        if metadata.conditions is not None:
+            info.add_text(CONDITIONS_CHUNK, metadata.conditions)
         with self._lock:
             counter = _next_counter(target.parent, target.name)
             while True:
@@ -118,8 +126,11 @@ class RunContext:
         workflow: Workflow,
         cancel: threading.Event | None = None,
         master_dtypes: DtypePolicy | None = None,
+        conditions: ConditionLog | None = None,
     ) -> None:
         self.node_id = node_id
+        #: the run's conditioning scale estimator log (``--conditions auto``), or None
+        self.conditions = conditions
         #: kind → the dtype loaders keep models in where files store them so (``nodes.base.master_dtype``)
         self.master_dtype: Callable[[ModelKind], torch.dtype] | None = (
             None if master_dtypes is None else master_dtypes.of)
@@ -175,6 +186,10 @@ class RunContext:
     def save_image(self, image: Any, filename_prefix: str, *, temporary: bool) -> Path:
         """Save a PIL image with the workflow embedded; temporary images go to the temp folder."""
         directory = self._temp_dir if temporary else self.output_dir()
-        path = self._saver.save(image, directory, filename_prefix, PngMetadata.of(self._workflow))
+        metadata = PngMetadata.of(self._workflow)
+        if self.conditions is not None:
+            decisions = [decision.to_dict() for decision in self.conditions.snapshot()]
+            metadata = dataclasses.replace(metadata, conditions=json.dumps(decisions))
+        path = self._saver.save(image, directory, filename_prefix, metadata)
         self.saved.append(path)
         return path

@@ -38,6 +38,7 @@ from diffsplit.engine.layout import contiguous_value
 from diffsplit.engine.nodes.base import NodeClass, NodeContext
 from diffsplit.engine.nodes.prompt_embeddings import embedding_stamp
 from diffsplit.engine.nodes.registry import NodeRegistry
+from diffsplit.engine.sampling.condition_scales import ChainDecision, ConditionLog, ConditionSettings
 from diffsplit.engine.store import ModelStore, path_inside
 from diffsplit.engine.validation import required_class, validate_workflow
 
@@ -92,6 +93,8 @@ class RunResult:
     saved_files: tuple[Path, ...]
     timings: Mapping[str, NodeTiming]
     executed: tuple[str, ...]
+    #: what ``--conditions auto`` decided, per sampler chain (empty when off)
+    conditions: tuple[ChainDecision, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,12 +118,16 @@ class Executor:
         progress: ProgressCallback | None = None,
         max_workers: int = 2,
         master_dtypes: DtypePolicy | None = None,
+        conditions: ConditionSettings | None = None,
     ) -> None:
         """``master_dtypes``: loaders keep a model in its kind's dtype where its file stores it so
-        (a run computing in fp16 on a device: an fp16 file is not doubled to fp32 here)."""
+        (a run computing in fp16 on a device: an fp16 file is not doubled to fp32 here).
+        ``conditions``: samplers prune and rescale their ControlNet conditions after a probe
+        (``engine.sampling.condition_scales``; ``--conditions auto``)."""
         if max_workers < 1:
             raise ValueError("max_workers must be at least 1")
         self.master_dtypes = master_dtypes
+        self.conditions = conditions
         self.registry = registry
         self.store = store
         self.inputs_dir = inputs_dir
@@ -159,8 +166,9 @@ class Executor:
         signatures = node_signatures(workflow, order, uncacheable=supplied, file_stamp=self._file_stamp)
         to_run, hits = self._plan(workflow, wanted, supplied, signatures, cache)
         validate_workflow(workflow, self.registry, self.store, only=to_run)
+        log = None if self.conditions is None else ConditionLog(self.conditions)
         completed = self._execute(workflow, to_run, {**supplied, **hits}, signatures, cache, node_runner,
-                                  cancel or threading.Event())
+                                  cancel or threading.Event(), log)
         outputs: dict[str, tuple[Any, ...]] = {}
         timings: dict[str, NodeTiming] = {}
         for node_id in order:
@@ -176,6 +184,7 @@ class Executor:
             saved_files=tuple(path for node_id in ran for path in completed[node_id].saved),
             timings=timings,
             executed=ran,
+            conditions=() if log is None else tuple(log.snapshot()),
         )
 
     def _file_stamp(self, node: Node, name: str, value: Any) -> str | None:
@@ -253,6 +262,7 @@ class Executor:
         cache: ExecutionCache | None,
         node_runner: NodeRunner,
         cancel: threading.Event,
+        conditions: ConditionLog | None = None,
     ) -> dict[str, _Completed]:
         """Run ``to_run`` as inputs become ready; the first failure stops new submissions.
 
@@ -262,6 +272,7 @@ class Executor:
         Ctrl-C while they stop does not abandon them.
         """
         schedule = _Schedule.start(workflow, to_run, available)
+        schedule.conditions = conditions
         with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="diffsplit-node") as pool:
             try:
                 failure = self._drive(schedule, signatures, cache, node_runner, pool, cancel)
@@ -289,7 +300,8 @@ class Executor:
             while (schedule.ready and failure is None and not cancel.is_set()
                    and len(running) < self.max_workers):
                 _, node_id = heapq.heappop(schedule.ready)
-                call, context = self._call(workflow, workflow.nodes[node_id], schedule.values, cancel)
+                call, context = self._call(workflow, workflow.nodes[node_id], schedule.values, cancel,
+                                           schedule.conditions)
                 running[pool.submit(self._run_one, call, context, node_runner)] = node_id
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in sorted(done, key=lambda f: node_sort_key(running[f])):
@@ -311,7 +323,8 @@ class Executor:
         return self.registry[workflow.nodes[node_id].class_type].output_node
 
     def _call(
-        self, workflow: Workflow, node: Node, values: Mapping[str, tuple[Any, ...]], cancel: threading.Event
+        self, workflow: Workflow, node: Node, values: Mapping[str, tuple[Any, ...]], cancel: threading.Event,
+        conditions: ConditionLog | None = None,
     ) -> tuple[NodeCall, RunContext]:
         inputs = {
             name: values[value.node_id][value.output_index] if isinstance(value, Link) else value
@@ -328,6 +341,7 @@ class Executor:
             workflow=workflow,
             cancel=cancel,
             master_dtypes=self.master_dtypes,
+            conditions=conditions,
         )
         return NodeCall(node, self.registry[node.class_type], inputs, context, workflow), context
 
@@ -366,6 +380,8 @@ class _Schedule:
     consumers: Mapping[str, frozenset[str]]
     running: dict[Future[_Completed], str] = field(default_factory=dict)
     completed: dict[str, _Completed] = field(default_factory=dict)
+    #: the conditioning scale estimator's decisions of this run (``--conditions auto``), or None
+    conditions: ConditionLog | None = None
 
     @classmethod
     def start(

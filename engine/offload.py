@@ -45,6 +45,7 @@ from diffsplit.engine.lazy_models import LazyModel, can_defer, defer_loader, mat
 from diffsplit.engine.rebuild import comparable_fingerprint
 from diffsplit.engine.remote_assign import worker_addresses
 from diffsplit.engine.run_files import run_files
+from diffsplit.engine.sampling.condition_scales import ChainDecision, condition_log
 from diffsplit.engine.store import ModelStore
 from diffsplit.engine.value_walk import iter_values
 from diffsplit.engine.wire_values import (
@@ -550,6 +551,7 @@ class RemoteRunner:
         if result is None:
             raise NodeFailed(node.id, node.class_type, "the worker's reply has the wrong outputs")
         outputs = self._decode_outputs(result, call)
+        _note_conditions(call, result, address)
         self._record(call, address, request, result, exchange, started, uploads)
         return outputs
 
@@ -569,7 +571,8 @@ class RemoteRunner:
                 hold[name] = digest
         return RunNode(node_id=call.node.id, class_type=call.node.class_type, inputs=inputs, hold=hold,
                        uses_held=tuple(uses_held), files=files or None, deadline_s=self.timeout_s,
-                       priority=self.priority, threads=client_threads())
+                       priority=self.priority, threads=client_threads(),
+                       conditions=_condition_settings(call))
 
     def _decode_outputs(self, result: NodeResult, call: NodeCall) -> tuple[Any, ...]:
 
@@ -654,3 +657,24 @@ def _forward_progress(call: NodeCall, message: Mapping[str, Any],
     step, total = message.get("step"), message.get("total")
     if isinstance(step, int) and isinstance(total, int):
         call.context.progress(step, total)
+
+
+def _condition_settings(call: NodeCall) -> dict[str, Any] | None:
+    """The ``--conditions auto`` settings a sampler's request carries (None: the estimator is off)."""
+    log = condition_log(call.context)
+    if log is None or not any(spec.type == "CONDITIONING" for spec in call.node_class.inputs):
+        return None
+    return log.settings.to_wire()
+
+
+def _note_conditions(call: NodeCall, result: NodeResult, address: str) -> None:
+    """The worker's condition decisions, into this run's log (a malformed one is logged and skipped)."""
+    log = condition_log(call.context)
+    if log is None:
+        return
+    for item in result.conditions:
+        try:
+            log.add(ChainDecision.from_dict(item))
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("node %s: worker %s sent a malformed condition decision: %s", call.node.id, address,
+                        exc)

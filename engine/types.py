@@ -132,7 +132,7 @@ class ControlHint:
     """What ControlNetApply attaches to a conditioning entry under ``"control"``.
 
     ``image`` is an IMAGE tensor; ``previous`` chains hints applied on top of
-    each other (their residuals add up).
+    each other (their residuals add up); ``label`` names the node that applied it.
     """
 
     controlnet: ControlNet
@@ -141,6 +141,8 @@ class ControlHint:
     start_percent: float = 0.0
     end_percent: float = 1.0
     previous: ControlHint | None = None
+    #: which node applied it ("node 12"), for the conditioning scale estimator's decisions
+    label: str = ""
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ from diffsplit.transport.errors import DiffsplitError
 
 MODEL = "$ds:model"
 CONTROL = "$ds:control"
+#: The longest control-hint label kept from a peer.
+MAX_HINT_LABEL_CHARS = 120
 ZEROS = "$ds:zeros"
 HELD = "$ds:held"
 GENERATOR = "$ds:generator"
@@ -249,6 +251,7 @@ def _hint_from_wire(
             start_percent=float(payload["start_percent"]),
             end_percent=float(payload["end_percent"]),
             previous=None if previous is None else _hint_from_wire(previous, build_model, held, hints),
+            label=str(payload.get("label", ""))[:MAX_HINT_LABEL_CHARS],
         )
 
     try:

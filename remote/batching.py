@@ -60,8 +60,8 @@ def batch_signature(request: RunNode) -> str | None:
     The node class and every input but :data:`PER_REQUEST_INPUTS`, with tensors described by
     shape and dtype (two latents of one shape batch; their values are per request).
     """
-    if request.class_type not in BATCHABLE_CLASSES:
-        return None
+    if request.class_type not in BATCHABLE_CLASSES or request.conditions is not None:
+        return None  # a run whose conditions are probed and pruned samples alone
     sampler = request.inputs.get("sampler_name")
     if isinstance(sampler, str) and sampler in UNBATCHABLE_SAMPLERS:
         return None

@@ -55,6 +55,8 @@ from diffsplit.engine.hub_cache_files import HubCacheFiles
 from diffsplit.engine.nodes.registry import NodeRegistry, default_registry
 from diffsplit.engine.placement import outputs_to_host, tensors_to
 from diffsplit.engine.run_files import RunFilesError, parse_run_files
+from diffsplit.engine.sampling.condition_scales import ConditionLog
+from diffsplit.engine.sampling.condition_settings import ConditionSettings, ConditionSettingsError
 from diffsplit.engine.sampling.lockstep import LockstepGroup
 from diffsplit.engine.value_walk import iter_values
 from diffsplit.engine.wire_values import HintTable, WireValueError, from_wire, to_wire
@@ -239,8 +241,11 @@ class _WorkerContext:
         report: Callable[[int, int], None],
         files: Mapping[tuple[str, str], FileRef] | None = None,
         resolve: Callable[[FileRef], Path] | None = None,
+        conditions: ConditionLog | None = None,
     ) -> None:
         self.node_id = node_id
+        #: the conditioning scale estimator's log where the request asked for it (samplers read it)
+        self.conditions = conditions
         self._report = report
         self._files = dict(files or {})
         self._resolve = resolve
@@ -691,6 +696,11 @@ class Worker:
             raise BadRequest(f"{node_class.name} is an output node; output nodes run locally")
         inputs_wire = op.inputs
         node_ref = op.node_id[:64]
+        try:
+            conditions = (None if op.conditions is None
+                          else ConditionLog(ConditionSettings.from_wire(op.conditions)))
+        except ConditionSettingsError as exc:
+            raise BadRequest(str(exc)) from exc
         # ranges, choices and the work asked for, then the memory decoding takes: before anything is built
         check_node_inputs(self.registry, node_class, node_ref, inputs_wire, self.limits)
         held = self._held_values(op.uses_held)
@@ -729,7 +739,7 @@ class Worker:
                 raise Cancelled(f"deadline of {deadline} s passed while running")
             self.server.progress(request, {"node": node_id, "step": step, "total": total})
 
-        context = _WorkerContext(node_id, report, files, self.builder.builder.resolve_file)
+        context = _WorkerContext(node_id, report, files, self.builder.builder.resolve_file, conditions)
 
         def waiting(why: str) -> None:
             self.server.progress(request, {"node": node_id, "waiting": why})
@@ -751,7 +761,9 @@ class Worker:
         timings = Timings(queue_s=started - received, rebuild_s=rebuilt - started, run_s=finished - rebuilt,
                           cache_hits=builds_after.hits - builds_before.hits,
                           cache_misses=builds_after.misses - builds_before.misses)
-        return NodeResult(outputs=tuple(outputs_wire), held=tuple(held_now), timings=timings).header()
+        decided = () if conditions is None else tuple(d.to_dict() for d in conditions.snapshot())
+        return NodeResult(outputs=tuple(outputs_wire), held=tuple(held_now), timings=timings,
+                          conditions=decided).header()
 
     def _compute(self, node_class: Any, inputs: dict[str, Any], run: Callable[[dict[str, Any]], Any],
                  *, waiting: Callable[[str], None]) -> Any:

@@ -40,6 +40,10 @@ MIN_PRIORITY = -10
 MAX_PRIORITY = 10
 #: The longest node id a worker keeps (it is echoed in progress and messages).
 MAX_NODE_ID_CHARS = 256
+#: The field of a request's conditioning scale estimator settings, and of the reply's decisions.
+CONDITIONS_FIELD = "conditions"
+#: The most chains of condition decisions a client reads from one reply.
+MAX_CONDITION_DECISIONS = 64
 #: The field of a run's model files (``engine.run_files`` reads it).
 FILES_FIELD = "files"
 
@@ -84,10 +88,13 @@ class RunNode:
     deadline_s: float | None = None
     priority: int = 0
     threads: int | None = None
+    #: the conditioning scale estimator's settings (``--conditions auto``; the worker checks them)
+    conditions: Mapping[str, Any] | None = None
 
     def header(self) -> dict[str, Any]:
         """The request as a message header."""
         return {
+            **_optional(CONDITIONS_FIELD, None if self.conditions is None else dict(self.conditions)),
             "op": self.op, "node": {"id": self.node_id, "class_type": self.class_type},
             "inputs": dict(self.inputs), "hold": dict(self.hold), "uses_held": list(self.uses_held),
             **_optional(THREADS_FIELD, self.threads), **_optional(FILES_FIELD, self.files),
@@ -115,6 +122,9 @@ class RunNode:
         if deadline is not None and (not isinstance(deadline, int | float) or isinstance(deadline, bool)
                                      or not math.isfinite(deadline) or deadline <= 0):
             raise BadRequest(f"'deadline_s' must be a number of seconds > 0, not {shown(deadline)}")
+        conditions = header.get(CONDITIONS_FIELD)
+        if conditions is not None and not isinstance(conditions, Mapping):
+            raise BadRequest(f"'{CONDITIONS_FIELD}' must be a mapping of settings, not {shown(conditions)}")
         held_names = dict(hold) if isinstance(hold, Mapping) else dict.fromkeys(hold or (), "")
         return cls(
             node_id=str(node.get("id", "?"))[:MAX_NODE_ID_CHARS], class_type=node["class_type"],
@@ -122,6 +132,7 @@ class RunNode:
             uses_held=tuple(uses or ()), files=header.get(FILES_FIELD),
             deadline_s=None if deadline is None else float(deadline),
             priority=parse_priority(header), threads=parse_threads(header),
+            conditions=None if conditions is None else dict(conditions),
         )
 
 
@@ -160,11 +171,14 @@ class NodeResult:
     outputs: tuple[Any, ...]
     held: tuple[str, ...] = ()
     timings: Timings = Timings()
+    #: the conditioning scale estimator's decisions as plain data (a request that asked for it)
+    conditions: tuple[Any, ...] = ()
 
     def header(self) -> dict[str, Any]:
         """The reply as a message header."""
         return {"op": RESULT_OP, "outputs": list(self.outputs), "held": list(self.held),
-                "timings": self.timings.to_dict()}
+                "timings": self.timings.to_dict(),
+                **({CONDITIONS_FIELD: list(self.conditions)} if self.conditions else {})}
 
     @classmethod
     def parse(cls, reply: Mapping[str, Any], expected_outputs: int) -> NodeResult | None:
@@ -173,9 +187,12 @@ class NodeResult:
         if not isinstance(outputs, list) or len(outputs) != expected_outputs:
             return None
         held = reply.get("held")
+        conditions = reply.get(CONDITIONS_FIELD)
         return cls(outputs=tuple(outputs),
                    held=tuple(str(d) for d in held) if isinstance(held, list) else (),
-                   timings=Timings.parse(reply.get("timings")))
+                   timings=Timings.parse(reply.get("timings")),
+                   conditions=tuple(conditions[:MAX_CONDITION_DECISIONS]) if isinstance(conditions, list)
+                   else ())
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,12 @@ from diffsplit.engine.types import ControlHint, ControlNet, Vae
 Conditioning = list[list[Any]]
 
 
+def _label(ctx: NodeContext | None) -> str:
+    """How the conditioning scale estimator names a hint: the node that applied it."""
+    node_id = getattr(ctx, "node_id", None)
+    return "" if node_id is None else f"node {node_id}"
+
+
 def controlnet_loader(ctx: NodeContext, *, control_net_name: str) -> tuple[ControlNet]:
     """ComfyUI ControlNetLoader: a ControlNet file from the store's ``controlnet`` folder (kept in its own
     half dtype where a worker asks)."""
@@ -42,7 +48,8 @@ def controlnet_apply(
     applied = []
     for cond, extras in conditioning:
         previous = extras.get("control")
-        hint = ControlHint(controlnet=control_net, image=image, strength=strength, previous=previous)
+        hint = ControlHint(controlnet=control_net, image=image, strength=strength, previous=previous,
+                           label=_label(ctx))
         applied.append([cond, {**extras, "control": hint, "control_apply_to_uncond": True}])
     return (applied,)
 
@@ -82,6 +89,7 @@ def controlnet_apply_advanced(
                     start_percent=start_percent,
                     end_percent=end_percent,
                     previous=previous,
+                    label=_label(ctx),
                 )
             applied.append([cond, {**extras, "control": shared[key], "control_apply_to_uncond": False}])
         outputs.append(applied)

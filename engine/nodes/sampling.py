@@ -13,6 +13,7 @@ from typing import Any
 
 from diffsplit.engine.errors import WorkflowError
 from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec
+from diffsplit.engine.sampling.condition_scales import condition_log, pruner_factory
 from diffsplit.engine.sampling.ksampler import sample_latent
 from diffsplit.engine.sampling.samplers import SAMPLER_NAMES
 from diffsplit.engine.sampling.schedules import SCHEDULER_NAMES
@@ -65,6 +66,7 @@ def ksampler(
         latent=latent_image,
         denoise=denoise,
         progress=ctx.progress,
+        pruner=pruner_factory(condition_log(ctx), ctx.node_id),
     )
     return (latent,)
 
@@ -103,6 +105,7 @@ def ksampler_advanced(
         last_step=end_at_step,
         force_full_denoise=return_with_leftover_noise != "enable",
         progress=ctx.progress,
+        pruner=pruner_factory(condition_log(ctx), ctx.node_id),
     )
     return (latent,)
 

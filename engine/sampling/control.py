@@ -12,7 +12,7 @@ hints it was applied on top of (``previous``), each checked on its own range.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -81,15 +81,22 @@ def hint_pixels(image: torch.Tensor, height: int, width: int, batch: int) -> tor
 
 
 def control_residuals(
-    hint: ControlHint | None, schedule: DiscreteSchedule, sigma: float, inputs: UNetInputs
+    hint: ControlHint | None, schedule: DiscreteSchedule, sigma: float, inputs: UNetInputs,
+    *, observe: Callable[[ControlHint, ControlResiduals], None] | None = None,
 ) -> ControlResiduals | None:
-    """The summed, strength-scaled residuals of ``hint`` and its chain that are active at ``sigma``."""
+    """The summed, strength-scaled residuals of ``hint`` and its chain that are active at ``sigma``.
+
+    ``observe(hint, residuals)`` sees each active hint's own residuals (the conditioning scale
+    estimator's probe); the sum is the same with or without it.
+    """
     if hint is None:
         return None
-    previous = control_residuals(hint.previous, schedule, sigma, inputs)
+    previous = control_residuals(hint.previous, schedule, sigma, inputs, observe=observe)
     if not hint_is_active(hint, schedule, sigma):
         return previous
     own = _run_controlnet(hint, inputs)
+    if observe is not None:
+        observe(hint, own)
     return own if previous is None else own + previous
 
 

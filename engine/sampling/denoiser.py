@@ -28,12 +28,13 @@ current sigma, and the prediction there is the original latent.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from diffsplit.engine.sampling.concat import batched_concat
+from diffsplit.engine.sampling.condition_scales import ConditionPruner
 from diffsplit.engine.sampling.conds import ResolvedCond, resolve_conditioning
 from diffsplit.engine.sampling.continuous_time import is_continuous
 from diffsplit.engine.sampling.control import UNetInputs, control_residuals
@@ -109,6 +110,8 @@ class CFGDenoiser:
     schedule: DiscreteSchedule
     conds: tuple[ResolvedCond, ...]
     cfg: float
+    #: the conditioning scale estimator of this run (``--conditions auto``), or None
+    pruner: ConditionPruner | None = None
 
     @classmethod
     def build(
@@ -120,14 +123,17 @@ class CFGDenoiser:
         latent_shape: Sequence[int],
         *,
         seed: int = 0,
+        pruner: Callable[[DiscreteSchedule], ConditionPruner] | None = None,
     ) -> CFGDenoiser:
         """Resolve ``positive``/``negative`` CONDITIONING for latents of ``latent_shape``.
 
-        ``seed`` is the sampler's (unCLIP noise augmentation draws from it).
+        ``seed`` is the sampler's (unCLIP noise augmentation draws from it); ``pruner(schedule)``
+        makes the run's conditioning scale estimator.
         """
         schedule = DiscreteSchedule(model.sampling)
         conds = resolve_conditioning(model, schedule, positive, negative, tuple(latent_shape), seed=seed)
-        return cls(model=model, schedule=schedule, conds=conds, cfg=float(cfg))
+        return cls(model=model, schedule=schedule, conds=conds, cfg=float(cfg),
+                   pruner=None if pruner is None else pruner(schedule))
 
     @property
     def runs_uncond(self) -> bool:
@@ -178,7 +184,10 @@ class CFGDenoiser:
             context=_batched_context(group).to(device),
             added=_batched_added(group, device),
         )
-        residuals = control_residuals(group[0].control, self.schedule, float(sigma), inputs)
+        if self.pruner is not None:
+            residuals = self.pruner.residuals(group[0].control, float(sigma), inputs)
+        else:
+            residuals = control_residuals(group[0].control, self.schedule, float(sigma), inputs)
         extra = {} if residuals is None else residuals.as_unet_kwargs(dtype)
         gligen = group[0].gligen
         if gligen is not None:

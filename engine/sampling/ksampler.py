@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 from diffsplit.engine.sampling import schedules
+from diffsplit.engine.sampling.condition_scales import ConditionPruner, PrunerFactory
 from diffsplit.engine.sampling.denoiser import CFGDenoiser, InpaintDenoiser, prepare_denoise_mask
 from diffsplit.engine.sampling.noise import prepare_noise, seeded_generator
 from diffsplit.engine.sampling.samplers import DenoiseFn, Sampler, get_sampler
@@ -83,9 +85,11 @@ def sample_latent(
     last_step: int | None = None,
     force_full_denoise: bool = False,
     progress: ProgressFn | None = None,
+    pruner: PrunerFactory | None = None,
 ) -> dict[str, Any]:
     """Sample ``latent`` and return a copy of the LATENT dict with new ``samples``.
 
+    ``pruner``: the conditioning scale estimator's factory (``--conditions auto``), or None.
     Raises ValueError for an unknown sampler or scheduler name.
     """
     sampler = get_sampler(sampler_name)
@@ -93,7 +97,7 @@ def sample_latent(
     sigmas = slice_sigmas(sigmas, start_step, last_step, force_full_denoise)
     output, _ = sample_with_sigmas(
         model, sigmas, sampler, seed=seed, add_noise=add_noise, cfg=cfg, positive=positive,
-        negative=negative, latent=latent, progress=progress,
+        negative=negative, latent=latent, progress=progress, pruner=pruner,
     )
     return output
 
@@ -111,13 +115,15 @@ def sample_with_sigmas(
     latent: Mapping[str, Any],
     progress: ProgressFn | None = None,
     denoiser: Callable[[tuple[int, ...], int], DenoiseFn] | None = None,
+    pruner: PrunerFactory | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One sampler run over given ``sigmas`` (KSampler and SamplerCustom share it).
 
     Returns the sampled LATENT and the LATENT of the last denoised prediction
     (SamplerCustom's ``denoised_output``; the input latent when there is no step).
     ``denoiser(latent_shape, seed)``, when given, builds the guidance instead of
-    CFG over ``positive``/``negative`` (DualCFGGuider).
+    CFG over ``positive``/``negative`` (DualCFGGuider). ``pruner(schedule, sigmas)`` makes the
+    conditioning scale estimator of a CFG run (``engine.sampling.condition_scales``).
     """
     result = dict(latent)
     latent_image = latent["samples"].float()
@@ -132,10 +138,15 @@ def sample_with_sigmas(
     latent_image, noise, sigmas = latent_image.to(device), noise.to(device), sigmas.to(device)
 
     denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    probe: ConditionPruner | None = None
     if denoiser is not None:
         denoise_fn = denoiser(tuple(latent_image.shape), seed)
     else:
-        denoise_fn = CFGDenoiser.build(model, positive, negative, cfg, latent_image.shape, seed=seed)
+        estimator = None if pruner is None else partial(pruner, sigmas=sigmas)
+        cfg_denoiser = CFGDenoiser.build(model, positive, negative, cfg, latent_image.shape, seed=seed,
+                                         pruner=estimator)
+        denoise_fn = cfg_denoiser
+        probe = cfg_denoiser.pruner
     if latent.get("noise_mask") is not None:
         held_noise = noise
         if sampler.random_inpaint_noise:
@@ -149,6 +160,8 @@ def sample_with_sigmas(
 
     def on_step(step: int, x_now: torch.Tensor, denoised: torch.Tensor) -> None:
         last_denoised[0] = denoised
+        if probe is not None:
+            probe.step_done(step)
         if progress is not None:
             progress(step + 1, total)
 

@@ -1,0 +1,370 @@
+"""Conditioning scale estimator: after an early probe, which conditions a sampler run keeps, at what scale.
+
+ControlNet residuals add up: at each step the UNet sees ``R = sum_i r_i``, one
+``r_i`` per condition (a :class:`~diffsplit.engine.types.ControlHint` of a chain,
+already scaled by its strength). During the first ``probe`` fraction of the steps
+every condition runs as usual and its own residual is kept apart; their inner
+products summed over the probe calls form a Gram matrix ``G`` (``G_ii``: a
+condition's activation strength, ``G_ij / sqrt(G_ii G_jj)``: how much two
+conditions overlap). From ``G`` alone:
+
+- the kept set ``K`` and its scales ``c`` are those that best reproduce the full
+  residual: ``c = argmin || R - sum_{k in K} c_k r_k ||`` (least squares over the
+  probe, ``G_KK c = G_K 1``); the relative error of that fit is what dropping costs;
+- conditions are dropped one at a time (backward elimination): each time the one
+  whose removal, with the kept scales refitted, leaves the smallest error, while
+  that error stays below ``tolerance`` (0: nothing is dropped) and every scale within ``[0, max_scale]``.
+
+A weak condition (small ``G_ii``) costs little to drop; one that overlaps a
+stronger one (cosine near 1) is dropped and the stronger one scaled up to cover
+it. With nothing dropped the fit is exact (``c = 1``). For the remaining steps the
+kept hints run with their strength times their scale (a ControlNet's residuals
+are linear in its strength) and the dropped ones not at all: fewer ControlNet
+passes per step. Conditions not active during the probe, or no longer active
+after it, are kept unchanged. The probe's steps are computed exactly as without
+the estimator, so a run that drops nothing equals the unpruned run bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffsplit.engine.sampling.condition_settings import ConditionSettings
+from diffsplit.engine.sampling.control import (
+    ControlResiduals,
+    UNetInputs,
+    control_residuals,
+    hint_is_active,
+)
+from diffsplit.engine.sampling.schedules import DiscreteSchedule
+from diffsplit.engine.types import ControlHint
+
+__all__ = ["ChainDecision", "ConditionDecision", "ConditionLog", "ConditionPruner", "ConditionSettings",
+           "Fit", "fit", "prune"]
+
+#: The longest condition label kept (labels travel on the wire).
+MAX_LABEL_CHARS = 120
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A kept set's least-squares scales and the relative error of its residual against the full one."""
+
+    kept: tuple[int, ...]
+    scales: tuple[float, ...]
+    error: float
+
+
+def fit(gram: torch.Tensor, kept: Sequence[int]) -> Fit:
+    """The scales of ``kept`` (indices into ``gram``) that best reproduce the sum of all residuals."""
+    gram = gram.double()
+    total = float(gram.sum())
+    if total <= 0.0:
+        return Fit(tuple(kept), tuple(1.0 for _ in kept), 0.0)
+    if len(kept) == 0:
+        return Fit((), (), 1.0)
+    index = torch.tensor(list(kept), dtype=torch.long)
+    sub = gram[index][:, index]
+    target = gram[index].sum(dim=1)
+    # the least-squares scales nearest the given strengths (scales of 1): where residuals are linearly
+    # dependent many scales fit as well, and the one changing the run least is taken
+    change = torch.linalg.pinv(sub, hermitian=True) @ (target - sub.sum(dim=1))
+    scales = 1.0 + change
+    left = total - 2.0 * float(scales @ target) + float(scales @ sub @ scales)
+    return Fit(tuple(kept), tuple(float(s) for s in scales), math.sqrt(max(left, 0.0) / total))
+
+
+def prune(gram: torch.Tensor, tolerance: float, max_scale: float,
+          candidates: Sequence[int] | None = None) -> Fit:
+    """Backward elimination over ``candidates`` (default all): drop while the refitted error stays
+    below ``tolerance`` and every scale within ``[0, max_scale]``; at least one condition stays."""
+    count = gram.shape[0]
+    fixed = [i for i in range(count) if candidates is not None and i not in candidates]
+    kept = list(range(count))
+    current = fit(gram, kept)
+    while len([i for i in kept if i not in fixed]) > 1:
+        best: Fit | None = None
+        for drop in kept:
+            if drop in fixed:
+                continue
+            trial = fit(gram, [i for i in kept if i != drop])
+            if trial.error >= tolerance or not all(-1e-9 <= s <= max_scale for s in trial.scales):
+                continue
+            if best is None or trial.error < best.error:
+                best = trial
+        if best is None:
+            break
+        kept, current = list(best.kept), best
+    return current
+
+
+@dataclass(frozen=True)
+class ConditionDecision:
+    """What the estimator decided for one condition of a chain."""
+
+    label: str
+    strength: float
+    #: root mean square of its residual over the probe (its activation strength)
+    activation: float
+    #: its largest cosine similarity with another condition's residual over the probe
+    overlap: float
+    kept: bool
+    #: the factor on its strength for the remaining steps (1 when dropped or not judged)
+    scale: float
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (reply, PNG metadata, manifest)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ChainDecision:
+    """The decisions for one chain of hints in one sampler run."""
+
+    node_id: str
+    probe_steps: int
+    total_steps: int
+    #: relative error of the kept conditions' refitted residual against all of them, over the probe
+    error: float
+    conditions: tuple[ConditionDecision, ...]
+
+    @property
+    def dropped(self) -> int:
+        """How many conditions the remaining steps skip."""
+        return sum(1 for c in self.conditions if not c.kept)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (reply, PNG metadata)."""
+        return {"node": self.node_id, "probe_steps": self.probe_steps, "total_steps": self.total_steps,
+                "error": self.error, "conditions": [c.to_dict() for c in self.conditions]}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ChainDecision:
+        """Decisions a worker sent back (ValueError when malformed)."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("conditions"), list):
+            raise ValueError("a condition decision is not a mapping with 'conditions'")
+        conditions = []
+        for item in data["conditions"]:
+            if not isinstance(item, Mapping):
+                raise ValueError("a condition entry is not a mapping")
+            conditions.append(ConditionDecision(
+                label=str(item["label"])[:MAX_LABEL_CHARS], strength=float(item["strength"]),
+                activation=float(item["activation"]), overlap=float(item["overlap"]),
+                kept=bool(item["kept"]), scale=float(item["scale"]), reason=str(item["reason"])[:200]))
+        return cls(node_id=str(data.get("node", "?"))[:64], probe_steps=int(data["probe_steps"]),
+                   total_steps=int(data["total_steps"]), error=float(data["error"]),
+                   conditions=tuple(conditions))
+
+    def lines(self) -> list[str]:
+        """Human-readable lines, one per condition after a heading."""
+        head = (f"node {self.node_id}: {len(self.conditions) - self.dropped} of {len(self.conditions)} "
+                f"condition(s) kept after a {self.probe_steps}-step probe of {self.total_steps} "
+                f"(residual error {self.error:.1%})")
+        rows = [f"  {c.label}: {'kept' if c.kept else 'dropped'}"
+                + (f" at scale {c.scale:.3f}" if c.kept and not math.isclose(c.scale, 1.0) else "")
+                + f" (activation {c.activation:.3g}, overlap {c.overlap:.2f}; {c.reason})"
+                for c in self.conditions]
+        return [head, *rows]
+
+
+@dataclass
+class ConditionLog:
+    """The decisions of one run, from every sampler node (thread-safe; shared by the run's nodes)."""
+
+    settings: ConditionSettings
+    decisions: list[ChainDecision] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, decision: ChainDecision) -> None:
+        """Record one chain's decisions."""
+        with self._lock:
+            self.decisions.append(decision)
+
+    def snapshot(self) -> list[ChainDecision]:
+        """The decisions so far."""
+        with self._lock:
+            return list(self.decisions)
+
+
+def condition_log(ctx: Any) -> ConditionLog | None:
+    """The run's :class:`ConditionLog` where ``--conditions auto`` is on (None: the estimator is off)."""
+    log = getattr(ctx, "conditions", None)
+    return log if isinstance(log, ConditionLog) else None
+
+
+def chain_of(head: ControlHint) -> tuple[ControlHint, ...]:
+    """The hints of a chain, the first applied first."""
+    hints: list[ControlHint] = []
+    hint: ControlHint | None = head
+    while hint is not None:
+        hints.append(hint)
+        hint = hint.previous
+    return tuple(reversed(hints))
+
+
+def hint_label(hint: ControlHint, index: int) -> str:
+    """How decisions name a condition: its label (the node that applied it) or its place in the chain."""
+    name = hint.label or f"condition {index + 1}"
+    text = f"{name} (strength {hint.strength:g}, {hint.start_percent:g}-{hint.end_percent:g})"
+    return text[:MAX_LABEL_CHARS]
+
+
+def _flat(residuals: ControlResiduals) -> torch.Tensor:
+    return torch.cat([r.reshape(-1).double() for r in (*residuals.down, residuals.mid)])
+
+
+class _ChainProbe:
+    """One chain's Gram matrix and element count over the probe calls."""
+
+    def __init__(self, head: ControlHint) -> None:
+        self.head = head  # kept alive: chains are keyed by the head's identity
+        self.hints = chain_of(head)
+        self.gram = torch.zeros(len(self.hints), len(self.hints), dtype=torch.float64)
+        self.elements = 0
+        self.seen = [False] * len(self.hints)
+
+    def add(self, own: Mapping[int, torch.Tensor]) -> None:
+        positions = {id(hint): i for i, hint in enumerate(self.hints)}
+        flat = {positions[key]: vector for key, vector in own.items() if key in positions}
+        if not flat:
+            return
+        self.elements += next(iter(flat.values())).numel()
+        for i, a in flat.items():
+            self.seen[i] = True
+            for j, b in flat.items():
+                if j >= i:
+                    value = float(a @ b)
+                    self.gram[i, j] += value
+                    if j != i:
+                        self.gram[j, i] += value
+
+
+class ConditionPruner:
+    """Probes a sampler run's conditions, then runs the kept ones rescaled (see the module docstring)."""
+
+    def __init__(self, settings: ConditionSettings, log: ConditionLog, node_id: str,
+                 schedule: DiscreteSchedule,
+                 sigmas: torch.Tensor) -> None:
+        self.settings = settings
+        self.log = log
+        self.node_id = node_id
+        self.schedule = schedule
+        self.sigmas = [float(s) for s in sigmas]
+        self.total_steps = len(self.sigmas) - 1
+        self.probe_steps = settings.probe_steps(self.total_steps)
+        self._probes: dict[int, _ChainProbe] = {}
+        self._replaced: dict[int, ControlHint | None] | None = None
+        self._keep_alive: list[ControlHint] = []
+
+    @property
+    def decided(self) -> bool:
+        """Whether the probe is over and the kept chains are in use."""
+        return self._replaced is not None
+
+    def step_done(self, step: int) -> None:
+        """The sampler finished step ``step`` (0-based): after the probe's last one, decide."""
+        if self._replaced is None and step + 1 == self.probe_steps and self.probe_steps < self.total_steps:
+            self._decide(self.sigmas[step + 1])
+
+    def residuals(
+        self, head: ControlHint | None, sigma: float, inputs: UNetInputs
+    ) -> ControlResiduals | None:
+        """The residuals for a UNet call whose entries carry ``head``: every hint while probing, the
+        kept (rescaled) ones after."""
+        if head is None:
+            return None
+        if self._replaced is not None:
+            return control_residuals(self._replaced.get(id(head), head), self.schedule, sigma, inputs)
+        probe = self._probes.get(id(head))
+        if probe is None:
+            probe = self._probes[id(head)] = _ChainProbe(head)
+        own: dict[int, torch.Tensor] = {}
+
+        def observe(hint: ControlHint, residuals: ControlResiduals) -> None:
+            own[id(hint)] = _flat(residuals)
+
+        result = control_residuals(head, self.schedule, sigma, inputs, observe=observe)
+        probe.add(own)
+        return result
+
+    def _decide(self, next_sigma: float) -> None:
+        replaced: dict[int, ControlHint | None] = {}
+        for key, probe in self._probes.items():
+            decision, scales = self._decide_chain(probe, next_sigma)
+            self.log.add(decision)
+            replaced[key] = self._rebuilt(probe.hints, scales)
+        self._keep_alive.extend(h for h in replaced.values() if h is not None)
+        self._replaced = replaced
+
+    def _decide_chain(
+        self, probe: _ChainProbe, next_sigma: float
+    ) -> tuple[ChainDecision, list[float | None]]:
+        hints = probe.hints
+        gram = probe.gram
+        candidates = [i for i, hint in enumerate(hints)
+                      if probe.seen[i] and gram[i, i] > 0 and hint_is_active(hint, self.schedule, next_sigma)]
+        result = prune(gram, self.settings.tolerance, self.settings.max_scale, candidates)
+        scale_of = dict(zip(result.kept, result.scales, strict=True))
+        decisions, scales = [], []
+        norms = gram.diagonal().clamp(min=0).sqrt()
+        for i, hint in enumerate(hints):
+            overlaps = [float(gram[i, j] / (norms[i] * norms[j])) for j in range(len(hints))
+                        if j != i and norms[i] > 0 and norms[j] > 0]
+            activation = math.sqrt(float(gram[i, i]) / max(probe.elements, 1)) if probe.seen[i] else 0.0
+            overlap = max(overlaps, default=0.0)
+            if i not in candidates:
+                reason = "not active during the probe" if not probe.seen[i] else "not active after the probe"
+                decisions.append(ConditionDecision(hint_label(hint, i), hint.strength, activation, overlap,
+                                                   True, 1.0, reason))
+                scales.append(1.0)
+            elif i in scale_of:
+                reason = "needed" if math.isclose(scale_of[i], 1.0, abs_tol=1e-6) else "covers dropped ones"
+                decisions.append(ConditionDecision(hint_label(hint, i), hint.strength, activation, overlap,
+                                                   True, scale_of[i], reason))
+                scales.append(scale_of[i])
+            else:
+                reason = "overlaps a kept condition" if overlap >= 0.5 else "contributes little"
+                decisions.append(ConditionDecision(hint_label(hint, i), hint.strength, activation, overlap,
+                                                   False, 1.0, reason))
+                scales.append(None)
+        chain = ChainDecision(self.node_id, self.probe_steps, self.total_steps, result.error,
+                              tuple(decisions))
+        return chain, scales
+
+    @staticmethod
+    def _rebuilt(hints: Sequence[ControlHint], scales: Sequence[float | None]) -> ControlHint | None:
+        """The chain of the kept hints, each at its strength times its scale (None: all dropped)."""
+        previous: ControlHint | None = None
+        unchanged = True
+        for hint, scale in zip(hints, scales, strict=True):
+            if scale is None:
+                unchanged = False
+                continue
+            if unchanged and scale == 1.0 and hint.previous is previous:
+                previous = hint  # the same object: positive and negative still batch together
+                continue
+            unchanged = False
+            previous = dataclasses.replace(hint, strength=hint.strength * scale, previous=previous)
+        return previous
+
+
+PrunerFactory = Callable[[DiscreteSchedule, torch.Tensor], ConditionPruner]
+
+
+def pruner_factory(log: ConditionLog | None, node_id: str) -> PrunerFactory | None:
+    """What a sampler run calls to make its pruner (None: the estimator is off for this run)."""
+    if log is None:
+        return None
+    settings = log.settings
+
+    def make(schedule: DiscreteSchedule, sigmas: torch.Tensor) -> ConditionPruner:
+        return ConditionPruner(settings, log, node_id, schedule, sigmas)
+
+    return make

@@ -1,0 +1,170 @@
+"""``--conditions auto`` end to end: three ControlNet conditions probed, the redundant ones dropped for
+the remaining steps (fewer ControlNet passes), the decisions in the result, the PNG and the stats,
+here and on a real worker process."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from diffsplit.engine.example_workflows import multi_condition_workflow
+from diffsplit.engine.execution_context import CONDITIONS_CHUNK
+from diffsplit.engine.executor import Executor, RunResult
+from diffsplit.engine.formats import load_workflow
+from diffsplit.engine.nodes.registry import NodeRegistry
+from diffsplit.engine.offload import RemoteRunner
+from diffsplit.engine.remote_assign import assign_remotes
+from diffsplit.engine.sampling.condition_scales import ChainDecision
+from diffsplit.engine.sampling.condition_settings import ConditionSettings
+from diffsplit.engine.store import ModelStore
+from diffsplit.engine.trace_workflow import output_recipe_source
+from diffsplit.transport.sockets import Client
+from diffsplit.transport.worker_errors import BadRequest, error_from_reply
+
+from .conftest import png_text, write_json
+
+STEPS = 8
+
+
+@contextmanager
+def controlnet_passes() -> Iterator[list[int]]:
+    """Counts forwards of ControlNetModel (any instance) while the block runs."""
+    seen = [0]
+
+    def count(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if type(module).__name__ == "ControlNetModel":
+            seen[0] += 1
+
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def run(registry: NodeRegistry, store: ModelStore, inputs_dir: Path, out: Path,
+        settings: ConditionSettings | None, remote: str | None = None,
+        document: dict[str, Any] | None = None) -> RunResult:
+    workflow = load_workflow(document or multi_condition_workflow(steps=STEPS), registry)
+    executor = Executor(registry, store, inputs_dir=inputs_dir, output_dir=out, max_workers=1,
+                        conditions=settings)
+    if remote is None:
+        return executor.run(workflow)
+    assigned = assign_remotes(workflow, registry, [f"KSampler={remote}"])
+    with RemoteRunner(assigned, output_recipe_source(workflow, registry, store), local_store=store) as runner:
+        return executor.run(workflow, node_runner=runner)
+
+
+@pytest.fixture(scope="module")
+def unpruned(registry: NodeRegistry, store: ModelStore, inputs_dir: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.Tensor, int]:
+    with controlnet_passes() as passes:
+        result = run(registry, store, inputs_dir, tmp_path_factory.mktemp("full"), None)
+    assert result.conditions == ()
+    return result.outputs["7"][0], passes[0]
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(((a.double() - b.double()) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
+
+
+def test_redundant_conditions_are_dropped_after_the_probe(
+    registry: NodeRegistry, store: ModelStore, inputs_dir: Path, tmp_path: Path,
+    unpruned: tuple[torch.Tensor, int],
+) -> None:
+    image, full_passes = unpruned
+    with controlnet_passes() as passes:
+        result = run(registry, store, inputs_dir, tmp_path, ConditionSettings(probe=0.25, tolerance=0.15))
+    (decision,) = result.conditions
+    assert decision.node_id == "6" and decision.probe_steps == 2 and decision.total_steps == STEPS
+    labels = [c.label.split(" (")[0] for c in decision.conditions]
+    assert labels == ["node 11", "node 22", "node 24"]  # in the order they were applied
+    assert decision.dropped >= 1 and decision.error <= 0.15
+    kept = [c for c in decision.conditions if c.kept]
+    assert kept and all(0 < c.scale <= 2.0 for c in kept)
+    # each dropped condition's ControlNet runs in the probe's 2 steps only
+    per_condition = full_passes // 3
+    assert per_condition >= STEPS
+    assert passes[0] == full_passes - decision.dropped * per_condition * (STEPS - 2) // STEPS
+    assert psnr(result.outputs["7"][0], image) > 30.0
+
+
+def test_with_no_tolerance_nothing_is_dropped_and_the_image_is_the_same_bit_for_bit(
+    registry: NodeRegistry, store: ModelStore, inputs_dir: Path, tmp_path: Path,
+    unpruned: tuple[torch.Tensor, int],
+) -> None:
+    image, full_passes = unpruned
+    with controlnet_passes() as passes:
+        result = run(registry, store, inputs_dir, tmp_path, ConditionSettings(tolerance=0.0))
+    (decision,) = result.conditions
+    assert decision.dropped == 0
+    assert all(c.kept and c.scale == pytest.approx(1.0) for c in decision.conditions)
+    assert passes[0] == full_passes
+    assert torch.equal(result.outputs["7"][0], image)
+
+
+def test_one_condition_alone_is_kept_and_a_late_one_is_not_judged(
+    registry: NodeRegistry, store: ModelStore, inputs_dir: Path, tmp_path: Path,
+) -> None:
+    document = multi_condition_workflow(steps=STEPS)
+    document["6"]["inputs"]["positive"] = ["11", 0]  # one condition only
+    (decision,) = run(registry, store, inputs_dir, tmp_path / "one", ConditionSettings(),
+                      document=document).conditions
+    assert [c.kept for c in decision.conditions] == [True]
+    document = multi_condition_workflow(steps=STEPS)
+    document["24"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": ["22", 0], "negative": ["4", 0], "control_net": ["9", 0], "image": ["10", 0],
+        "strength": 0.5, "start_percent": 0.6, "end_percent": 1.0}}
+    document["6"]["inputs"]["negative"] = ["24", 1]
+    decisions = run(registry, store, inputs_dir, tmp_path / "late", ConditionSettings(),
+                    document=document).conditions
+    late = [c for d in decisions for c in d.conditions if c.label.startswith("node 24")]
+    assert late and all(c.kept and c.reason == "not active during the probe" for c in late)
+
+
+def test_the_decisions_are_printed_in_the_stats_and_in_the_png(
+    run_cli: Any, models_dir: Path, inputs_dir: Path, tmp_path: Path,
+) -> None:
+    workflow = write_json(tmp_path / "multi.json", multi_condition_workflow(steps=STEPS))
+    stats = tmp_path / "stats.json"
+    result = run_cli("run", str(workflow), "--models", str(models_dir), "--inputs", str(inputs_dir),
+                     "--out", str(tmp_path / "out"), "--conditions", "auto", "--stats", str(stats))
+    assert result.exit_code == 0, result.stderr
+    assert "conditions: node 6: " in result.stderr and "dropped" in result.stderr
+    recorded = json.loads(stats.read_text())["conditions"]
+    (png,) = result.saved
+    assert json.loads(png_text(png)[CONDITIONS_CHUNK]) == recorded
+    assert ChainDecision.from_dict(recorded[0]).dropped >= 1
+    off = run_cli("run", str(workflow), "--models", str(models_dir), "--inputs", str(inputs_dir),
+                  "--out", str(tmp_path / "off"))
+    assert off.exit_code == 0 and CONDITIONS_CHUNK not in png_text(off.saved[0])
+
+
+def test_a_worker_prunes_the_same_way_and_sends_its_decisions_back(
+    registry: NodeRegistry, store: ModelStore, inputs_dir: Path, tmp_path: Path, worker_address: str,
+) -> None:
+    settings = ConditionSettings(probe=0.25, tolerance=0.15)
+    here = run(registry, store, inputs_dir, tmp_path / "here", settings)
+    there = run(registry, store, inputs_dir, tmp_path / "there", settings, remote=worker_address)
+    assert there.conditions == here.conditions
+    assert torch.equal(there.outputs["7"][0], here.outputs["7"][0])
+
+
+@pytest.mark.parametrize(("conditions", "wrong"), [
+    ({"mode": "auto", "probe": 2}, "probe must be a number in (0.0, 1.0)"),
+    ({"mode": "sometimes"}, "'conditions' must be"),
+    ("auto", "'conditions' must be a mapping"),
+])
+def test_a_worker_refuses_malformed_settings(worker_address: str, conditions: Any, wrong: str) -> None:
+    request = {"op": "run_node", "node": {"id": "6", "class_type": "KSampler"}, "inputs": {},
+               "conditions": conditions}
+    with Client(worker_address) as client:
+        reply = client.request(request, timeout=30)
+    error = error_from_reply(reply)
+    assert isinstance(error, BadRequest) and wrong in str(error), reply
