@@ -95,7 +95,8 @@ def controlnet_workflow() -> dict[str, Any]:
 
 def multi_condition_workflow(steps: int = 8) -> dict[str, Any]:
     """SD 1.5 steered by three ControlNet conditions on one input image: Canny edges at two
-    threshold pairs (nodes 11 and 22: much the same edges) and the image itself, weakly (node 24)."""
+    threshold pairs (nodes 11 and 22: much the same edges) and a Depth Anything depth map, weakly
+    (node 24, from the tiny set's ``preprocessors/tiny-depth-anything.safetensors``)."""
     workflow = controlnet_workflow()
     workflow["6"]["inputs"]["steps"] = steps
     workflow["20"] = {"class_type": "Canny", "inputs": {"image": ["10", 0], "low_threshold": 0.2,
@@ -105,8 +106,10 @@ def multi_condition_workflow(steps: int = 8) -> dict[str, Any]:
     workflow["11"]["inputs"].update(image=["20", 0], strength=0.8)
     workflow["22"] = {"class_type": "ControlNetApply", "inputs": {
         "conditioning": ["11", 0], "control_net": ["9", 0], "image": ["21", 0], "strength": 0.7}}
+    workflow["23"] = {"class_type": "DepthAnythingPreprocessor", "inputs": {
+        "image": ["10", 0], "ckpt_name": "tiny-depth-anything.safetensors", "resolution": 64}}
     workflow["24"] = {"class_type": "ControlNetApply", "inputs": {
-        "conditioning": ["22", 0], "control_net": ["9", 0], "image": ["10", 0], "strength": 0.05}}
+        "conditioning": ["22", 0], "control_net": ["9", 0], "image": ["23", 0], "strength": 0.05}}
     workflow["6"]["inputs"]["positive"] = ["24", 0]
     return workflow
 

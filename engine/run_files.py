@@ -2,7 +2,8 @@
 
 Loader nodes reach the worker as recipes, whose files are FileRefs. A few other
 nodes read model files themselves: the text encoders read the ``embedding:name``
-files their prompts name (``nodes.prompt_embeddings``). For those, the client
+files their prompts name (``nodes.prompt_embeddings``), and preprocessors the network
+file an input names (``nodes.depth``). For those, the client
 resolves every lookup the node will make through *its own* store (the names the
 node asks ``ctx.model_path`` for, in its order) and the request carries them as
 ``"files": [{"folder", "name", "file": FileRef}]``. On the worker the node's
@@ -42,10 +43,24 @@ def run_files(call: NodeCall, file_refs: FileRefResolver) -> list[dict[str, Any]
     """
     where = f"node {call.node.id} ({call.node.class_type})"
     found = embedding_files(call.node_class, call.inputs, call.context.model_path, where=where)
+    found.update(model_input_files(call))
     return [
         {"folder": folder, "name": name, "file": file_refs.file_ref(path).to_dict()}
         for (folder, name), path in found.items()
     ]
+
+
+def model_input_files(call: NodeCall) -> dict[tuple[str, str], Any]:
+    """The model files a non-loader node names in its inputs and reads itself (a preprocessor's
+    network, ``nodes.depth``), resolved through this process's store. Loader nodes travel as recipes."""
+    if call.node_class.is_loader:
+        return {}
+    found: dict[tuple[str, str], Any] = {}
+    for spec in call.node_class.inputs:
+        name = call.inputs.get(spec.name)
+        if spec.type == "COMBO" and spec.model_folder and isinstance(name, str):
+            found[(spec.model_folder, name)] = call.context.model_path(spec.model_folder, name)
+    return found
 
 
 def parse_run_files(data: Any) -> dict[tuple[str, str], FileRef]:

@@ -1,7 +1,7 @@
 """A ComfyUI-style models folder, with names that never escape it and an on-disk sha256 index.
 
 Layout: ``<root>/checkpoints``, ``loras``, ``vae``, ``clip``, ``controlnet``,
-``diffusers``, ``embeddings``, ``upscale_models``, ``text_encoders``,
+``diffusers``, ``embeddings``, ``upscale_models``, ``text_encoders``, ``preprocessors``,
 ``diffusion_models``, ``configs`` (other folders work too). As in ComfyUI,
 ``text_encoders`` and ``clip`` list one set of models (both directories), and so
 do ``diffusion_models`` and ``unet`` (:data:`FOLDER_GROUPS`); ``configs`` lists
@@ -57,6 +57,7 @@ MODEL_FOLDERS: tuple[str, ...] = (
     "configs",
     "clip_vision",
     "genie_heads",
+    "preprocessors",
 )
 MODEL_EXTENSIONS: frozenset[str] = frozenset({".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft"})
 #: ComfyUI folder names that list the same models, with the directories searched in ComfyUI's order

@@ -24,6 +24,7 @@ from types import MappingProxyType
 
 import torch
 from diffsplit.engine.models.checkpoint import CheckpointParts, save_checkpoint, save_controlnet, save_vae
+from diffsplit.engine.models.depth_model import write_tiny_depth_model
 from diffsplit.engine.models.genie_head import GENIE_HEAD_FOLDER, save_genie_head, tiny_genie_head
 from diffsplit.engine.models.lora import LoraPatch, LoraWeights, flat_module_name, save_lora
 from diffsplit.engine.models.tiny_clip_vision import TINY_CLIP_VISION_FILE, write_tiny_clip_vision
@@ -60,6 +61,10 @@ _SCHEDULE = MappingProxyType(
 )
 
 
+#: The tiny Depth Anything file in the preprocessors folder.
+TINY_DEPTH_FILE = "tiny-depth-anything.safetensors"
+
+
 @dataclass(frozen=True)
 class TinyModelSet:
     """Paths of the files written by :func:`write_tiny_models`."""
@@ -84,6 +89,8 @@ class TinyModelSet:
     sd15_genie_head: Path
     #: the SD 1.5 / SDXL checkpoints split into separate files (tiny_split_files)
     split_files: SplitFilePaths
+    #: a seeded Depth Anything (the depth preprocessors' model)
+    depth_anything: Path
 
     def paths(self) -> tuple[Path, ...]:
         """Every file or folder of the set, in a fixed order."""
@@ -389,6 +396,7 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelSet:
         sd15_ip2p_checkpoint=root / "checkpoints" / TINY_IP2P_FILE,
         sd15_genie_head=root / GENIE_HEAD_FOLDER / TINY_GENIE_HEAD_FILE,
         split_files=SplitFilePaths.under(root),
+        depth_anything=root / "preprocessors" / TINY_DEPTH_FILE,
     )
     for folder in ("checkpoints", "loras", "vae", "controlnet", "diffusers"):
         (root / folder).mkdir(parents=True, exist_ok=True)
@@ -412,6 +420,7 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelSet:
     write_tiny_ip2p(model_set.sd15_ip2p_checkpoint, seed)
     save_genie_head(tiny_genie_head(seed + 17), model_set.sd15_genie_head)
     write_split_files(model_set.split_files, sd15, sdxl)
+    write_tiny_depth_model(model_set.depth_anything, seed)
     return model_set
 
 

@@ -28,6 +28,7 @@ BUILTIN_NODE_MODULES: tuple[str, ...] = (
     "diffsplit.engine.nodes.upscale_model",
     "diffsplit.engine.nodes.compositing",
     "diffsplit.engine.nodes.preprocessors",
+    "diffsplit.engine.nodes.depth",
     "diffsplit.engine.nodes.sampling",
     "diffsplit.engine.nodes.custom_sampling",
     "diffsplit.engine.nodes.edit_models",

@@ -55,7 +55,9 @@ def run(registry: NodeRegistry, store: ModelStore, inputs_dir: Path, out: Path,
                         conditions=settings)
     if remote is None:
         return executor.run(workflow)
-    assigned = assign_remotes(workflow, registry, [f"KSampler={remote}"])
+    # the sampler and the depth preprocessor (its network file goes by sha256) run on the worker
+    assigned = assign_remotes(workflow, registry,
+                              [f"KSampler={remote}", f"DepthAnythingPreprocessor={remote}"])
     with RemoteRunner(assigned, output_recipe_source(workflow, registry, store), local_store=store) as runner:
         return executor.run(workflow, node_runner=runner)
 
@@ -153,6 +155,7 @@ def test_a_worker_prunes_the_same_way_and_sends_its_decisions_back(
     here = run(registry, store, inputs_dir, tmp_path / "here", settings)
     there = run(registry, store, inputs_dir, tmp_path / "there", settings, remote=worker_address)
     assert there.conditions == here.conditions
+    assert torch.equal(there.outputs["23"][0], here.outputs["23"][0])
     assert torch.equal(there.outputs["7"][0], here.outputs["7"][0])
 
 

@@ -1,0 +1,114 @@
+"""Depth Anything (v1 and v2) as one ``.safetensors`` file: the weights of transformers'
+``DepthAnythingForDepthEstimation`` with its config in the file's metadata.
+
+Depth Anything is a DINOv2 ViT backbone with a DPT head (the architecture of the
+``DepthAnythingPreprocessor`` / ``DepthAnythingV2Preprocessor`` nodes of the common
+ComfyUI preprocessor pack). The pack reads the original repository's ``.pth``
+pickles; here a model file is a safetensors file (never a pickle) whose
+``__metadata__`` holds ``diffsplit_architecture = "depth_anything"`` and the
+transformers config as JSON, so one file names the whole model by its sha256 and
+the architecture is rebuilt from the config with no download. A file without that
+metadata is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffsplit.engine.errors import ModelFileError
+from diffsplit.engine.models.safetensors_io import save_file_sorted
+
+ARCHITECTURE_KEY = "diffsplit_architecture"
+CONFIG_KEY = "config"
+DEPTH_ANYTHING = "depth_anything"
+#: the normalisation Depth Anything was trained with (ImageNet's)
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+#: the models kept loaded, by file (path, size, mtime): preprocessors run once per image
+_CACHED_MODELS = 2
+
+
+@dataclass(frozen=True, eq=False)
+class DepthModel:
+    """A loaded Depth Anything network and the patch size its input sides must be multiples of."""
+
+    network: torch.nn.Module
+    patch_size: int
+
+
+def tiny_depth_config() -> dict[str, Any]:
+    """A tiny Depth Anything config: the real layout (4-stage DINOv2 backbone, DPT neck and head), few
+    channels."""
+    from transformers import DepthAnythingConfig, Dinov2Config
+
+    stages = ["stage1", "stage2", "stage3", "stage4"]
+    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                            patch_size=14, image_size=70, out_features=stages, reshape_hidden_states=False)
+    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32,
+                                 neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8,
+                                 patch_size=14, depth_estimation_type="relative")
+    return config.to_dict()
+
+
+def depth_network(config: dict[str, Any]) -> torch.nn.Module:
+    """An untrained Depth Anything network of ``config`` (in eval mode)."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation
+
+    return DepthAnythingForDepthEstimation(DepthAnythingConfig.from_dict(config)).eval()
+
+
+def save_depth_model(path: Path, network: torch.nn.Module) -> Path:
+    """Write ``network`` (a DepthAnythingForDepthEstimation) as a self-describing safetensors file."""
+    config = network.config.to_dict()  # type: ignore[operator]
+    tensors = {name: tensor.contiguous() for name, tensor in network.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file_sorted(tensors, path, metadata={ARCHITECTURE_KEY: DEPTH_ANYTHING,
+                                              CONFIG_KEY: json.dumps(config, sort_keys=True)})
+    return path
+
+
+def load_depth_model(path: Path) -> DepthModel:
+    """The Depth Anything model of ``path`` (cached while the file is unchanged); ModelFileError names
+    what is wrong with a file that is not one."""
+    stat = Path(path).stat()
+    return _load(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=_CACHED_MODELS)
+def _load(path: str, size: int, mtime_ns: int) -> DepthModel:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as opened:
+            metadata = opened.metadata() or {}
+            tensors = {name: opened.get_tensor(name) for name in opened.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as exc:
+        raise ModelFileError(f"{Path(path).name} is not a readable safetensors file: {exc}") from None
+    if metadata.get(ARCHITECTURE_KEY) != DEPTH_ANYTHING or CONFIG_KEY not in metadata:
+        raise ModelFileError(f"{Path(path).name} is not a diffsplit Depth Anything file (its metadata has no "
+                             f"{ARCHITECTURE_KEY}={DEPTH_ANYTHING!r} and {CONFIG_KEY}); write one with "
+                             "diffsplit.engine.models.depth_model.save_depth_model")
+    try:
+        config = json.loads(metadata[CONFIG_KEY])
+        network = depth_network(config)
+        network.load_state_dict(tensors, strict=True)
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise ModelFileError(f"{Path(path).name}: its weights do not fit its Depth Anything config: "
+                             f"{str(exc).splitlines()[0]}") from None
+    return DepthModel(network=network, patch_size=int(config.get("patch_size", 14)))
+
+
+def write_tiny_depth_model(path: Path, seed: int = 0) -> Path:
+    """Write the tiny seeded Depth Anything file; returns ``path``."""
+    generator = torch.Generator().manual_seed(seed)
+    network = depth_network(tiny_depth_config())
+    with torch.no_grad():
+        for _, parameter in sorted(network.named_parameters()):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return save_depth_model(path, network)

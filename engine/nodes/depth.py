@@ -1,0 +1,77 @@
+"""Depth preprocessors: DepthAnythingPreprocessor and DepthAnythingV2Preprocessor (the common ComfyUI
+preprocessor pack's node names and inputs), on a Depth Anything file from the ``preprocessors`` folder.
+
+The image (IMAGE ``[B, H, W, C]``) is resized so its short side is ``resolution``
+and both sides are multiples of the network's patch size (bicubic), normalised as
+in training, and the predicted relative depth is resized back to ``H x W``
+(bilinear), scaled to [0, 1] per image (near is bright) and repeated to three
+channels: a depth hint for a ControlNet. The file is read through
+``ctx.model_path``, so an offloaded node reads the client's file by sha256
+(``engine.run_files``). Both versions share the architecture (a DINOv2 backbone
+with a DPT head); the file's config says which weights it holds.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffsplit.engine.models.depth_model import IMAGE_MEAN, IMAGE_STD, load_depth_model
+from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec
+
+FOLDER = "preprocessors"
+MAX_RESOLUTION = 4096
+_EPSILON = 1e-8
+
+
+def _network_side(side: int, scale: float, patch: int) -> int:
+    return max(patch, round(side * scale / patch) * patch)
+
+
+def depth_map(
+    image: torch.Tensor, network: torch.nn.Module, patch_size: int, resolution: int
+) -> torch.Tensor:
+    """The [0, 1] depth hint of ``image`` as an IMAGE of the same size."""
+    pixels = image.movedim(-1, 1).float()[:, :3]
+    height, width = pixels.shape[-2:]
+    scale = resolution / min(height, width)
+    size = (_network_side(height, scale, patch_size), _network_side(width, scale, patch_size))
+    resized = torch.nn.functional.interpolate(pixels, size=size, mode="bicubic", align_corners=False)
+    mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+    parameter = next(network.parameters())
+    normalised = ((resized.clamp(0, 1) - mean) / std).to(device=parameter.device, dtype=parameter.dtype)
+    with torch.no_grad():
+        depth = network(pixel_values=normalised).predicted_depth.float().cpu()
+    depth = torch.nn.functional.interpolate(depth.unsqueeze(1), size=(height, width), mode="bilinear",
+                                            align_corners=False)
+    low = depth.amin(dim=(1, 2, 3), keepdim=True)
+    high = depth.amax(dim=(1, 2, 3), keepdim=True)
+    depth = (depth - low) / (high - low).clamp(min=_EPSILON)
+    return depth.repeat(1, 3, 1, 1).movedim(1, -1).contiguous()
+
+
+def depth_anything(ctx: NodeContext, *, image: torch.Tensor, ckpt_name: str, resolution: int = 512
+                   ) -> tuple[torch.Tensor]:
+    """A depth hint from the Depth Anything file ``ckpt_name``."""
+    model = load_depth_model(ctx.model_path(FOLDER, ckpt_name))
+    return (depth_map(image, model.network, model.patch_size, resolution),)
+
+
+def _node(name: str, description: str) -> NodeClass:
+    return NodeClass(
+        name,
+        (
+            InputSpec("image", "IMAGE"),
+            InputSpec("ckpt_name", "COMBO", model_folder=FOLDER),
+            InputSpec("resolution", "INT", default=512, min=64, max=MAX_RESOLUTION, step=64),
+        ),
+        (OutputSpec("IMAGE", "IMAGE"),),
+        depth_anything,
+        category="image/preprocessors",
+        description=description,
+    )
+
+
+NODES: tuple[NodeClass, ...] = (
+    _node("DepthAnythingPreprocessor", "Depth hint from a Depth Anything model."),
+    _node("DepthAnythingV2Preprocessor", "Depth hint from a Depth Anything V2 model."),
+)
