@@ -6,7 +6,10 @@ before sampling, which runs on a worker. Each condition can be preprocessed
 - **here**: the local device works through its conditions one after another,
   and each finished hint goes up the link, or
 - **on the worker**: each condition's source image goes up the link, and the
-  worker preprocesses them one after another as they arrive.
+  worker preprocesses them one after another as they arrive. A worker answers
+  each node with its outputs, so such a hint also comes back down and goes up
+  again with the sampler's request; the report counts that in its remote time
+  (:func:`returned_remote_s`).
 
 Both paths run at once and share the link: the hints get a fraction ``share``
 of its bandwidth, the sources the rest. Each path is a two-stage flow shop
@@ -243,6 +246,16 @@ class LinkLike(Protocol):
 
     rtt_s: float
     up_bytes_per_s: float
+    down_bytes_per_s: float
+
+
+def returned_remote_s(remote_s: float, hint_bytes: int, link: LinkLike) -> float:
+    """A worker-preprocessed condition's time until its hint is back on the worker with the sampler.
+
+    A worker answers each node with its outputs: the hint comes down (one round trip) and goes up
+    again inside the sampler's conditioning, so those transfers count on the worker's path.
+    """
+    return remote_s + link.rtt_s + hint_bytes / link.down_bytes_per_s + hint_bytes / link.up_bytes_per_s
 
 
 @dataclass(frozen=True)
@@ -269,8 +282,10 @@ def condition_report(costs: Sequence[NodeCostLike], categories: Mapping[str, str
     if not chosen or any(cost.remote_s is None for cost in chosen):
         return None
     conditions = [ConditionCost(f"{cost.node_id} {cost.class_type}", local_s=cost.local_s,
-                                remote_s=float(cost.remote_s or 0.0), source_bytes=cost.request_bytes,
-                                hint_bytes=cost.reply_bytes) for cost in chosen]
+                                remote_s=returned_remote_s(float(cost.remote_s or 0.0), cost.reply_bytes,
+                                                           link),
+                                source_bytes=cost.request_bytes, hint_bytes=cost.reply_bytes)
+                  for cost in chosen]
     up = Link(bytes_per_s=link.up_bytes_per_s, latency_s=link.rtt_s / 2)
     everything = set(range(len(conditions)))
     return ConditionReport(plan_conditions(conditions, up), all_local_s=_split_time(conditions, set(), up)[0],

@@ -112,3 +112,20 @@ def test_bad_costs_are_refused_by_name() -> None:
     cost = ConditionCost("x", local_s=0.1, remote_s=0.1, source_bytes=1, hint_bytes=1)
     with pytest.raises(ProfileError, match="distinct"):
         plan_conditions([cost, cost], Link(bytes_per_s=MB))
+
+
+def test_the_report_counts_a_worker_hint_coming_back_and_going_up_again() -> None:
+    from types import SimpleNamespace
+
+    from diffsplit.profiles.condition_plan import condition_report, returned_remote_s
+    from diffsplit.profiles.link import LinkModel
+
+    link = LinkModel(rtt_s=0.02, up_bytes_per_s=1.25 * MB, down_bytes_per_s=2.5 * MB)
+    assert returned_remote_s(0.1, MB, link) == pytest.approx(0.1 + 0.02 + 0.4 + 0.8)
+    # preprocessing is 0.3 s here and 0.05 s there: on its own the worker looks faster, but the hint
+    # it returns crosses the link twice more (1.2 s), so the plan keeps it here
+    node = SimpleNamespace(node_id="20", class_type="Canny", local_s=0.3, remote_s=0.05,
+                           request_bytes=MB, reply_bytes=MB)
+    report = condition_report([node], {"Canny": "image/preprocessors"}, link)
+    assert report is not None and report.plan.where("20 Canny") == LOCAL
+    assert report.all_remote_s > report.all_local_s
