@@ -50,6 +50,7 @@ from diffsplit.engine.models.ldm_text import clip_l_key_rules, open_clip_key_rul
 from diffsplit.engine.models.ldm_unet import unet_key_rules
 from diffsplit.engine.models.ldm_vae import LDM_VAE_PREFIX, vae_key_rules
 from diffsplit.engine.models.safetensors_io import PendingTensor, write_safetensors
+from diffsplit.engine.models.t2i_adapter import is_t2i_adapter, load_t2i_adapter
 from diffsplit.engine.types import ControlNet, DiffusionModel, ModelFamily, ModelSampling, TextEncoders, Vae
 from diffsplit.tracer.fingerprint import SampledTensor, sample_positions
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
@@ -534,9 +535,13 @@ def save_vae(path: Path, vae: Vae) -> None:
 
 
 def load_controlnet(path: Path, *, dtype: torch.dtype = torch.float32) -> ControlNet:
-    """Load a ControlNet file (LDM keys, optionally ``control_model.``-prefixed, or diffusers keys)."""
+    """Load a ControlNet file (LDM keys, optionally ``control_model.``-prefixed, or diffusers keys), or a
+    T2I-Adapter file (``models.t2i_adapter``)."""
     path = Path(path)
     with open_tensor_file(path) as source:
+        if is_t2i_adapter(source.shapes):  # ComfyUI's ControlNetLoader loads T2I-Adapters too
+            with reading(path, "T2I-Adapter"):
+                return ControlNet(model=load_t2i_adapter(source, dtype))
         layout = find_layout(source, "controlnet")
         with reading(path, "ControlNet"):
             shapes = _standalone_shapes(source, layout.prefix, layout.diffusers, controlnet_key_rules)

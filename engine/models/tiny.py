@@ -27,6 +27,8 @@ from diffsplit.engine.models.checkpoint import CheckpointParts, save_checkpoint,
 from diffsplit.engine.models.depth_model import write_tiny_depth_model
 from diffsplit.engine.models.genie_head import GENIE_HEAD_FOLDER, save_genie_head, tiny_genie_head
 from diffsplit.engine.models.lora import LoraPatch, LoraWeights, flat_module_name, save_lora
+from diffsplit.engine.models.safetensors_io import save_file_sorted
+from diffsplit.engine.models.t2i_adapter import original_layout, tiny_t2i_adapter
 from diffsplit.engine.models.tiny_clip_vision import TINY_CLIP_VISION_FILE, write_tiny_clip_vision
 from diffsplit.engine.models.tiny_embeddings import (
     SD15_EMBEDDING_FILE,
@@ -63,6 +65,8 @@ _SCHEDULE = MappingProxyType(
 
 #: The tiny Depth Anything file in the preprocessors folder.
 TINY_DEPTH_FILE = "tiny-depth-anything.safetensors"
+#: The tiny T2I-Adapter file in the controlnet folder (ComfyUI loads adapters from there).
+TINY_T2I_ADAPTER_FILE = "tiny-sd15-t2i-adapter.safetensors"
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,8 @@ class TinyModelSet:
     split_files: SplitFilePaths
     #: a seeded Depth Anything (the depth preprocessors' model)
     depth_anything: Path
+    #: a seeded full T2I-Adapter for the SD 1.5 UNet, in the original TencentARC key layout
+    sd15_t2i_adapter: Path
 
     def paths(self) -> tuple[Path, ...]:
         """Every file or folder of the set, in a fixed order."""
@@ -397,6 +403,7 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelSet:
         sd15_genie_head=root / GENIE_HEAD_FOLDER / TINY_GENIE_HEAD_FILE,
         split_files=SplitFilePaths.under(root),
         depth_anything=root / "preprocessors" / TINY_DEPTH_FILE,
+        sd15_t2i_adapter=root / "controlnet" / TINY_T2I_ADAPTER_FILE,
     )
     for folder in ("checkpoints", "loras", "vae", "controlnet", "diffusers"):
         (root / folder).mkdir(parents=True, exist_ok=True)
@@ -421,6 +428,8 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelSet:
     save_genie_head(tiny_genie_head(seed + 17), model_set.sd15_genie_head)
     write_split_files(model_set.split_files, sd15, sdxl)
     write_tiny_depth_model(model_set.depth_anything, seed)
+    adapter = tiny_t2i_adapter(tuple(sd15.model.unet.config.block_out_channels), seed)
+    save_file_sorted(original_layout(adapter), model_set.sd15_t2i_adapter)
     return model_set
 
 

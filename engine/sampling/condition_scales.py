@@ -41,6 +41,7 @@ from diffsplit.engine.sampling.control import (
     UNetInputs,
     control_residuals,
     hint_is_active,
+    is_adapter,
 )
 from diffsplit.engine.sampling.schedules import DiscreteSchedule
 from diffsplit.engine.types import ControlHint
@@ -217,7 +218,8 @@ def hint_label(hint: ControlHint, index: int) -> str:
 
 
 def _flat(residuals: ControlResiduals) -> torch.Tensor:
-    return torch.cat([r.reshape(-1).double() for r in (*residuals.down, residuals.mid)])
+    parts = (*residuals.down, *(() if residuals.mid is None else (residuals.mid,)))
+    return torch.cat([r.reshape(-1).double() for r in parts])
 
 
 class _ChainProbe:
@@ -288,7 +290,8 @@ class ConditionPruner:
         own: dict[int, torch.Tensor] = {}
 
         def observe(hint: ControlHint, residuals: ControlResiduals) -> None:
-            own[id(hint)] = _flat(residuals)
+            if not is_adapter(hint):  # an adapter's features live in another space: it is not weighed
+                own[id(hint)] = _flat(residuals)
 
         result = control_residuals(head, self.schedule, sigma, inputs, observe=observe)
         probe.add(own)
@@ -320,7 +323,12 @@ class ConditionPruner:
             activation = math.sqrt(float(gram[i, i]) / max(probe.elements, 1)) if probe.seen[i] else 0.0
             overlap = max(overlaps, default=0.0)
             if i not in candidates:
-                reason = "not active during the probe" if not probe.seen[i] else "not active after the probe"
+                if is_adapter(hint):
+                    reason = "a T2I-Adapter: only ControlNets are weighed"
+                elif not probe.seen[i]:
+                    reason = "not active during the probe"
+                else:
+                    reason = "not active after the probe"
                 decisions.append(ConditionDecision(hint_label(hint, i), hint.strength, activation, overlap,
                                                    True, 1.0, reason))
                 scales.append(1.0)

@@ -8,37 +8,64 @@ channels-first and broadcast to the batch. The ControlNetModel sees the same
 scaled input, timestep, embeddings and SDXL ``added_cond_kwargs`` as the UNet;
 its residuals are multiplied by the hint's strength and added to those of the
 hints it was applied on top of (``previous``), each checked on its own range.
+
+A T2I-Adapter (loaded by ControlNetLoader too) sees only the hint: its feature maps,
+times the strength, are added inside the UNet's down blocks; they are computed once
+per hint and batch shape and reused at every step it is active.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffsplit.engine.sampling.schedules import DiscreteSchedule
 from diffsplit.engine.types import ControlHint
+from diffusers import T2IAdapter
 
 _LATENT_TO_PIXELS = 8
 
 
+def _sum(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    if not a or not b:
+        return a or b
+    return tuple(x + y for x, y in zip(a, b, strict=True))
+
+
 @dataclass(frozen=True)
 class ControlResiduals:
-    """What a ControlNet adds to the UNet: one residual per down-block output and one for the middle."""
+    """What ControlNets and T2I-Adapters add to the UNet.
 
-    down: tuple[torch.Tensor, ...]
-    mid: torch.Tensor
+    A ControlNet: one residual per down-block output (``down``) and one for the middle
+    (``mid``). A T2I-Adapter: one feature map per down block, added inside it
+    (``intrablock``: diffusers' ``down_intrablock_additional_residuals``).
+    """
+
+    down: tuple[torch.Tensor, ...] = ()
+    mid: torch.Tensor | None = None
+    intrablock: tuple[torch.Tensor, ...] = ()
 
     def __add__(self, other: ControlResiduals) -> ControlResiduals:
-        down = tuple(a + b for a, b in zip(self.down, other.down, strict=True))
-        return ControlResiduals(down=down, mid=self.mid + other.mid)
+        if self.mid is None or other.mid is None:
+            mid = self.mid if other.mid is None else other.mid
+        else:
+            mid = self.mid + other.mid
+        return ControlResiduals(down=_sum(self.down, other.down), mid=mid,
+                                intrablock=_sum(self.intrablock, other.intrablock))
 
     def as_unet_kwargs(self, dtype: torch.dtype) -> dict[str, object]:
         """The keyword arguments of ``UNet2DConditionModel.forward`` that carry these residuals."""
-        return {
-            "down_block_additional_residuals": tuple(r.to(dtype) for r in self.down),
-            "mid_block_additional_residual": self.mid.to(dtype),
-        }
+        kwargs: dict[str, object] = {}
+        if self.down and self.mid is not None:
+            kwargs["down_block_additional_residuals"] = tuple(r.to(dtype) for r in self.down)
+            kwargs["mid_block_additional_residual"] = self.mid.to(dtype)
+        if self.intrablock:
+            kwargs["down_intrablock_additional_residuals"] = [r.to(dtype) for r in self.intrablock]
+        return kwargs
 
 
 @dataclass(frozen=True)
@@ -100,7 +127,38 @@ def control_residuals(
     return own if previous is None else own + previous
 
 
+def is_adapter(hint: ControlHint) -> bool:
+    """Whether ``hint`` steers through a T2I-Adapter (features from the hint alone) not a ControlNet."""
+    return isinstance(hint.controlnet.model, T2IAdapter)
+
+
+#: hint → (the batch's shape and device, its scaled adapter features): an adapter's features depend
+#: on the hint image only, so they are computed once per sampler run (as ComfyUI does)
+_AdapterEntry = tuple[tuple[Any, ...], tuple[torch.Tensor, ...]]
+_ADAPTER_FEATURES: weakref.WeakKeyDictionary[ControlHint, _AdapterEntry] = weakref.WeakKeyDictionary()
+_ADAPTER_LOCK = threading.Lock()
+
+
+def _run_adapter(hint: ControlHint, inputs: UNetInputs) -> ControlResiduals:
+    model = hint.controlnet.model
+    batch, _, height, width = inputs.x_in.shape
+    key = (batch, height, width, str(inputs.x_in.device), inputs.x_in.dtype)
+    with _ADAPTER_LOCK:
+        cached = _ADAPTER_FEATURES.get(hint)
+    if cached is not None and cached[0] == key:
+        return ControlResiduals(intrablock=cached[1])
+    parameter = next(model.parameters())
+    pixels = hint_pixels(hint.image, height, width, batch).to(device=parameter.device, dtype=parameter.dtype)
+    with torch.no_grad():
+        features = tuple(feature * float(hint.strength) for feature in model(pixels))
+    with _ADAPTER_LOCK:
+        _ADAPTER_FEATURES[hint] = (key, features)
+    return ControlResiduals(intrablock=features)
+
+
 def _run_controlnet(hint: ControlHint, inputs: UNetInputs) -> ControlResiduals:
+    if is_adapter(hint):
+        return _run_adapter(hint, inputs)
     model = hint.controlnet.model
     dtype = model.dtype
     batch, _, height, width = inputs.x_in.shape

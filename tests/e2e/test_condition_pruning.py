@@ -171,3 +171,19 @@ def test_a_worker_refuses_malformed_settings(worker_address: str, conditions: An
         reply = client.request(request, timeout=30)
     error = error_from_reply(reply)
     assert isinstance(error, BadRequest) and wrong in str(error), reply
+
+
+def test_a_t2i_adapter_beside_the_controlnets_is_kept_and_not_weighed(
+    registry: NodeRegistry, store: ModelStore, inputs_dir: Path, tmp_path: Path,
+) -> None:
+    document = multi_condition_workflow(steps=STEPS)
+    document["25"] = {"class_type": "ControlNetLoader",
+                      "inputs": {"control_net_name": "tiny-sd15-t2i-adapter.safetensors"}}
+    document["26"] = {"class_type": "ControlNetApply", "inputs": {
+        "conditioning": ["24", 0], "control_net": ["25", 0], "image": ["10", 0], "strength": 0.5}}
+    document["6"]["inputs"]["positive"] = ["26", 0]
+    (decision,) = run(registry, store, inputs_dir, tmp_path, ConditionSettings(),
+                      document=document).conditions
+    (adapter,) = [c for c in decision.conditions if c.label.startswith("node 26")]
+    assert adapter.kept and adapter.reason.startswith("a T2I-Adapter")
+    assert decision.dropped >= 1  # the ControlNets are still weighed against each other
