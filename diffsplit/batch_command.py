@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from diffsplit.arg_types import non_negative_float, positive_int
 from diffsplit.client_args import add_client_arguments, add_loading_argument, add_priority_argument
+from diffsplit.condition_args import add_condition_arguments, condition_settings
 from diffsplit.device_args import add_device_arguments
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     add_priority_argument(parser)
     add_loading_argument(parser)
     add_device_arguments(parser, what="the nodes run here")
+    add_condition_arguments(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -163,7 +165,7 @@ def batch_command(args: argparse.Namespace) -> int:
     memory = local_device_for(args, printer)
     executor = Executor(registry, store, inputs_dir=Path(args.inputs), output_dir=out,
                         max_workers=args.workers or (2 if assigned else 1),
-                        master_dtypes=master_dtypes_for(memory))
+                        master_dtypes=master_dtypes_for(memory), conditions=condition_settings(args))
     bar = _Bar(len(items), skipped, args.quiet)
     runner = (remote_runner_for(assigned, workflow, registry, store, args, on_waiting=bar.waiting)
               if assigned else None)
@@ -196,6 +198,9 @@ def _ray_batch_command(args: argparse.Namespace, workflow: Workflow, registry: N
     if args.remote:
         raise WorkflowError("--ray runs the sampling nodes in Ray actors; --remote sends nodes to workers: "
                             "give one or the other")
+    if condition_settings(args) is not None:
+        raise WorkflowError("--conditions auto is not available with --ray (its sampling actors batch "
+                            "items in lockstep); run the batch without --ray to prune conditions")
     given = {"--ahead": args.ahead, "--workers": args.workers, "--fallback": args.fallback,
              "--upload-missing": args.upload_missing, "--priority": args.priority,
              "--eager-loaders": getattr(args, "eager_loaders", False)}

@@ -187,3 +187,31 @@ def test_a_t2i_adapter_beside_the_controlnets_is_kept_and_not_weighed(
     (adapter,) = [c for c in decision.conditions if c.label.startswith("node 26")]
     assert adapter.kept and adapter.reason.startswith("a T2I-Adapter")
     assert decision.dropped >= 1  # the ControlNets are still weighed against each other
+
+
+def test_a_batch_prunes_each_item_and_stores_the_decisions_in_its_png(
+    run_cli: Any, models_dir: Path, inputs_dir: Path, tmp_path: Path,
+) -> None:
+    workflow = write_json(tmp_path / "multi.json", multi_condition_workflow(steps=STEPS))
+    items = tmp_path / "items.txt"
+    items.write_text("a red fox\na grey wolf\n", encoding="utf-8")
+    out = tmp_path / "images"
+    done = run_cli("batch", str(items), "--workflow", str(workflow), "--models", str(models_dir),
+                   "--inputs", str(inputs_dir), "--out", str(out), "-q", "--conditions", "auto")
+    assert done.exit_code == 0, done.stderr
+    for line in (out / "manifest.jsonl").read_text().splitlines():
+        (output,) = json.loads(line)["outputs"]
+        (decision,) = json.loads(png_text(out / output)[CONDITIONS_CHUNK])
+        assert ChainDecision.from_dict(decision).dropped >= 1
+
+
+def test_conditions_auto_is_refused_with_ray_before_ray_starts(
+    run_cli: Any, models_dir: Path, inputs_dir: Path, tmp_path: Path,
+) -> None:
+    workflow = write_json(tmp_path / "multi.json", multi_condition_workflow(steps=STEPS))
+    items = tmp_path / "items.txt"
+    items.write_text("a red fox\n", encoding="utf-8")
+    done = run_cli("batch", str(items), "--workflow", str(workflow), "--models", str(models_dir),
+                   "--inputs", str(inputs_dir), "--out", str(tmp_path / "o"), "-q", "--conditions", "auto",
+                   "--ray", "local")
+    assert done.exit_code != 0 and "--conditions auto is not available with --ray" in done.stderr
