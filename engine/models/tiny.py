@@ -26,6 +26,7 @@ import torch
 from diffsplit.engine.models.checkpoint import CheckpointParts, save_checkpoint, save_controlnet, save_vae
 from diffsplit.engine.models.depth_model import write_tiny_depth_model
 from diffsplit.engine.models.genie_head import GENIE_HEAD_FOLDER, save_genie_head, tiny_genie_head
+from diffsplit.engine.models.lineart_model import write_tiny_lineart_model
 from diffsplit.engine.models.lora import LoraPatch, LoraWeights, flat_module_name, save_lora
 from diffsplit.engine.models.safetensors_io import save_file_sorted
 from diffsplit.engine.models.t2i_adapter import original_layout, tiny_t2i_adapter
@@ -97,6 +98,8 @@ class TinyModelSet:
     depth_anything: Path
     #: a seeded full T2I-Adapter for the SD 1.5 UNet, in the original TencentARC key layout
     sd15_t2i_adapter: Path
+    #: a seeded line-art generator under the name LineArtPreprocessor reads by default
+    lineart: Path
 
     def paths(self) -> tuple[Path, ...]:
         """Every file or folder of the set, in a fixed order."""
@@ -404,6 +407,7 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelSet:
         split_files=SplitFilePaths.under(root),
         depth_anything=root / "preprocessors" / TINY_DEPTH_FILE,
         sd15_t2i_adapter=root / "controlnet" / TINY_T2I_ADAPTER_FILE,
+        lineart=root / "preprocessors" / "sk_model.safetensors",
     )
     for folder in ("checkpoints", "loras", "vae", "controlnet", "diffusers"):
         (root / folder).mkdir(parents=True, exist_ok=True)
@@ -430,6 +434,7 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelSet:
     write_tiny_depth_model(model_set.depth_anything, seed)
     adapter = tiny_t2i_adapter(tuple(sd15.model.unet.config.block_out_channels), seed)
     save_file_sorted(original_layout(adapter), model_set.sd15_t2i_adapter)
+    write_tiny_lineart_model(model_set.lineart, seed)
     return model_set
 
 

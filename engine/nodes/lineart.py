@@ -1,0 +1,67 @@
+"""LineArtPreprocessor (the common preprocessor pack's node and inputs) on a line-art generator file.
+
+The image is resized so its short side is ``resolution`` (bilinear, sides rounded
+to multiples of 8), run through the generator (dark lines on white, one channel),
+inverted to white lines on black as line-art ControlNets expect, resized back to
+the input's size and repeated to three channels. The pack picks its fine or coarse
+model by ``coarse``; here ``ckpt_name`` names the file in ``models/preprocessors``
+(the pack's ``sk_model.pth`` / ``sk_model2.pth``, or safetensors of the same keys),
+and ``coarse = enable`` asks for it to be the coarse one.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffsplit.engine.errors import WorkflowError
+from diffsplit.engine.models.lineart_model import load_lineart_model
+from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec
+
+FOLDER = "preprocessors"
+FINE_MODEL = "sk_model.safetensors"
+MAX_RESOLUTION = 4096
+_MULTIPLE = 8
+
+
+def _side(side: int, scale: float) -> int:
+    return max(_MULTIPLE, round(side * scale / _MULTIPLE) * _MULTIPLE)
+
+
+def lineart_map(image: torch.Tensor, network: torch.nn.Module, resolution: int) -> torch.Tensor:
+    """White-on-black line art of ``image`` as an IMAGE of the same size."""
+    pixels = image.movedim(-1, 1).float()[:, :3]
+    height, width = pixels.shape[-2:]
+    scale = resolution / min(height, width)
+    size = (_side(height, scale), _side(width, scale))
+    resized = torch.nn.functional.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
+    parameter = next(network.parameters())
+    with torch.no_grad():
+        lines = network(resized.clamp(0, 1).to(device=parameter.device, dtype=parameter.dtype)).float().cpu()
+    lines = torch.nn.functional.interpolate(1.0 - lines, size=(height, width), mode="bilinear",
+                                            align_corners=False).clamp(0, 1)
+    return lines.repeat(1, 3, 1, 1).movedim(1, -1).contiguous()
+
+
+def lineart(ctx: NodeContext, *, image: torch.Tensor, coarse: str = "disable", resolution: int = 512,
+            ckpt_name: str = FINE_MODEL) -> tuple[torch.Tensor]:
+    """Line art from the generator file ``ckpt_name``."""
+    if coarse == "enable" and ckpt_name == FINE_MODEL:
+        raise WorkflowError(f"coarse line art reads the coarse model: set ckpt_name to its file (the pack's "
+                            f"sk_model2.pth) instead of {FINE_MODEL}", input_name="ckpt_name")
+    return (lineart_map(image, load_lineart_model(ctx.model_path(FOLDER, ckpt_name)), resolution),)
+
+
+NODES: tuple[NodeClass, ...] = (
+    NodeClass(
+        "LineArtPreprocessor",
+        (
+            InputSpec("image", "IMAGE"),
+            InputSpec("coarse", "COMBO", default="disable", choices=("disable", "enable")),
+            InputSpec("resolution", "INT", default=512, min=64, max=MAX_RESOLUTION, step=64),
+            InputSpec("ckpt_name", "COMBO", default=FINE_MODEL, model_folder=FOLDER),
+        ),
+        (OutputSpec("IMAGE", "IMAGE"),),
+        lineart,
+        category="image/preprocessors",
+        description="White-on-black line art from a line-art generator.",
+    ),
+)
