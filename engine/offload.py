@@ -669,12 +669,12 @@ def _condition_settings(call: NodeCall) -> dict[str, Any] | None:
 
 def _note_conditions(call: NodeCall, result: NodeResult, address: str) -> None:
     """The worker's condition decisions, into this run's log (a malformed one is logged and skipped)."""
-    log = condition_log(call.context)
-    if log is None:
+    decisions = condition_log(call.context)
+    if decisions is None:
         return
     for item in result.conditions:
         try:
-            log.add(ChainDecision.from_dict(item))
-        except (KeyError, TypeError, ValueError) as exc:
+            decisions.add(ChainDecision.from_dict(item))
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             log.warning("node %s: worker %s sent a malformed condition decision: %s", call.node.id, address,
                         exc)

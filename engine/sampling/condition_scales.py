@@ -95,7 +95,8 @@ def prune(gram: torch.Tensor, tolerance: float, max_scale: float,
             if drop in fixed:
                 continue
             trial = fit(gram, [i for i in kept if i != drop])
-            if trial.error >= tolerance or not all(-1e-9 <= s <= max_scale for s in trial.scales):
+            # written so that a NaN error or scale (a residual that overflowed) never allows a drop
+            if not trial.error < tolerance or not all(-1e-9 <= s <= max_scale for s in trial.scales):
                 continue
             if best is None or trial.error < best.error:
                 best = trial

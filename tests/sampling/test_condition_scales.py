@@ -157,3 +157,25 @@ def test_decisions_from_a_peer_are_read_bounded_and_malformed_ones_refused() -> 
     for broken in ({"conditions": [1]}, {"conditions": [{"label": "a"}]}, {"x": 1}, "text"):
         with pytest.raises((KeyError, TypeError, ValueError)):
             ChainDecision.from_dict(broken)
+
+
+def test_a_gram_matrix_that_is_not_finite_drops_nothing() -> None:
+    gram = torch.tensor([[float("inf"), 1.0], [1.0, 2.0]], dtype=torch.float64)
+    assert prune(gram, tolerance=0.5, max_scale=2.0).kept == (0, 1)
+
+
+def test_a_malformed_decision_from_a_worker_is_logged_and_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from diffsplit.engine.offload import _note_conditions
+    from diffsplit.engine.sampling.condition_scales import ConditionLog
+    from diffsplit.transport.worker_ops import NodeResult
+
+    decisions = ConditionLog(ConditionSettings())
+    call = SimpleNamespace(context=SimpleNamespace(conditions=decisions), node=SimpleNamespace(id="6"))
+    good = ChainDecision("6", 2, 8, 0.0, ()).to_dict()
+    result = NodeResult(outputs=(), conditions=({"conditions": "no"}, {**good, "probe_steps": float("inf")},
+                                                good))
+    _note_conditions(call, result, "tcp://w:1")  # type: ignore[arg-type]
+    assert decisions.snapshot() == [ChainDecision.from_dict(good)]
+    assert sum("malformed condition decision" in r.getMessage() for r in caplog.records) == 2
