@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from diffsplit.engine.errors import ModelFileError
+from diffsplit.engine.models.ldm_keys import open_tensor_file
 from diffsplit.engine.models.safetensors_io import save_file_sorted
 
 ARCHITECTURE_KEY = "diffsplit_architecture"
@@ -82,14 +83,9 @@ def load_depth_model(path: Path) -> DepthModel:
 
 @functools.lru_cache(maxsize=_CACHED_MODELS)
 def _load(path: str, size: int, mtime_ns: int) -> DepthModel:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt") as opened:
-            metadata = opened.metadata() or {}
-            tensors = {name: opened.get_tensor(name) for name in opened.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as exc:
-        raise ModelFileError(f"{Path(path).name} is not a readable safetensors file: {exc}") from None
+    with open_tensor_file(Path(path)) as source:  # owned memory, and a readable error for a bad file
+        metadata = source.metadata
+        tensors = {name: source.read(name) for name in source.shapes}
     if metadata.get(ARCHITECTURE_KEY) != DEPTH_ANYTHING or CONFIG_KEY not in metadata:
         raise ModelFileError(f"{Path(path).name} is not a diffsplit Depth Anything file (its metadata has no "
                              f"{ARCHITECTURE_KEY}={DEPTH_ANYTHING!r} and {CONFIG_KEY}); write one with "

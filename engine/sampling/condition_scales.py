@@ -229,12 +229,13 @@ class _ChainProbe:
     def __init__(self, head: ControlHint) -> None:
         self.head = head  # kept alive: chains are keyed by the head's identity
         self.hints = chain_of(head)
+        self.positions = {id(hint): i for i, hint in enumerate(self.hints)}
         self.gram = torch.zeros(len(self.hints), len(self.hints), dtype=torch.float64)
         self.elements = 0
         self.seen = [False] * len(self.hints)
 
     def add(self, own: Mapping[int, torch.Tensor]) -> None:
-        positions = {id(hint): i for i, hint in enumerate(self.hints)}
+        positions = self.positions
         flat = {positions[key]: vector for key, vector in own.items() if key in positions}
         if not flat:
             return
@@ -264,7 +265,6 @@ class ConditionPruner:
         self.probe_steps = settings.probe_steps(self.total_steps)
         self._probes: dict[int, _ChainProbe] = {}
         self._replaced: dict[int, ControlHint | None] | None = None
-        self._keep_alive: list[ControlHint] = []
 
     @property
     def decided(self) -> bool:
@@ -304,7 +304,6 @@ class ConditionPruner:
             decision, scales = self._decide_chain(probe, next_sigma)
             self.log.add(decision)
             replaced[key] = self._rebuilt(probe.hints, scales)
-        self._keep_alive.extend(h for h in replaced.values() if h is not None)
         self._replaced = replaced
 
     def _decide_chain(
