@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from diffsplit.engine.executor import NodeCall
+from diffsplit.engine.nodes.model_files import find_model_file
 from diffsplit.engine.nodes.prompt_embeddings import embedding_files
 from diffsplit.tracer.errors import RecipeError
 from diffsplit.tracer.files import FileRefResolver
@@ -57,9 +58,10 @@ def model_input_files(call: NodeCall) -> dict[tuple[str, str], Any]:
         return {}
     found: dict[tuple[str, str], Any] = {}
     for spec in call.node_class.inputs:
-        name = call.inputs.get(spec.name)
+        name = call.inputs.get(spec.name, spec.default)
         if spec.type == "COMBO" and spec.model_folder and isinstance(name, str):
-            found[(spec.model_folder, name)] = call.context.model_path(spec.model_folder, name)
+            found[(spec.model_folder, name)] = find_model_file(call.context.model_path, spec.model_folder,
+                                                               name)
     return found
 
 

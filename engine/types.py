@@ -35,7 +35,7 @@ MODEL_TYPES: frozenset[str] = frozenset(
 )
 #: ComfyUI type names whose values are tensors or tensor containers.
 INTERMEDIATE_TYPES: frozenset[str] = frozenset(
-    {"LATENT", "CONDITIONING", "IMAGE", "MASK", "CLIP_VISION_OUTPUT"}
+    {"LATENT", "CONDITIONING", "IMAGE", "MASK", "CLIP_VISION_OUTPUT", "POSE_KEYPOINT"}
 )
 #: ComfyUI type names of plain values carried inline.
 NORMAL_TYPES: frozenset[str] = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})

@@ -28,6 +28,7 @@ from diffsplit.engine.models.depth_model import write_tiny_depth_model
 from diffsplit.engine.models.genie_head import GENIE_HEAD_FOLDER, save_genie_head, tiny_genie_head
 from diffsplit.engine.models.lineart_model import write_tiny_lineart_model
 from diffsplit.engine.models.lora import LoraPatch, LoraWeights, flat_module_name, save_lora
+from diffsplit.engine.models.pose_model import write_tiny_body_pose_model
 from diffsplit.engine.models.safetensors_io import save_file_sorted
 from diffsplit.engine.models.t2i_adapter import original_layout, tiny_t2i_adapter
 from diffsplit.engine.models.tiny_clip_vision import TINY_CLIP_VISION_FILE, write_tiny_clip_vision
@@ -100,6 +101,8 @@ class TinyModelSet:
     sd15_t2i_adapter: Path
     #: a seeded line-art generator under the name LineArtPreprocessor reads by default
     lineart: Path
+    #: a seeded OpenPose body model, the twin of the name OpenposePreprocessor reads by default
+    body_pose: Path
 
     def paths(self) -> tuple[Path, ...]:
         """Every file or folder of the set, in a fixed order."""
@@ -408,6 +411,7 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelSet:
         depth_anything=root / "preprocessors" / TINY_DEPTH_FILE,
         sd15_t2i_adapter=root / "controlnet" / TINY_T2I_ADAPTER_FILE,
         lineart=root / "preprocessors" / "sk_model.safetensors",
+        body_pose=root / "preprocessors" / "body_pose_model.safetensors",
     )
     for folder in ("checkpoints", "loras", "vae", "controlnet", "diffusers"):
         (root / folder).mkdir(parents=True, exist_ok=True)
@@ -435,6 +439,7 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelSet:
     adapter = tiny_t2i_adapter(tuple(sd15.model.unet.config.block_out_channels), seed)
     save_file_sorted(original_layout(adapter), model_set.sd15_t2i_adapter)
     write_tiny_lineart_model(model_set.lineart, seed)
+    write_tiny_body_pose_model(model_set.body_pose, seed)
     return model_set
 
 

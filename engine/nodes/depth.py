@@ -62,7 +62,7 @@ def _node(name: str, description: str) -> NodeClass:
         (
             InputSpec("image", "IMAGE"),
             InputSpec("ckpt_name", "COMBO", model_folder=FOLDER),
-            InputSpec("resolution", "INT", default=512, min=64, max=MAX_RESOLUTION, step=64),
+            InputSpec("resolution", "INT", default=512, min=64, max=MAX_RESOLUTION, step=64, optional=True),
         ),
         (OutputSpec("IMAGE", "IMAGE"),),
         depth_anything,

@@ -5,7 +5,8 @@ to multiples of 8), run through the generator (dark lines on white, one channel)
 inverted to white lines on black as line-art ControlNets expect, resized back to
 the input's size and repeated to three channels. The pack picks its fine or coarse
 model by ``coarse``; here ``ckpt_name`` names the file in ``models/preprocessors``
-(the pack's ``sk_model.pth`` / ``sk_model2.pth``, or safetensors of the same keys),
+(the pack's ``sk_model.pth`` / ``sk_model2.pth``, or safetensors of the same keys; either twin
+serves the other's name, ``nodes.model_files``),
 and ``coarse = enable`` asks for it to be the coarse one.
 """
 
@@ -15,6 +16,7 @@ import torch
 from diffsplit.engine.errors import WorkflowError
 from diffsplit.engine.models.lineart_model import load_lineart_model
 from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec
+from diffsplit.engine.nodes.model_files import find_model_file
 
 FOLDER = "preprocessors"
 FINE_MODEL = "sk_model.safetensors"
@@ -47,7 +49,8 @@ def lineart(ctx: NodeContext, *, image: torch.Tensor, coarse: str = "disable", r
     if coarse == "enable" and ckpt_name == FINE_MODEL:
         raise WorkflowError(f"coarse line art reads the coarse model: set ckpt_name to its file (the pack's "
                             f"sk_model2.pth) instead of {FINE_MODEL}", input_name="ckpt_name")
-    return (lineart_map(image, load_lineart_model(ctx.model_path(FOLDER, ckpt_name)), resolution),)
+    network = load_lineart_model(find_model_file(ctx.model_path, FOLDER, ckpt_name))
+    return (lineart_map(image, network, resolution),)
 
 
 NODES: tuple[NodeClass, ...] = (
@@ -56,8 +59,8 @@ NODES: tuple[NodeClass, ...] = (
         (
             InputSpec("image", "IMAGE"),
             InputSpec("coarse", "COMBO", default="disable", choices=("disable", "enable")),
-            InputSpec("resolution", "INT", default=512, min=64, max=MAX_RESOLUTION, step=64),
-            InputSpec("ckpt_name", "COMBO", default=FINE_MODEL, model_folder=FOLDER),
+            InputSpec("resolution", "INT", default=512, min=64, max=MAX_RESOLUTION, step=64, optional=True),
+            InputSpec("ckpt_name", "COMBO", default=FINE_MODEL, model_folder=FOLDER, optional=True),
         ),
         (OutputSpec("IMAGE", "IMAGE"),),
         lineart,
