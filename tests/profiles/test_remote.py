@@ -70,7 +70,8 @@ def test_plan_apply_with_a_worker_writes_its_address(
     worker_address: str, models_dir: Path, inputs_dir: Path, tmp_path: Path,
 ) -> None:
     source, output = tmp_path / "wf.json", tmp_path / "wf.split.json"
-    source.write_text(json.dumps(sd15_workflow(steps=2)))
+    # 8 steps: the sampler's saving stays well above what offloading costs here (the loaders' recipes)
+    source.write_text(json.dumps(sd15_workflow(steps=8)))
     parser = argparse.ArgumentParser()
     add_plan_arguments(parser)
     args = parser.parse_args([str(source), "--models", str(models_dir), "--inputs", str(inputs_dir),
