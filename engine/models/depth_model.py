@@ -1,31 +1,26 @@
-"""Depth Anything (v1 and v2) as one ``.safetensors`` file: the weights of transformers'
+"""Depth Anything (v1 and v2) as one self-describing ``.safetensors`` file
+(:mod:`diffsplit.engine.models.described_file`): the weights of transformers'
 ``DepthAnythingForDepthEstimation`` with its config in the file's metadata.
 
 Depth Anything is a DINOv2 ViT backbone with a DPT head (the architecture of the
 ``DepthAnythingPreprocessor`` / ``DepthAnythingV2Preprocessor`` nodes of the common
 ComfyUI preprocessor pack). The pack reads the original repository's ``.pth``
-pickles; here a model file is a safetensors file (never a pickle) whose
-``__metadata__`` holds ``diffsplit_architecture = "depth_anything"`` and the
-transformers config as JSON, so one file names the whole model by its sha256 and
-the architecture is rebuilt from the config with no download. A file without that
-metadata is refused with the reason.
+pickles; here a model file is a safetensors file (never a pickle) whose metadata
+says ``diffsplit_architecture = "depth_anything"``; a file without it, a config of
+another backbone or unbounded sizes, or weights that do not fit the config are refused
+with the reason before any network is allocated.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffsplit.engine.errors import ModelFileError
-from diffsplit.engine.models.ldm_keys import open_tensor_file
-from diffsplit.engine.models.safetensors_io import save_file_sorted
+from diffsplit.engine.models.described_file import Architecture, load_described, save_described
 
-ARCHITECTURE_KEY = "diffsplit_architecture"
-CONFIG_KEY = "config"
 DEPTH_ANYTHING = "depth_anything"
 #: the normalisation Depth Anything was trained with (ImageNet's)
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -63,15 +58,13 @@ def depth_network(config: dict[str, Any]) -> torch.nn.Module:
     return DepthAnythingForDepthEstimation(DepthAnythingConfig.from_dict(config)).eval()
 
 
+ARCHITECTURE = Architecture(name=DEPTH_ANYTHING, label="Depth Anything", model_type="depth_anything",
+                            backbone_types=("dinov2",), build=depth_network)
+
+
 def save_depth_model(path: Path, network: torch.nn.Module) -> Path:
     """Write ``network`` (a DepthAnythingForDepthEstimation) as a self-describing safetensors file."""
-    config = network.config.to_dict()  # type: ignore[operator]
-    tensors = {name: tensor.contiguous() for name, tensor in network.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file_sorted(tensors, path, metadata={ARCHITECTURE_KEY: DEPTH_ANYTHING,
-                                              CONFIG_KEY: json.dumps(config, sort_keys=True)})
-    return path
+    return save_described(path, network, ARCHITECTURE)
 
 
 def load_depth_model(path: Path) -> DepthModel:
@@ -83,21 +76,8 @@ def load_depth_model(path: Path) -> DepthModel:
 
 @functools.lru_cache(maxsize=_CACHED_MODELS)
 def _load(path: str, size: int, mtime_ns: int) -> DepthModel:
-    with open_tensor_file(Path(path)) as source:  # owned memory, and a readable error for a bad file
-        metadata = source.metadata
-        tensors = {name: source.read(name) for name in source.shapes}
-    if metadata.get(ARCHITECTURE_KEY) != DEPTH_ANYTHING or CONFIG_KEY not in metadata:
-        raise ModelFileError(f"{Path(path).name} is not a diffsplit Depth Anything file (its metadata has no "
-                             f"{ARCHITECTURE_KEY}={DEPTH_ANYTHING!r} and {CONFIG_KEY}); write one with "
-                             "diffsplit.engine.models.depth_model.save_depth_model")
-    try:
-        config = json.loads(metadata[CONFIG_KEY])
-        network = depth_network(config)
-        network.load_state_dict(tensors, strict=True)
-    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
-        raise ModelFileError(f"{Path(path).name}: its weights do not fit its Depth Anything config: "
-                             f"{str(exc).splitlines()[0]}") from None
-    return DepthModel(network=network, patch_size=int(config.get("patch_size", 14)))
+    described = load_described(Path(path), ARCHITECTURE)
+    return DepthModel(network=described.network, patch_size=int(described.config.get("patch_size", 14)))
 
 
 def write_tiny_depth_model(path: Path, seed: int = 0) -> Path:

@@ -30,6 +30,7 @@ from diffsplit.engine.models.lineart_model import write_tiny_lineart_model
 from diffsplit.engine.models.lora import LoraPatch, LoraWeights, flat_module_name, save_lora
 from diffsplit.engine.models.pose_model import write_tiny_body_pose_model
 from diffsplit.engine.models.safetensors_io import save_file_sorted
+from diffsplit.engine.models.segmentation_model import write_tiny_segmentation_model
 from diffsplit.engine.models.t2i_adapter import original_layout, tiny_t2i_adapter
 from diffsplit.engine.models.tiny_clip_vision import TINY_CLIP_VISION_FILE, write_tiny_clip_vision
 from diffsplit.engine.models.tiny_embeddings import (
@@ -103,6 +104,8 @@ class TinyModelSet:
     lineart: Path
     #: a seeded OpenPose body model, the twin of the name OpenposePreprocessor reads by default
     body_pose: Path
+    #: a seeded UperNet under the name the segmentation preprocessors read by default
+    segmentation: Path
 
     def paths(self) -> tuple[Path, ...]:
         """Every file or folder of the set, in a fixed order."""
@@ -412,6 +415,7 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelSet:
         sd15_t2i_adapter=root / "controlnet" / TINY_T2I_ADAPTER_FILE,
         lineart=root / "preprocessors" / "sk_model.safetensors",
         body_pose=root / "preprocessors" / "body_pose_model.safetensors",
+        segmentation=root / "preprocessors" / "upernet.safetensors",
     )
     for folder in ("checkpoints", "loras", "vae", "controlnet", "diffusers"):
         (root / folder).mkdir(parents=True, exist_ok=True)
@@ -440,6 +444,7 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelSet:
     save_file_sorted(original_layout(adapter), model_set.sd15_t2i_adapter)
     write_tiny_lineart_model(model_set.lineart, seed)
     write_tiny_body_pose_model(model_set.body_pose, seed)
+    write_tiny_segmentation_model(model_set.segmentation, seed)
     return model_set
 
 

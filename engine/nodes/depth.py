@@ -16,31 +16,22 @@ from __future__ import annotations
 import torch
 from diffsplit.engine.models.depth_model import IMAGE_MEAN, IMAGE_STD, load_depth_model
 from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec
+from diffsplit.engine.nodes.network_input import for_network, resized_rgb
 
 FOLDER = "preprocessors"
 MAX_RESOLUTION = 4096
 _EPSILON = 1e-8
 
 
-def _network_side(side: int, scale: float, patch: int) -> int:
-    return max(patch, round(side * scale / patch) * patch)
-
-
 def depth_map(
     image: torch.Tensor, network: torch.nn.Module, patch_size: int, resolution: int
 ) -> torch.Tensor:
     """The [0, 1] depth hint of ``image`` as an IMAGE of the same size."""
-    pixels = image.movedim(-1, 1).float()[:, :3]
-    height, width = pixels.shape[-2:]
-    scale = resolution / min(height, width)
-    size = (_network_side(height, scale, patch_size), _network_side(width, scale, patch_size))
-    resized = torch.nn.functional.interpolate(pixels, size=size, mode="bicubic", align_corners=False)
-    mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
-    parameter = next(network.parameters())
-    normalised = ((resized.clamp(0, 1) - mean) / std).to(device=parameter.device, dtype=parameter.dtype)
+    height, width = image.shape[1:3]
+    resized = resized_rgb(image, resolution, patch_size, "bicubic")
+    pixels = for_network(resized, network, IMAGE_MEAN, IMAGE_STD)
     with torch.no_grad():
-        depth = network(pixel_values=normalised).predicted_depth.float().cpu()
+        depth = network(pixel_values=pixels).predicted_depth.float().cpu()
     depth = torch.nn.functional.interpolate(depth.unsqueeze(1), size=(height, width), mode="bilinear",
                                             align_corners=False)
     low = depth.amin(dim=(1, 2, 3), keepdim=True)

@@ -17,6 +17,7 @@ from diffsplit.engine.errors import WorkflowError
 from diffsplit.engine.models.lineart_model import load_lineart_model
 from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec
 from diffsplit.engine.nodes.model_files import find_model_file
+from diffsplit.engine.nodes.network_input import for_network, resized_rgb
 
 FOLDER = "preprocessors"
 FINE_MODEL = "sk_model.safetensors"
@@ -24,20 +25,12 @@ MAX_RESOLUTION = 4096
 _MULTIPLE = 8
 
 
-def _side(side: int, scale: float) -> int:
-    return max(_MULTIPLE, round(side * scale / _MULTIPLE) * _MULTIPLE)
-
-
 def lineart_map(image: torch.Tensor, network: torch.nn.Module, resolution: int) -> torch.Tensor:
     """White-on-black line art of ``image`` as an IMAGE of the same size."""
-    pixels = image.movedim(-1, 1).float()[:, :3]
-    height, width = pixels.shape[-2:]
-    scale = resolution / min(height, width)
-    size = (_side(height, scale), _side(width, scale))
-    resized = torch.nn.functional.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
-    parameter = next(network.parameters())
+    height, width = image.shape[1:3]
+    pixels = for_network(resized_rgb(image, resolution, _MULTIPLE, "bilinear"), network)
     with torch.no_grad():
-        lines = network(resized.clamp(0, 1).to(device=parameter.device, dtype=parameter.dtype)).float().cpu()
+        lines = network(pixels).float().cpu()
     lines = torch.nn.functional.interpolate(1.0 - lines, size=(height, width), mode="bilinear",
                                             align_corners=False).clamp(0, 1)
     return lines.repeat(1, 3, 1, 1).movedim(1, -1).contiguous()

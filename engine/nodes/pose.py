@@ -28,6 +28,7 @@ from diffsplit.engine.models.pose_model import BodyPoseNetwork, load_body_pose_m
 from diffsplit.engine.models.pose_people import LIMBS, PARTS, STARTING_LIMBS, Person, find_people
 from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec
 from diffsplit.engine.nodes.model_files import find_model_file
+from diffsplit.engine.nodes.network_input import for_network, resized_rgb
 
 FOLDER = "preprocessors"
 BODY_MODEL = "body_pose_model.pth"
@@ -45,10 +46,6 @@ COLOURS: tuple[tuple[int, int, int], ...] = (
 )
 
 
-def _multiple(side: float, of: int) -> int:
-    return max(of, round(side / of) * of)
-
-
 def body_maps(pixels: torch.Tensor, network: BodyPoseNetwork) -> tuple[torch.Tensor, torch.Tensor]:
     """The (fields, heat maps) of one RGB image ``[3, H, W]`` in [0, 1], at ``H x W``."""
     height, width = pixels.shape[-2:]
@@ -58,9 +55,8 @@ def body_maps(pixels: torch.Tensor, network: BodyPoseNetwork) -> tuple[torch.Ten
     bgr = (scaled.clamp(0, 1) * 255).flip(1) / 256 - 0.5
     pad_h, pad_w = (-size[0]) % STRIDE, (-size[1]) % STRIDE
     padded = torch.nn.functional.pad(bgr, (0, pad_w, 0, pad_h), value=128 / 256 - 0.5)
-    parameter = next(network.parameters())
     with torch.no_grad():
-        fields, heatmaps = network(padded.to(device=parameter.device, dtype=parameter.dtype))
+        fields, heatmaps = network(for_network(padded, network))
     maps = torch.cat([fields, heatmaps], dim=1).float().cpu()
     maps = torch.nn.functional.interpolate(maps, scale_factor=STRIDE, mode="bicubic", align_corners=False)
     maps = maps[..., : size[0], : size[1]]
@@ -139,18 +135,15 @@ def openpose(ctx: NodeContext, *, image: torch.Tensor, detect_hand: str = "disab
             raise WorkflowError(f"{name} = enable needs the pack's {name.removeprefix('detect_')} model, "
                                 "which diffsplit does not run; set it to disable (bodies are drawn as the "
                                 "pack draws them)", input_name=name)
-    pixels = image.movedim(-1, 1).float()[:, :3]
-    height, width = pixels.shape[-2:]
-    scale = resolution / min(height, width)
-    size = (_multiple(height * scale, STRIDE), _multiple(width * scale, STRIDE))
+    height, width = image.shape[1:3]
+    resized = resized_rgb(image, resolution, STRIDE, "bilinear")
+    size = (resized.shape[-2], resized.shape[-1])
     network = None
     if detect_body == "enable":
         network = load_body_pose_model(find_model_file(ctx.model_path, FOLDER, ckpt_name))
     drawings, keypoints = [], []
-    for picture in pixels:
-        resized = torch.nn.functional.interpolate(picture[None], size=size, mode="bilinear",
-                                                  align_corners=False)[0]
-        people = find_people(*body_maps(resized, network)) if network is not None else []
+    for picture in resized:
+        people = find_people(*body_maps(picture, network)) if network is not None else []
         canvas = draw_people(people, *size, stick=stick_scale(*size, scale_stick_for_xinsr_cn == "enable"))
         drawings.append(torch.nn.functional.interpolate(canvas[None], size=(height, width), mode="bilinear",
                                                         align_corners=False)[0].clamp(0, 1))

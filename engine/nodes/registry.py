@@ -31,6 +31,7 @@ BUILTIN_NODE_MODULES: tuple[str, ...] = (
     "diffsplit.engine.nodes.depth",
     "diffsplit.engine.nodes.lineart",
     "diffsplit.engine.nodes.pose",
+    "diffsplit.engine.nodes.segmentation",
     "diffsplit.engine.nodes.sampling",
     "diffsplit.engine.nodes.custom_sampling",
     "diffsplit.engine.nodes.edit_models",

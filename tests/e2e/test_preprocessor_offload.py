@@ -21,6 +21,7 @@ PREPROCESSORS = {
     "OpenposePreprocessor": {"detect_hand": "disable", "detect_body": "enable", "detect_face": "disable",
                              "resolution": 64, "scale_stick_for_xinsr_cn": "disable"},
     "LineArtPreprocessor": {"coarse": "disable", "resolution": 64},
+    "UniFormer-SemSegPreprocessor": {"resolution": 64},
 }
 
 

@@ -1,0 +1,36 @@
+"""The input a preprocessor's network sees: the image resized so its short side is ``resolution`` with
+both sides whole multiples of the network's stride or patch, then normalised and moved to the
+network's device and dtype."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def _side(side: float, multiple: int) -> int:
+    return max(multiple, round(side / multiple) * multiple)
+
+
+def network_size(height: int, width: int, resolution: int, multiple: int) -> tuple[int, int]:
+    """The ``(height, width)`` of a ``height x width`` image with its short side at ``resolution``,
+    each side rounded to a multiple of ``multiple``."""
+    scale = resolution / min(height, width)
+    return _side(height * scale, multiple), _side(width * scale, multiple)
+
+
+def resized_rgb(image: torch.Tensor, resolution: int, multiple: int, mode: str) -> torch.Tensor:
+    """``image`` (IMAGE ``[B, H, W, C]``) as RGB ``[B, 3, h, w]`` in [0, 1] at :func:`network_size`."""
+    pixels = image.movedim(-1, 1).float()[:, :3]
+    size = network_size(pixels.shape[-2], pixels.shape[-1], resolution, multiple)
+    return torch.nn.functional.interpolate(pixels, size=size, mode=mode, align_corners=False).clamp(0, 1)
+
+
+def for_network(pixels: torch.Tensor, network: torch.nn.Module, mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None) -> torch.Tensor:
+    """``pixels`` normalised by ``mean`` / ``std`` (when given), on ``network``'s device and dtype."""
+    if mean is not None and std is not None:
+        pixels = (pixels - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    parameter = next(network.parameters())
+    return pixels.to(device=parameter.device, dtype=parameter.dtype)

@@ -1,0 +1,59 @@
+"""Semantic segmentation preprocessors: UniFormer-SemSegPreprocessor and SemSegPreprocessor (the common
+preprocessor pack's node names and inputs), on an UperNet file from the ``preprocessors`` folder
+(:mod:`diffsplit.engine.models.segmentation_model`).
+
+The image is resized so its short side is ``resolution`` and both sides are multiples of 32
+(bilinear), normalised as in training; the label scores are resized back to the input's size
+(bilinear) and each pixel takes its best label's colour: a segmentation hint for a ControlNet.
+``ckpt_name`` (not a widget of the pack, which reads a fixed file) names the file and defaults to
+``upernet.safetensors``.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffsplit.engine.models.segmentation_model import IMAGE_MEAN, IMAGE_STD, load_segmentation_model
+from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec
+from diffsplit.engine.nodes.model_files import find_model_file
+from diffsplit.engine.nodes.network_input import for_network, resized_rgb
+
+FOLDER = "preprocessors"
+DEFAULT_MODEL = "upernet.safetensors"
+MAX_RESOLUTION = 4096
+
+
+def segmentation_map(image: torch.Tensor, network: torch.nn.Module, palette: torch.Tensor, stride: int,
+                     resolution: int) -> torch.Tensor:
+    """The colour-coded labels of ``image`` as an IMAGE of the same size."""
+    height, width = image.shape[1:3]
+    pixels = for_network(resized_rgb(image, resolution, stride, "bilinear"), network, IMAGE_MEAN, IMAGE_STD)
+    with torch.no_grad():
+        logits = network(pixel_values=pixels).logits.float().cpu()
+    logits = torch.nn.functional.interpolate(logits, size=(height, width), mode="bilinear",
+                                             align_corners=False)
+    return palette[logits.argmax(dim=1)].contiguous()
+
+
+def semantic_segmentation(ctx: NodeContext, *, image: torch.Tensor, resolution: int = 512,
+                          ckpt_name: str = DEFAULT_MODEL) -> tuple[torch.Tensor]:
+    """A segmentation hint from the UperNet file ``ckpt_name``."""
+    model = load_segmentation_model(find_model_file(ctx.model_path, FOLDER, ckpt_name))
+    return (segmentation_map(image, model.network, model.palette, model.stride, resolution),)
+
+
+def _node(name: str) -> NodeClass:
+    return NodeClass(
+        name,
+        (
+            InputSpec("image", "IMAGE"),
+            InputSpec("resolution", "INT", default=512, min=64, max=MAX_RESOLUTION, step=64, optional=True),
+            InputSpec("ckpt_name", "COMBO", default=DEFAULT_MODEL, model_folder=FOLDER, optional=True),
+        ),
+        (OutputSpec("IMAGE", "IMAGE"),),
+        semantic_segmentation,
+        category="image/preprocessors",
+        description="Colour-coded semantic segmentation from an UperNet model.",
+    )
+
+
+NODES: tuple[NodeClass, ...] = (_node("UniFormer-SemSegPreprocessor"), _node("SemSegPreprocessor"))
