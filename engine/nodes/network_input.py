@@ -1,12 +1,18 @@
 """The input a preprocessor's network sees: the image resized so its short side is ``resolution`` with
 both sides whole multiples of the network's stride or patch, then normalised and moved to the
-network's device and dtype."""
+network's device and dtype. A request can name any image shape and resolution: the network input is
+capped at ``MAX_NETWORK_PIXELS`` (a 4096 x 4096 image) and a larger one is refused with the sizes,
+before anything is allocated."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+from diffsplit.engine.errors import WorkflowError
+
+#: the largest network input a preprocessor builds, in pixels
+MAX_NETWORK_PIXELS = 4096 * 4096
 
 
 def _side(side: float, multiple: int) -> int:
@@ -17,7 +23,12 @@ def network_size(height: int, width: int, resolution: int, multiple: int) -> tup
     """The ``(height, width)`` of a ``height x width`` image with its short side at ``resolution``,
     each side rounded to a multiple of ``multiple``."""
     scale = resolution / min(height, width)
-    return _side(height * scale, multiple), _side(width * scale, multiple)
+    size = _side(height * scale, multiple), _side(width * scale, multiple)
+    if size[0] * size[1] > MAX_NETWORK_PIXELS:
+        raise WorkflowError(f"a {height}x{width} image at resolution {resolution} makes a "
+                            f"{size[0]}x{size[1]} network input, over the limit of {MAX_NETWORK_PIXELS} "
+                            "pixels; lower the resolution", input_name="resolution")
+    return size
 
 
 def resized_rgb(image: torch.Tensor, resolution: int, multiple: int, mode: str) -> torch.Tensor:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from diffsplit.engine.errors import WorkflowError
 from diffsplit.engine.nodes.preprocessors import canny
+from diffsplit.engine.nodes.registry import default_registry
+from diffsplit.engine.store import ModelStore
 
 CTX = SimpleNamespace(node_id="5")
 
@@ -31,3 +35,16 @@ def test_canny_finds_the_edge_and_only_the_edge() -> None:
 def test_canny_thresholds_are_checked() -> None:
     with pytest.raises(ValueError, match="low_threshold"):
         canny(CTX, image=_step_image(), low_threshold=0.9, high_threshold=0.2)
+
+
+@pytest.mark.parametrize("class_type", ["DepthAnythingPreprocessor", "LineArtPreprocessor",
+                                        "OpenposePreprocessor", "SemSegPreprocessor"])
+def test_a_network_input_over_the_limit_is_refused_before_it_is_made(models_dir: Path, class_type: str
+                                                                      ) -> None:
+    node = default_registry()[class_type]
+    ctx = SimpleNamespace(node_id="9", model_path=ModelStore(models_dir).resolve)
+    depth_file = {"ckpt_name": "tiny-depth-anything.safetensors"}
+    names = depth_file if class_type == "DepthAnythingPreprocessor" else {}
+    strip = torch.zeros(1, 8, 64, 3)  # a thin strip: its short side at 4096 makes the long side 32768
+    with pytest.raises(WorkflowError, match=r"8x64 image at resolution 4096 makes a 4\d+x327\d+ network"):
+        node.function(ctx, image=strip, resolution=4096, **names)
