@@ -51,6 +51,28 @@ __all__ = ["ChainDecision", "ConditionDecision", "ConditionLog", "ConditionPrune
 
 #: The longest condition label kept (labels travel on the wire).
 MAX_LABEL_CHARS = 120
+#: The most conditions a decision from a worker may list.
+MAX_CHAIN_CONDITIONS = 64
+#: The most steps a decision from a worker may count.
+MAX_DECISION_STEPS = 100_000
+
+
+def _number(data: Mapping[str, Any], key: str, *, finite: bool = True) -> float:
+    """``data[key]`` as a float; a measurement (``finite=False``) may be NaN or infinite, as a probe whose
+    residuals overflowed reports them."""
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or (finite and not math.isfinite(value)):
+        raise ValueError(f"a condition decision's {key!r} is not a {'finite ' if finite else ''}number: "
+                         f"{value!r}")
+    return float(value)
+
+
+def _steps(data: Mapping[str, Any], key: str) -> int:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_DECISION_STEPS:
+        raise ValueError(f"a condition decision's {key!r} is not a step count in 0..{MAX_DECISION_STEPS}: "
+                         f"{value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -149,19 +171,25 @@ class ChainDecision:
 
     @classmethod
     def from_dict(cls, data: Any) -> ChainDecision:
-        """Decisions a worker sent back (ValueError when malformed)."""
+        """Decisions a worker sent back (ValueError naming what is malformed: a missing number, a
+        non-finite strength, more than ``MAX_CHAIN_CONDITIONS`` conditions, a step count out of range)."""
         if not isinstance(data, Mapping) or not isinstance(data.get("conditions"), list):
             raise ValueError("a condition decision is not a mapping with 'conditions'")
+        if len(data["conditions"]) > MAX_CHAIN_CONDITIONS:
+            raise ValueError(f"a condition decision lists {len(data['conditions'])} conditions, over the "
+                             f"limit of {MAX_CHAIN_CONDITIONS}")
         conditions = []
         for item in data["conditions"]:
             if not isinstance(item, Mapping):
                 raise ValueError("a condition entry is not a mapping")
             conditions.append(ConditionDecision(
-                label=str(item["label"])[:MAX_LABEL_CHARS], strength=float(item["strength"]),
-                activation=float(item["activation"]), overlap=float(item["overlap"]),
-                kept=bool(item["kept"]), scale=float(item["scale"]), reason=str(item["reason"])[:200]))
-        return cls(node_id=str(data.get("node", "?"))[:64], probe_steps=int(data["probe_steps"]),
-                   total_steps=int(data["total_steps"]), error=float(data["error"]),
+                label=str(item.get("label", "?"))[:MAX_LABEL_CHARS], strength=_number(item, "strength"),
+                activation=_number(item, "activation", finite=False),
+                overlap=_number(item, "overlap", finite=False),
+                kept=item.get("kept") is True, scale=_number(item, "scale", finite=False),
+                reason=str(item.get("reason", ""))[:200]))
+        return cls(node_id=str(data.get("node", "?"))[:64], probe_steps=_steps(data, "probe_steps"),
+                   total_steps=_steps(data, "total_steps"), error=_number(data, "error", finite=False),
                    conditions=tuple(conditions))
 
     def lines(self) -> list[str]:

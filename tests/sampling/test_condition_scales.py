@@ -157,6 +157,21 @@ def test_decisions_from_a_peer_are_read_bounded_and_malformed_ones_refused() -> 
     for broken in ({"conditions": [1]}, {"conditions": [{"label": "a"}]}, {"x": 1}, "text"):
         with pytest.raises((KeyError, TypeError, ValueError)):
             ChainDecision.from_dict(broken)
+    good = decision.to_dict()
+    entry = good["conditions"][1]
+    for broken, reason in (
+        ({**good, "conditions": [entry] * 65}, "65 conditions, over the limit of 64"),
+        ({**good, "conditions": [{**entry, "strength": float("nan")}]}, "'strength' is not a finite number"),
+        ({**good, "conditions": [{**entry, "scale": "1"}]}, "'scale' is not a number"),
+        ({**good, "probe_steps": 10**9}, "'probe_steps' is not a step count"),
+        ({**good, "total_steps": True}, "'total_steps' is not a step count"),
+    ):
+        with pytest.raises(ValueError, match=reason):
+            ChainDecision.from_dict(broken)
+    # a probe whose residuals overflowed reports them as they are
+    overflowed = ChainDecision.from_dict({**good, "error": float("nan"), "conditions": [
+        {**entry, "activation": float("inf")}]})
+    assert math.isnan(overflowed.error) and overflowed.conditions[0].activation == math.inf
 
 
 def test_a_gram_matrix_that_is_not_finite_drops_nothing() -> None:
