@@ -47,8 +47,16 @@ def test_an_adapter_steers_the_run_and_adds_to_a_controlnet(
     base = image_of(registry, store, inputs_dir, tmp_path, plain)
     adapted = image_of(registry, store, inputs_dir, tmp_path, adapter_workflow())
     assert not torch.equal(base, adapted)
-    # strength 0 applies nothing: the same image bit for bit
-    assert torch.equal(image_of(registry, store, inputs_dir, tmp_path, adapter_workflow(0.0)), base)
+    # an adapter applied at full strength but outside every step (a window that starts at the end)
+    # adds nothing: the sampler honours its window, and the image is the plain one bit for bit
+    late = adapter_workflow()
+    late["15"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": ["3", 0], "negative": ["4", 0], "control_net": ["14", 0], "image": ["10", 0],
+        "strength": 0.9, "start_percent": 1.0, "end_percent": 1.0}}
+    late["6"]["inputs"].update(positive=["15", 0], negative=["15", 1])
+    assert torch.equal(image_of(registry, store, inputs_dir, tmp_path, late), base)
+    early = dict(late, **{"15": {**late["15"], "inputs": {**late["15"]["inputs"], "start_percent": 0.0}}})
+    assert not torch.equal(image_of(registry, store, inputs_dir, tmp_path, early), base)
     controlnet_only = image_of(registry, store, inputs_dir, tmp_path, controlnet_workflow())
     both = image_of(registry, store, inputs_dir, tmp_path, adapter_workflow(with_controlnet=True))
     assert not torch.equal(both, controlnet_only) and not torch.equal(both, adapted)
