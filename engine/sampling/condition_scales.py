@@ -21,7 +21,11 @@ it. With nothing dropped the fit is exact (``c = 1``). For the remaining steps t
 kept hints run with their strength times their scale (a ControlNet's residuals
 are linear in its strength) and the dropped ones not at all: fewer ControlNet
 passes per step. Conditions not active during the probe, or no longer active
-after it, are kept unchanged. The probe's steps are computed exactly as without
+after it, are kept unchanged and left out of the fit (neither its target nor
+its terms: the fit describes the steps after the probe). Conditions are only
+weighed against those active over the same steps (the same start and end
+percent): one that ends sooner cannot stand in for one that runs on, so each
+such group is pruned on its own. The probe's steps are computed exactly as without
 the estimator, so a run that drops nothing equals the unpruned run bit for bit.
 """
 
@@ -47,7 +51,7 @@ from diffsplit.engine.sampling.schedules import DiscreteSchedule
 from diffsplit.engine.types import ControlHint
 
 __all__ = ["ChainDecision", "ConditionDecision", "ConditionLog", "ConditionPruner", "ConditionSettings",
-           "Fit", "fit", "prune"]
+           "Fit", "fit", "prune", "prune_groups"]
 
 #: The longest condition label kept (labels travel on the wire).
 MAX_LABEL_CHARS = 120
@@ -103,19 +107,14 @@ def fit(gram: torch.Tensor, kept: Sequence[int]) -> Fit:
     return Fit(tuple(kept), tuple(float(s) for s in scales), math.sqrt(max(left, 0.0) / total))
 
 
-def prune(gram: torch.Tensor, tolerance: float, max_scale: float,
-          candidates: Sequence[int] | None = None) -> Fit:
-    """Backward elimination over ``candidates`` (default all): drop while the refitted error stays
-    below ``tolerance`` and every scale within ``[0, max_scale]``; at least one condition stays."""
-    count = gram.shape[0]
-    fixed = [i for i in range(count) if candidates is not None and i not in candidates]
-    kept = list(range(count))
+def prune(gram: torch.Tensor, tolerance: float, max_scale: float) -> Fit:
+    """Backward elimination: drop while the refitted error stays below ``tolerance`` and every scale
+    within ``[0, max_scale]``; at least one condition stays."""
+    kept = list(range(gram.shape[0]))
     current = fit(gram, kept)
-    while len([i for i in kept if i not in fixed]) > 1:
+    while len(kept) > 1:
         best: Fit | None = None
         for drop in kept:
-            if drop in fixed:
-                continue
             trial = fit(gram, [i for i in kept if i != drop])
             # written so that a NaN error or scale (a residual that overflowed) never allows a drop
             if not trial.error < tolerance or not all(-1e-9 <= s <= max_scale for s in trial.scales):
@@ -126,6 +125,33 @@ def prune(gram: torch.Tensor, tolerance: float, max_scale: float,
             break
         kept, current = list(best.kept), best
     return current
+
+
+def prune_groups(gram: torch.Tensor, groups: Sequence[Sequence[int]], tolerance: float,
+                 max_scale: float) -> Fit:
+    """:func:`prune` within each group of indices into ``gram`` (conditions that are active over the
+    same steps: one may only stand in for another that it outlives), every other index left out of
+    both the fit and its target. The error is that of the whole result against the sum of every
+    grouped condition."""
+    kept: list[int] = []
+    scales: list[float] = []
+    for group in groups:
+        index = torch.tensor(list(group), dtype=torch.long)
+        result = prune(gram[index][:, index], tolerance, max_scale)
+        kept += [group[k] for k in result.kept]
+        scales += list(result.scales)
+    members = [i for group in groups for i in group]
+    if not members:
+        return Fit((), (), 0.0)
+    order = sorted(range(len(kept)), key=lambda k: kept[k])
+    index = torch.tensor(members, dtype=torch.long)
+    sub = gram.double()[index][:, index]
+    left = torch.ones(len(members), dtype=torch.float64)  # the part of each residual not reproduced
+    for i, scale in zip(kept, scales, strict=True):
+        left[members.index(i)] -= scale
+    total = float(sub.sum())
+    error = math.sqrt(max(float(left @ sub @ left), 0.0) / total) if total > 0 else 0.0
+    return Fit(tuple(kept[k] for k in order), tuple(scales[k] for k in order), error)
 
 
 @dataclass(frozen=True)
@@ -341,7 +367,10 @@ class ConditionPruner:
         gram = probe.gram
         candidates = [i for i, hint in enumerate(hints)
                       if probe.seen[i] and gram[i, i] > 0 and hint_is_active(hint, self.schedule, next_sigma)]
-        result = prune(gram, self.settings.tolerance, self.settings.max_scale, candidates)
+        windows: dict[tuple[float, float], list[int]] = {}
+        for i in candidates:
+            windows.setdefault((hints[i].start_percent, hints[i].end_percent), []).append(i)
+        result = prune_groups(gram, list(windows.values()), self.settings.tolerance, self.settings.max_scale)
         scale_of = dict(zip(result.kept, result.scales, strict=True))
         decisions, scales = [], []
         norms = gram.diagonal().clamp(min=0).sqrt()

@@ -9,7 +9,14 @@ import math
 
 import pytest
 import torch
-from diffsplit.engine.sampling.condition_scales import ChainDecision, ConditionDecision, fit, prune
+from diffsplit.engine.sampling.condition_scales import (
+    ChainDecision,
+    ConditionDecision,
+    Fit,
+    fit,
+    prune,
+    prune_groups,
+)
 from diffsplit.engine.sampling.condition_settings import ConditionSettings, ConditionSettingsError
 
 from diffsplit.condition_args import add_condition_arguments, condition_settings
@@ -64,9 +71,17 @@ def test_a_weak_independent_condition_is_dropped_within_the_tolerance() -> None:
     assert 0 < result.error < 0.1
 
 
-def test_candidates_limit_what_may_be_dropped() -> None:
-    gram = gram_of(direction(1), direction(2), direction(3) * 0.05)
-    assert prune(gram, tolerance=0.1, max_scale=2.0, candidates=[0, 1]).kept == (0, 1, 2)
+def test_groups_are_pruned_apart_and_what_is_left_out_is_neither_target_nor_term() -> None:
+    # 0 and 1 are the same condition in two windows: neither may stand in for the other
+    gram = gram_of(direction(1), direction(1), direction(2) * 0.05)
+    assert len(prune(gram, tolerance=0.1, max_scale=2.0).kept) == 1  # one window: one stands in for both
+    apart = prune_groups(gram, [[0], [1, 2]], tolerance=0.1, max_scale=2.0)
+    assert apart.kept == (0, 1) and apart.scales == pytest.approx((1.0, 1.0), abs=0.01)
+    assert 0 < apart.error < 0.1  # only the weak 2 is dropped, and the error says what that costs
+    # 1 is left out (no longer active): 0 is fitted to itself alone, at scale 1, not to cover 1
+    alone = prune_groups(gram, [[0, 2]], tolerance=0.1, max_scale=2.0)
+    assert alone.kept == (0,) and alone.scales == pytest.approx((1.0,), abs=0.01)
+    assert prune_groups(gram, [], tolerance=0.1, max_scale=2.0) == Fit((), (), 0.0)
 
 
 def test_at_least_one_condition_stays() -> None:
