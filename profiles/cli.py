@@ -103,12 +103,15 @@ def plan_command(args: argparse.Namespace) -> int:
         raise ProfileError("--apply needs -o FILE and a worker address for the labels "
                            "(--remote or --address)")
     profile = _run(args)
-    from diffsplit.profiles.report import summary_lines
+    from diffsplit.profiles.report import profile_condition_report, summary_lines
 
     print("\n".join(summary_lines(profile)))
     if profile.plan is not None and not args.quiet:
         for verdict in profile.plan.verdicts:
             print(f"  {verdict.node_id:>4} {verdict.class_type}: {verdict.reason}")
+        conditions = profile_condition_report(profile)
+        if conditions is not None:
+            print("\n".join(conditions.lines()))
     _write_reports(profile, args)
     if args.apply:
         if profile.plan is None:
@@ -181,12 +184,12 @@ def _write_reports(profile: Profile, args: argparse.Namespace) -> None:
 
 def _write_labelled(args: argparse.Namespace, profile: Profile, address: str) -> None:
     from diffsplit.engine.formats import load_workflow, save_api_format
-    from diffsplit.engine.graph import Workflow
+    from diffsplit.engine.graph import Workflow, node_sort_key
     from diffsplit.engine.nodes.registry import default_registry
 
     assert profile.plan is not None
     workflow = load_workflow(Path(args.workflow), default_registry())
-    remote = set(profile.plan.remote)
+    remote = labelled_remote(profile)
     nodes = {}
     for node_id, node in workflow.nodes.items():
         meta = {key: value for key, value in node.meta.items() if key != "remote"}
@@ -195,6 +198,26 @@ def _write_labelled(args: argparse.Namespace, profile: Profile, address: str) ->
         nodes[node_id] = replace(node, meta=meta)
     labelled = Workflow(nodes, workflow.source_format, workflow.extra)
     Path(args.output).write_text(json.dumps(save_api_format(labelled), indent=2) + "\n")
-    chosen = ", ".join(profile.plan.remote) or "none"
+    chosen = ", ".join(sorted(remote, key=node_sort_key)) or "none"
     print(f"wrote {args.output} ({len(remote)} node(s) labelled remote: {chosen})")
+
+
+def labelled_remote(profile: Profile) -> set[str]:
+    """The nodes ``plan --apply`` labels remote: the plan's, with the condition preprocessors where the
+    subtask manager puts them (``profiles.condition_plan``) when the plan sends other work to the worker
+    (the hints are then needed there); the plan's own choice for them otherwise."""
+    from diffsplit.profiles.condition_plan import REMOTE
+    from diffsplit.profiles.report import profile_condition_report
+
+    assert profile.plan is not None
+    remote = set(profile.plan.remote)
+    report = profile_condition_report(profile)
+    if report is None or not remote - set(report.where):
+        return remote
+    for node_id, where in report.where.items():
+        if where == REMOTE:
+            remote.add(node_id)
+        else:
+            remote.discard(node_id)
+    return remote
 

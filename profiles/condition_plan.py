@@ -265,6 +265,8 @@ class ConditionReport:
     plan: ConditionPlan
     all_local_s: float
     all_remote_s: float
+    #: node id -> where the plan preprocesses it (LOCAL or REMOTE)
+    where: Mapping[str, str]
 
     def lines(self) -> list[str]:
         better = min(self.all_local_s, self.all_remote_s)
@@ -288,5 +290,8 @@ def condition_report(costs: Sequence[NodeCostLike], categories: Mapping[str, str
                   for cost in chosen]
     up = Link(bytes_per_s=link.up_bytes_per_s, latency_s=link.rtt_s / 2)
     everything = set(range(len(conditions)))
-    return ConditionReport(plan_conditions(conditions, up), all_local_s=_split_time(conditions, set(), up)[0],
-                           all_remote_s=_split_time(conditions, everything, up)[0])
+    plan = plan_conditions(conditions, up)
+    node_of = {condition.name: cost.node_id for condition, cost in zip(conditions, chosen, strict=True)}
+    return ConditionReport(plan, all_local_s=_split_time(conditions, set(), up)[0],
+                           all_remote_s=_split_time(conditions, everything, up)[0],
+                           where={node_of[p.name]: p.where for p in plan.placements})

@@ -41,7 +41,10 @@ if TYPE_CHECKING:
 
 
 class _WatchingContext:
-    """A node context that forwards everything and notes the local files a node touches."""
+    """A node context that forwards everything and notes the local files a node touches that a worker
+    cannot have: input files, the output folder. Model files a node reads itself (a preprocessor's
+    network, a prompt's embeddings) do not count: an offloaded node gets them by sha256
+    (``engine.run_files``), as loaders' files go in recipes."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
@@ -49,7 +52,6 @@ class _WatchingContext:
         self.local_files: list[str] = []
 
     def model_path(self, folder: str, name: str) -> Path:
-        self.local_files.append(f"reads the model file {folder}/{name} itself")
         return self._inner.model_path(folder, name)
 
     def input_path(self, name: str) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from diffsplit.profiles.condition_plan import ConditionReport
 from diffsplit.profiles.model import NodeMeasure, WorkflowMeasure
 from diffsplit.profiles.planner import Verdict
 from diffsplit.profiles.remote_model import NodeCost
@@ -115,17 +116,22 @@ def render_text(profile: Profile, *, details: bool = True) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _condition_lines(profile: Profile) -> list[str]:
-    """The subtask manager's plan for the workflow's condition preprocessors (``profiles.condition_plan``)."""
+def profile_condition_report(profile: Profile) -> ConditionReport | None:
+    """The subtask manager's plan for the workflow's condition preprocessors (``profiles.condition_plan``),
+    or None without a link or preprocessors with remote times."""
     if profile.link is None:
-        return []
+        return None
     from diffsplit.engine.nodes.registry import default_registry
     from diffsplit.profiles.condition_plan import condition_report
 
     registry = default_registry()
     categories = {cost.class_type: registry[cost.class_type].category for cost in profile.costs
                   if cost.class_type in registry}
-    report = condition_report(profile.costs, categories, profile.link)
+    return condition_report(profile.costs, categories, profile.link)
+
+
+def _condition_lines(profile: Profile) -> list[str]:
+    report = profile_condition_report(profile)
     return report.lines() if report is not None else []
 
 

@@ -109,3 +109,33 @@ def test_bad_options_fail_before_running(
     args = _parse(add_plan_arguments, [str(workflow_file), "--models", str(models_dir), *argv])
     with pytest.raises(error, match=message.replace("(", r"\(")):
         plan_command(args)
+
+
+def test_plan_apply_places_the_preprocessors_where_the_condition_plan_does(
+    models_dir: Path, inputs_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from diffsplit.engine.example_workflows import multi_condition_workflow
+
+    workflow_file = tmp_path / "multi.json"
+    workflow_file.write_text(json.dumps(multi_condition_workflow(steps=8)))
+    output = tmp_path / "multi.split.json"
+    # the sampler 1000x faster there; the preprocessors as fast there as here, over a link that costs
+    # next to nothing: the two paths run at once, so some preprocessing goes to the worker
+    args = _parse(add_plan_arguments, [
+        str(workflow_file), "--models", str(models_dir), "--inputs", str(inputs_dir), "--warmup", "0",
+        "--link", "10gbit,0.1ms", "--remote-speed", "KSampler=1000x", "--remote-speed", "Canny=1x",
+        "--remote-speed", "DepthAnythingPreprocessor=1x", "--tolerance", "0", "--no-run-plan",
+        "--address", "tcp://gpu:5555", "--apply", "-o", str(output),
+    ])
+    assert plan_command(args) == 0
+    out = capsys.readouterr().out
+    planned = {line.split()[0]: line.split()[2] for line in out.splitlines()
+               if line.strip().split(" ")[0] in {"20", "21", "23"} and " #" in line}
+    assert set(planned) == {"20", "21", "23"}, out
+    labelled = json.loads(output.read_text())
+    assert labelled["6"]["_meta"]["remote"] == "tcp://gpu:5555"
+    on_worker = {node for node in planned if labelled[node].get("_meta", {}).get("remote")}
+    assert on_worker == {node for node, where in planned.items() if where == "remote"}
+    assert 1 <= len(on_worker) <= 2, out  # neither path takes everything when both are as fast
+    # the depth preprocessor reads its network file itself: that goes by sha256, so it may be offloaded
+    assert "23 DepthAnythingPreprocessor: stays local: reads" not in out
