@@ -32,6 +32,7 @@ the estimator, so a run that drops nothing equals the unpruned run bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -53,10 +54,14 @@ from diffsplit.engine.types import ControlHint
 __all__ = ["ChainDecision", "ConditionDecision", "ConditionLog", "ConditionPruner", "ConditionSettings",
            "Fit", "fit", "prune", "prune_groups"]
 
+_log = logging.getLogger(__name__)
+
 #: The longest condition label kept (labels travel on the wire).
 MAX_LABEL_CHARS = 120
 #: The most conditions a decision from a worker may list.
 MAX_CHAIN_CONDITIONS = 64
+#: The most conditions of one chain the estimator weighs (a longer chain runs unpruned).
+MAX_WEIGHED_CONDITIONS = 32
 #: The most steps a decision from a worker may count.
 MAX_DECISION_STEPS = 100_000
 
@@ -272,9 +277,14 @@ def hint_label(hint: ControlHint, index: int) -> str:
     return text[:MAX_LABEL_CHARS]
 
 
-def _flat(residuals: ControlResiduals) -> torch.Tensor:
-    parts = (*residuals.down, *(() if residuals.mid is None else (residuals.mid,)))
-    return torch.cat([r.reshape(-1).double() for r in parts])
+def _parts(residuals: ControlResiduals) -> tuple[torch.Tensor, ...]:
+    return (*residuals.down, *(() if residuals.mid is None else (residuals.mid,)))
+
+
+def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """The inner product of two residual sets, tensor by tensor in float64 (never a float64 copy of a
+    whole set: the memory a probe adds is one residual tensor's)."""
+    return sum(float(torch.sum(x.double() * y.double())) for x, y in zip(a, b, strict=True))
 
 
 class _ChainProbe:
@@ -288,17 +298,17 @@ class _ChainProbe:
         self.elements = 0
         self.seen = [False] * len(self.hints)
 
-    def add(self, own: Mapping[int, torch.Tensor]) -> None:
+    def add(self, own: Mapping[int, tuple[torch.Tensor, ...]]) -> None:
         positions = self.positions
-        flat = {positions[key]: vector for key, vector in own.items() if key in positions}
+        flat = {positions[key]: parts for key, parts in own.items() if key in positions}
         if not flat:
             return
-        self.elements += next(iter(flat.values())).numel()
+        self.elements += sum(part.numel() for part in next(iter(flat.values())))
         for i, a in flat.items():
             self.seen[i] = True
             for j, b in flat.items():
                 if j >= i:
-                    value = float(a @ b)
+                    value = _dot(a, b)
                     self.gram[i, j] += value
                     if j != i:
                         self.gram[j, i] += value
@@ -319,6 +329,7 @@ class ConditionPruner:
         self.probe_steps = settings.probe_steps(self.total_steps)
         self._probes: dict[int, _ChainProbe] = {}
         self._replaced: dict[int, ControlHint | None] | None = None
+        self._unweighed: dict[int, ControlHint] = {}  # chains too long to probe, kept alive by identity
 
     @property
     def decided(self) -> bool:
@@ -341,12 +352,19 @@ class ConditionPruner:
             return control_residuals(self._replaced.get(id(head), head), self.schedule, sigma, inputs)
         probe = self._probes.get(id(head))
         if probe is None:
+            chain = chain_of(head)
+            if len(chain) > MAX_WEIGHED_CONDITIONS:  # a probe holds every condition's residuals at once
+                if id(head) not in self._unweighed:
+                    self._unweighed[id(head)] = head
+                    _log.warning("node %s: a chain of %d conditions is over the %d the estimator weighs; "
+                                 "all of them run", self.node_id, len(chain), MAX_WEIGHED_CONDITIONS)
+                return control_residuals(head, self.schedule, sigma, inputs)
             probe = self._probes[id(head)] = _ChainProbe(head)
-        own: dict[int, torch.Tensor] = {}
+        own: dict[int, tuple[torch.Tensor, ...]] = {}
 
         def observe(hint: ControlHint, residuals: ControlResiduals) -> None:
             if not is_adapter(hint):  # an adapter's features live in another space: it is not weighed
-                own[id(hint)] = _flat(residuals)
+                own[id(hint)] = _parts(residuals)
 
         result = control_residuals(head, self.schedule, sigma, inputs, observe=observe)
         probe.add(own)

@@ -19,7 +19,7 @@ from diffsplit.engine.formats import load_workflow
 from diffsplit.engine.nodes.registry import NodeRegistry
 from diffsplit.engine.offload import RemoteRunner
 from diffsplit.engine.remote_assign import assign_remotes
-from diffsplit.engine.sampling.condition_scales import ChainDecision
+from diffsplit.engine.sampling.condition_scales import MAX_WEIGHED_CONDITIONS, ChainDecision
 from diffsplit.engine.sampling.condition_settings import ConditionSettings
 from diffsplit.engine.store import ModelStore
 from diffsplit.engine.trace_workflow import output_recipe_source
@@ -128,6 +128,28 @@ def test_one_condition_alone_is_kept_and_a_late_one_is_not_judged(
                     document=document).conditions
     late = [c for d in decisions for c in d.conditions if c.label.startswith("node 24")]
     assert late and all(c.kept and c.reason == "not active during the probe" for c in late)
+
+
+def test_a_chain_longer_than_the_estimator_weighs_runs_unpruned(
+    registry: NodeRegistry, store: ModelStore, inputs_dir: Path, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    document = multi_condition_workflow(steps=2)
+    previous = ["3", 0]
+    for index in range(MAX_WEIGHED_CONDITIONS + 1):  # one over the limit, all the same weak condition
+        node = str(100 + index)
+        document[node] = {"class_type": "ControlNetApply", "inputs": {
+            "conditioning": previous, "control_net": ["9", 0], "image": ["20", 0], "strength": 0.01}}
+        previous = [node, 0]
+    document["6"]["inputs"]["positive"] = previous
+    plain = run(registry, store, inputs_dir, tmp_path / "plain", None, document=document)
+    with controlnet_passes() as passes:
+        pruned = run(registry, store, inputs_dir, tmp_path / "auto", ConditionSettings(), document=document)
+    assert pruned.conditions == ()  # nothing weighed, nothing dropped
+    assert torch.equal(pruned.outputs["7"][0], plain.outputs["7"][0])
+    assert passes[0] >= 2 * (MAX_WEIGHED_CONDITIONS + 1)
+    assert any(f"a chain of {MAX_WEIGHED_CONDITIONS + 1} conditions is over" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_the_decisions_are_printed_in_the_stats_and_in_the_png(
