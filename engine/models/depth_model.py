@@ -22,9 +22,6 @@ import torch
 from diffsplit.engine.models.described_file import Architecture, load_described, save_described
 
 DEPTH_ANYTHING = "depth_anything"
-#: the normalisation Depth Anything was trained with (ImageNet's)
-IMAGE_MEAN = (0.485, 0.456, 0.406)
-IMAGE_STD = (0.229, 0.224, 0.225)
 #: the models kept loaded, by file (path, size, mtime): preprocessors run once per image
 _CACHED_MODELS = 2
 

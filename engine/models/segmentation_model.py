@@ -26,9 +26,6 @@ from diffsplit.engine.models.described_file import Architecture, load_described,
 
 UPERNET = "upernet"
 PALETTE_KEY = "palette"
-#: the normalisation transformers' UperNet image processor uses (ImageNet's)
-IMAGE_MEAN = (0.485, 0.456, 0.406)
-IMAGE_STD = (0.229, 0.224, 0.225)
 _CACHED_MODELS = 2
 
 

@@ -14,12 +14,18 @@ with a DPT head); the file's config says which weights it holds.
 from __future__ import annotations
 
 import torch
-from diffsplit.engine.models.depth_model import IMAGE_MEAN, IMAGE_STD, load_depth_model
+from diffsplit.engine.models.depth_model import load_depth_model
 from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec
-from diffsplit.engine.nodes.network_input import for_network, resized_rgb
+from diffsplit.engine.nodes.network_input import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PREPROCESSORS,
+    for_network,
+    network_file_input,
+    resized_rgb,
+    resolution_input,
+)
 
-FOLDER = "preprocessors"
-MAX_RESOLUTION = 4096
 _EPSILON = 1e-8
 
 
@@ -29,7 +35,7 @@ def depth_map(
     """The [0, 1] depth hint of ``image`` as an IMAGE of the same size."""
     height, width = image.shape[1:3]
     resized = resized_rgb(image, resolution, patch_size, "bicubic")
-    pixels = for_network(resized, network, IMAGE_MEAN, IMAGE_STD)
+    pixels = for_network(resized, network, IMAGENET_MEAN, IMAGENET_STD)
     with torch.no_grad():
         depth = network(pixel_values=pixels).predicted_depth.float().cpu()
     depth = torch.nn.functional.interpolate(depth.unsqueeze(1), size=(height, width), mode="bilinear",
@@ -43,7 +49,7 @@ def depth_map(
 def depth_anything(ctx: NodeContext, *, image: torch.Tensor, ckpt_name: str, resolution: int = 512
                    ) -> tuple[torch.Tensor]:
     """A depth hint from the Depth Anything file ``ckpt_name``."""
-    model = load_depth_model(ctx.model_path(FOLDER, ckpt_name))
+    model = load_depth_model(ctx.model_path(PREPROCESSORS, ckpt_name))
     return (depth_map(image, model.network, model.patch_size, resolution),)
 
 
@@ -52,8 +58,8 @@ def _node(name: str, description: str) -> NodeClass:
         name,
         (
             InputSpec("image", "IMAGE"),
-            InputSpec("ckpt_name", "COMBO", model_folder=FOLDER),
-            InputSpec("resolution", "INT", default=512, min=64, max=MAX_RESOLUTION, step=64, optional=True),
+            network_file_input(),
+            resolution_input(),
         ),
         (OutputSpec("IMAGE", "IMAGE"),),
         depth_anything,

@@ -17,11 +17,15 @@ from diffsplit.engine.errors import WorkflowError
 from diffsplit.engine.models.lineart_model import load_lineart_model
 from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec
 from diffsplit.engine.nodes.model_files import find_model_file
-from diffsplit.engine.nodes.network_input import for_network, resized_rgb
+from diffsplit.engine.nodes.network_input import (
+    PREPROCESSORS,
+    for_network,
+    network_file_input,
+    resized_rgb,
+    resolution_input,
+)
 
-FOLDER = "preprocessors"
 FINE_MODEL = "sk_model.safetensors"
-MAX_RESOLUTION = 4096
 _MULTIPLE = 8
 
 
@@ -42,7 +46,7 @@ def lineart(ctx: NodeContext, *, image: torch.Tensor, coarse: str = "disable", r
     if coarse == "enable" and ckpt_name == FINE_MODEL:
         raise WorkflowError(f"coarse line art reads the coarse model: set ckpt_name to its file (the pack's "
                             f"sk_model2.pth) instead of {FINE_MODEL}", input_name="ckpt_name")
-    network = load_lineart_model(find_model_file(ctx.model_path, FOLDER, ckpt_name))
+    network = load_lineart_model(find_model_file(ctx.model_path, PREPROCESSORS, ckpt_name))
     return (lineart_map(image, network, resolution),)
 
 
@@ -52,8 +56,8 @@ NODES: tuple[NodeClass, ...] = (
         (
             InputSpec("image", "IMAGE"),
             InputSpec("coarse", "COMBO", default="disable", choices=("disable", "enable")),
-            InputSpec("resolution", "INT", default=512, min=64, max=MAX_RESOLUTION, step=64, optional=True),
-            InputSpec("ckpt_name", "COMBO", default=FINE_MODEL, model_folder=FOLDER, optional=True),
+            resolution_input(),
+            network_file_input(FINE_MODEL),
         ),
         (OutputSpec("IMAGE", "IMAGE"),),
         lineart,

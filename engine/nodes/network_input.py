@@ -10,9 +10,30 @@ from collections.abc import Sequence
 
 import torch
 from diffsplit.engine.errors import WorkflowError
+from diffsplit.engine.nodes.base import InputSpec
+
+#: the store folder of preprocessors' network files
+PREPROCESSORS = "preprocessors"
 
 #: the largest network input a preprocessor builds, in pixels
 MAX_NETWORK_PIXELS = 4096 * 4096
+#: the largest ``resolution`` a preprocessor node takes (the pack's)
+MAX_RESOLUTION = 4096
+#: ImageNet's normalisation, which Depth Anything and UperNet were trained with
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resolution_input() -> InputSpec:
+    """The preprocessor pack's optional ``resolution`` input: the short side the network sees."""
+    return InputSpec("resolution", "INT", default=512, min=64, max=MAX_RESOLUTION, step=64, optional=True)
+
+
+def network_file_input(default: str | None = None) -> InputSpec:
+    """``ckpt_name``: the network's file in the ``preprocessors`` folder (optional where the pack reads a
+    fixed file, ``default``)."""
+    return InputSpec("ckpt_name", "COMBO", default=default, model_folder=PREPROCESSORS,
+                     optional=default is not None)
 
 
 def _side(side: float, multiple: int) -> int:

@@ -28,11 +28,15 @@ from diffsplit.engine.models.pose_model import BodyPoseNetwork, load_body_pose_m
 from diffsplit.engine.models.pose_people import LIMBS, PARTS, STARTING_LIMBS, Person, find_people
 from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec
 from diffsplit.engine.nodes.model_files import find_model_file
-from diffsplit.engine.nodes.network_input import for_network, resized_rgb
+from diffsplit.engine.nodes.network_input import (
+    PREPROCESSORS,
+    for_network,
+    network_file_input,
+    resized_rgb,
+    resolution_input,
+)
 
-FOLDER = "preprocessors"
 BODY_MODEL = "body_pose_model.pth"
-MAX_RESOLUTION = 4096
 #: the height the body model sees: half of OpenPose's 368 px box, its one search scale here
 NETWORK_HEIGHT = 184
 STRIDE = 8
@@ -140,7 +144,7 @@ def openpose(ctx: NodeContext, *, image: torch.Tensor, detect_hand: str = "disab
     size = (resized.shape[-2], resized.shape[-1])
     network = None
     if detect_body == "enable":
-        network = load_body_pose_model(find_model_file(ctx.model_path, FOLDER, ckpt_name))
+        network = load_body_pose_model(find_model_file(ctx.model_path, PREPROCESSORS, ckpt_name))
     drawings, keypoints = [], []
     for picture in resized:
         people = find_people(*body_maps(picture, network)) if network is not None else []
@@ -161,9 +165,9 @@ NODES: tuple[NodeClass, ...] = (
             InputSpec("detect_hand", "COMBO", default="disable", choices=_SWITCH),
             InputSpec("detect_body", "COMBO", default="enable", choices=_SWITCH),
             InputSpec("detect_face", "COMBO", default="disable", choices=_SWITCH),
-            InputSpec("resolution", "INT", default=512, min=64, max=MAX_RESOLUTION, step=64, optional=True),
+            resolution_input(),
             InputSpec("scale_stick_for_xinsr_cn", "COMBO", default="disable", choices=_SWITCH, optional=True),
-            InputSpec("ckpt_name", "COMBO", default=BODY_MODEL, model_folder=FOLDER, optional=True),
+            network_file_input(BODY_MODEL),
         ),
         (OutputSpec("IMAGE", "IMAGE"), OutputSpec("POSE_KEYPOINT", "POSE_KEYPOINT")),
         openpose,

@@ -12,21 +12,28 @@ The image is resized so its short side is ``resolution`` and both sides are mult
 from __future__ import annotations
 
 import torch
-from diffsplit.engine.models.segmentation_model import IMAGE_MEAN, IMAGE_STD, load_segmentation_model
+from diffsplit.engine.models.segmentation_model import load_segmentation_model
 from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec
 from diffsplit.engine.nodes.model_files import find_model_file
-from diffsplit.engine.nodes.network_input import for_network, resized_rgb
+from diffsplit.engine.nodes.network_input import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PREPROCESSORS,
+    for_network,
+    network_file_input,
+    resized_rgb,
+    resolution_input,
+)
 
-FOLDER = "preprocessors"
 DEFAULT_MODEL = "upernet.safetensors"
-MAX_RESOLUTION = 4096
 
 
 def segmentation_map(image: torch.Tensor, network: torch.nn.Module, palette: torch.Tensor, stride: int,
                      resolution: int) -> torch.Tensor:
     """The colour-coded labels of ``image`` as an IMAGE of the same size."""
     height, width = image.shape[1:3]
-    pixels = for_network(resized_rgb(image, resolution, stride, "bilinear"), network, IMAGE_MEAN, IMAGE_STD)
+    resized = resized_rgb(image, resolution, stride, "bilinear")
+    pixels = for_network(resized, network, IMAGENET_MEAN, IMAGENET_STD)
     with torch.no_grad():
         logits = network(pixel_values=pixels).logits.float().cpu()
     logits = torch.nn.functional.interpolate(logits, size=(height, width), mode="bilinear",
@@ -37,7 +44,7 @@ def segmentation_map(image: torch.Tensor, network: torch.nn.Module, palette: tor
 def semantic_segmentation(ctx: NodeContext, *, image: torch.Tensor, resolution: int = 512,
                           ckpt_name: str = DEFAULT_MODEL) -> tuple[torch.Tensor]:
     """A segmentation hint from the UperNet file ``ckpt_name``."""
-    model = load_segmentation_model(find_model_file(ctx.model_path, FOLDER, ckpt_name))
+    model = load_segmentation_model(find_model_file(ctx.model_path, PREPROCESSORS, ckpt_name))
     return (segmentation_map(image, model.network, model.palette, model.stride, resolution),)
 
 
@@ -46,8 +53,8 @@ def _node(name: str) -> NodeClass:
         name,
         (
             InputSpec("image", "IMAGE"),
-            InputSpec("resolution", "INT", default=512, min=64, max=MAX_RESOLUTION, step=64, optional=True),
-            InputSpec("ckpt_name", "COMBO", default=DEFAULT_MODEL, model_folder=FOLDER, optional=True),
+            resolution_input(),
+            network_file_input(DEFAULT_MODEL),
         ),
         (OutputSpec("IMAGE", "IMAGE"),),
         semantic_segmentation,
