@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from diffsplit.engine.sampling.condition_settings import ConditionSettings, ConditionSettingsError
 
+if TYPE_CHECKING:
+    from diffsplit.engine.sampling.condition_scales import ChainDecision
 
-def _fraction(name: str, *, open_low: bool, open_high: bool):
+
+def _fraction(name: str, *, open_low: bool, open_high: bool) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -54,6 +58,6 @@ def condition_settings(args: argparse.Namespace) -> ConditionSettings | None:
         raise SystemExit(f"diffsplit: {exc}") from None
 
 
-def decisions_json(decisions: Any) -> list[dict[str, Any]]:
+def decisions_json(decisions: Iterable[ChainDecision]) -> list[dict[str, Any]]:
     """The decisions of a run as plain data (``--stats``)."""
     return [decision.to_dict() for decision in decisions]
