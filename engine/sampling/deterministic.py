@@ -81,15 +81,16 @@ def sample_heun(
     """Heun's second-order method (Euler on the last step)."""
     for i in range(len(sigmas) - 1):
         denoised = denoise_fn(x, sigmas[i])
-        notify(callback, i, x, denoised)
         d = to_d(x, sigmas[i], denoised)
         dt = sigmas[i + 1] - sigmas[i]
         if sigmas[i + 1] == 0:
-            x = x + d * dt
+            x_next = x + d * dt
         else:
             x_2 = x + d * dt
             d_2 = to_d(x_2, sigmas[i + 1], denoise_fn(x_2, sigmas[i + 1]))
-            x = x + (d + d_2) / 2 * dt
+            x_next = x + (d + d_2) / 2 * dt
+        notify(callback, i, x, denoised)
+        x = x_next
     return x
 
 
@@ -104,15 +105,16 @@ def sample_dpm_2(
     """DPM-Solver-2 (the midpoint method in log-sigma), Euler on the last step."""
     for i in range(len(sigmas) - 1):
         denoised = denoise_fn(x, sigmas[i])
-        notify(callback, i, x, denoised)
         d = to_d(x, sigmas[i], denoised)
         if sigmas[i + 1] == 0:
-            x = x + d * (sigmas[i + 1] - sigmas[i])
+            x_next = x + d * (sigmas[i + 1] - sigmas[i])
         else:
             sigma_mid = log_midpoint(sigmas[i], sigmas[i + 1])
             x_2 = x + d * (sigma_mid - sigmas[i])
             d_2 = to_d(x_2, sigma_mid, denoise_fn(x_2, sigma_mid))
-            x = x + d_2 * (sigmas[i + 1] - sigmas[i])
+            x_next = x + d_2 * (sigmas[i + 1] - sigmas[i])
+        notify(callback, i, x, denoised)
+        x = x_next
     return x
 
 

@@ -6,9 +6,11 @@ Every sampler has the signature
 schedule, ``generator`` the CPU generator stochastic samplers draw their extra
 noise from (seeded with the sampling seed, as ComfyUI does; ``None`` means a
 generator seeded with 0), and ``callback(step, x, denoised)`` is called once per
-step. Update rules follow k-diffusion with ComfyUI's defaults (eta = 1,
-s_noise = 1, no churn). The SDE samplers draw from torchsde's Brownian tree
-seeded with the sampling seed, as ComfyUI does; their ``_gpu`` variants are the
+step, after the step's last model evaluation (``x`` is the step's start, ``denoised`` its first
+prediction, as k-diffusion passes them; what a callback changes in the denoiser acts from the
+next step on: the conditioning scale estimator relies on it). Update rules follow
+k-diffusion with ComfyUI's defaults (eta = 1, s_noise = 1, no churn). The SDE samplers draw
+from torchsde's Brownian tree seeded with the sampling seed, as ComfyUI does; their ``_gpu`` variants are the
 same samplers (noise is always drawn on the CPU here, so they match the CPU
 variants bit for bit rather than ComfyUI's CUDA trees).
 

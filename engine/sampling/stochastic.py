@@ -59,17 +59,18 @@ def sample_dpm_2_ancestral(
     noise = GaussianNoiseSampler(x, generator_or_default(generator))
     for i in range(len(sigmas) - 1):
         denoised = denoise_fn(x, sigmas[i])
-        notify(callback, i, x, denoised)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1])
         d = to_d(x, sigmas[i], denoised)
         if sigma_down == 0:
-            x = x + d * (sigma_down - sigmas[i])
+            x_next = x + d * (sigma_down - sigmas[i])
         else:
             sigma_mid = log_midpoint(sigmas[i], sigma_down)
             x_2 = x + d * (sigma_mid - sigmas[i])
             d_2 = to_d(x_2, sigma_mid, denoise_fn(x_2, sigma_mid))
-            x = x + d_2 * (sigma_down - sigmas[i])
-            x = x + noise(sigmas[i], sigmas[i + 1]) * sigma_up
+            x_next = x + d_2 * (sigma_down - sigmas[i])
+            x_next = x_next + noise(sigmas[i], sigmas[i + 1]) * sigma_up
+        notify(callback, i, x, denoised)
+        x = x_next
     return x
 
 
@@ -85,17 +86,18 @@ def sample_dpmpp_2s_ancestral(
     noise = GaussianNoiseSampler(x, generator_or_default(generator))
     for i in range(len(sigmas) - 1):
         denoised = denoise_fn(x, sigmas[i])
-        notify(callback, i, x, denoised)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1])
         if sigma_down == 0:
-            x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+            x_next = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         else:
             t, t_next = lambda_of(sigmas[i]), lambda_of(sigma_down)
             h = t_next - t
             s = t + h / 2
             x_2 = (sigma_of(s) / sigma_of(t)) * x - (-h / 2).expm1() * denoised
             denoised_2 = denoise_fn(x_2, sigma_of(s))
-            x = (sigma_of(t_next) / sigma_of(t)) * x - (-h).expm1() * denoised_2
+            x_next = (sigma_of(t_next) / sigma_of(t)) * x - (-h).expm1() * denoised_2
+        notify(callback, i, x, denoised)
+        x = x_next
         if sigmas[i + 1] > 0:
             x = x + noise(sigmas[i], sigmas[i + 1]) * sigma_up
     return x
@@ -115,8 +117,8 @@ def sample_dpmpp_sde(
     noise = BrownianTreeNoiseSampler.for_run(x, sigmas, generator_or_default(generator))
     for i in range(len(sigmas) - 1):
         denoised = denoise_fn(x, sigmas[i])
-        notify(callback, i, x, denoised)
         if sigmas[i + 1] == 0:
+            notify(callback, i, x, denoised)
             x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
             continue
         t, t_next = lambda_of(sigmas[i]), lambda_of(sigmas[i + 1])
@@ -126,6 +128,7 @@ def sample_dpmpp_sde(
         x_2 = (sigma_of(s_down) / sigma_of(t)) * x - (t - s_down).expm1() * denoised
         x_2 = x_2 + noise(sigma_of(t), sigma_of(s)) * sigma_up
         denoised_2 = denoise_fn(x_2, sigma_of(s))
+        notify(callback, i, x, denoised)
         sigma_down, sigma_up = ancestral_step(sigma_of(t), sigma_of(t_next))
         t_next_down = lambda_of(sigma_down)
         x = (sigma_of(t_next_down) / sigma_of(t)) * x - (t - t_next_down).expm1() * denoised_2

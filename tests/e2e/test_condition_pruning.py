@@ -111,6 +111,27 @@ def test_with_no_tolerance_nothing_is_dropped_and_the_image_is_the_same_bit_for_
     assert torch.equal(result.outputs["7"][0], image)
 
 
+@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2s_ancestral"])
+def test_a_two_evaluation_sampler_probes_whole_steps(
+    registry: NodeRegistry, store: ModelStore, inputs_dir: Path, tmp_path: Path, sampler: str,
+) -> None:
+    """Heun-like samplers evaluate the model twice per step (once on the last): both evaluations of
+    each probe step see every condition, the pruned set starts with the step after the probe."""
+    document = multi_condition_workflow(steps=STEPS)
+    document["6"]["inputs"]["sampler_name"] = sampler
+    with controlnet_passes() as full:
+        run(registry, store, inputs_dir, tmp_path / "full", None, document=document)
+    per_condition = full[0] // 3
+    assert per_condition == 2 * STEPS - 1
+    with controlnet_passes() as passes:
+        result = run(registry, store, inputs_dir, tmp_path / "pruned",
+                     ConditionSettings(probe=0.25, tolerance=0.15), document=document)
+    (decision,) = result.conditions
+    assert decision.probe_steps == 2 and decision.dropped >= 1
+    probed = 2 * 2  # steps 0 and 1, two evaluations each
+    assert passes[0] == full[0] - decision.dropped * (per_condition - probed)
+
+
 def test_one_condition_alone_is_kept_and_a_late_one_is_not_judged(
     registry: NodeRegistry, store: ModelStore, inputs_dir: Path, tmp_path: Path,
 ) -> None:
