@@ -11,13 +11,13 @@ hints it was applied on top of (``previous``), each checked on its own range.
 
 A T2I-Adapter (loaded by ControlNetLoader too) sees only the hint: its feature maps,
 times the strength, are added inside the UNet's down blocks; they are computed once
-per hint and batch shape and reused at every step it is active.
+per hint and batch shape and reused at every step it is active (:class:`AdapterFeatures`, one per
+sampler run).
 """
 
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +76,8 @@ class UNetInputs:
     timestep: torch.Tensor
     context: torch.Tensor
     added: Mapping[str, torch.Tensor] | None
+    #: the run's T2I-Adapter feature cache (None: features are computed at every call)
+    adapter_features: AdapterFeatures | None = None
 
 
 def hint_is_active(hint: ControlHint, schedule: DiscreteSchedule, sigma: float) -> bool:
@@ -132,27 +134,42 @@ def is_adapter(hint: ControlHint) -> bool:
     return isinstance(hint.controlnet.model, T2IAdapter)
 
 
-#: hint → (the batch's shape and device, its scaled adapter features): an adapter's features depend
-#: on the hint image only, so they are computed once per sampler run (as ComfyUI does)
-_AdapterEntry = tuple[tuple[Any, ...], tuple[torch.Tensor, ...]]
-_ADAPTER_FEATURES: weakref.WeakKeyDictionary[ControlHint, _AdapterEntry] = weakref.WeakKeyDictionary()
-_ADAPTER_LOCK = threading.Lock()
+class AdapterFeatures:
+    """One sampler run's T2I-Adapter features: an adapter's features depend on the hint image only,
+    so they are computed once per hint and batch shape and reused at every step (as ComfyUI does).
+    Owned by the run's denoiser, so nothing outlives the run or is shared between runs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # id(hint) → (the hint, kept alive so its id stays its own; the batch's shape; the features)
+        self._entries: dict[int, tuple[ControlHint, tuple[Any, ...], tuple[torch.Tensor, ...]]] = {}
+
+    def get(self, hint: ControlHint, key: tuple[Any, ...]) -> tuple[torch.Tensor, ...] | None:
+        """The features of ``hint`` for a batch of shape ``key``, if computed before."""
+        with self._lock:
+            entry = self._entries.get(id(hint))
+        return entry[2] if entry is not None and entry[0] is hint and entry[1] == key else None
+
+    def put(self, hint: ControlHint, key: tuple[Any, ...], features: tuple[torch.Tensor, ...]) -> None:
+        with self._lock:
+            self._entries[id(hint)] = (hint, key, features)
 
 
 def _run_adapter(hint: ControlHint, inputs: UNetInputs) -> ControlResiduals:
     model = hint.controlnet.model
     batch, _, height, width = inputs.x_in.shape
     key = (batch, height, width, str(inputs.x_in.device), inputs.x_in.dtype)
-    with _ADAPTER_LOCK:
-        cached = _ADAPTER_FEATURES.get(hint)
-    if cached is not None and cached[0] == key:
-        return ControlResiduals(intrablock=cached[1])
+    cache = inputs.adapter_features
+    cached = None if cache is None else cache.get(hint, key)
+    if cached is not None:
+        return ControlResiduals(intrablock=cached)
     parameter = next(model.parameters())
     pixels = hint_pixels(hint.image, height, width, batch).to(device=parameter.device, dtype=parameter.dtype)
     with torch.no_grad():
-        features = tuple(feature * float(hint.strength) for feature in model(pixels))
-    with _ADAPTER_LOCK:
-        _ADAPTER_FEATURES[hint] = (key, features)
+        # on the UNet's device: an adapter may sit elsewhere (kept on the CPU beside a GPU UNet)
+        features = tuple((feature * float(hint.strength)).to(inputs.x_in.device) for feature in model(pixels))
+    if cache is not None:
+        cache.put(hint, key, features)
     return ControlResiduals(intrablock=features)
 
 

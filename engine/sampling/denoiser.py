@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ from diffsplit.engine.sampling.concat import batched_concat
 from diffsplit.engine.sampling.condition_scales import ConditionPruner
 from diffsplit.engine.sampling.conds import ResolvedCond, resolve_conditioning
 from diffsplit.engine.sampling.continuous_time import is_continuous
-from diffsplit.engine.sampling.control import UNetInputs, control_residuals
+from diffsplit.engine.sampling.control import AdapterFeatures, UNetInputs, control_residuals
 from diffsplit.engine.sampling.samplers import DenoiseFn
 from diffsplit.engine.sampling.schedules import DiscreteSchedule
 from diffsplit.engine.types import DiffusionModel, ModelSampling
@@ -112,6 +112,8 @@ class CFGDenoiser:
     cfg: float
     #: the conditioning scale estimator of this run (``--conditions auto``), or None
     pruner: ConditionPruner | None = None
+    #: this run's T2I-Adapter features, computed once per hint
+    adapter_features: AdapterFeatures = field(default_factory=AdapterFeatures)
 
     @classmethod
     def build(
@@ -183,6 +185,7 @@ class CFGDenoiser:
             timestep=self._timestep(sigma).expand(x_batch.shape[0]).to(device),
             context=_batched_context(group).to(device),
             added=_batched_added(group, device),
+            adapter_features=self.adapter_features,
         )
         if self.pruner is not None:
             residuals = self.pruner.residuals(group[0].control, float(sigma), inputs)

@@ -152,3 +152,35 @@ def test_controlled_sampling_is_deterministic(
     first = CFGDenoiser.build(sd15, positive, make_cond(2), cfg, x.shape)(x, torch.tensor(1.0))
     again = CFGDenoiser.build(sd15, positive, make_cond(2), cfg, x.shape)(x, torch.tensor(1.0))
     assert torch.equal(first, again)
+
+
+def test_adapter_features_are_computed_once_per_run_and_never_shared_between_runs() -> None:
+    from diffsplit.engine.models.t2i_adapter import tiny_t2i_adapter
+    from diffsplit.engine.sampling.control import AdapterFeatures
+
+    adapter = tiny_t2i_adapter((32, 32, 32, 32), seed=3)
+    forwards = [0]
+    adapter.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    hint = ControlHint(controlnet=ControlNet(adapter), image=_image(2), strength=0.5)
+
+    def inputs(cache: AdapterFeatures | None) -> UNetInputs:
+        return UNetInputs(x_in=torch.zeros(2, 4, 8, 8), timestep=torch.zeros(2), context=torch.zeros(2, 1, 8),
+                          added=None, adapter_features=cache)
+
+    run = AdapterFeatures()
+    first = control_residuals(hint, SCHEDULE, 3.0, inputs(run))
+    again = control_residuals(hint, SCHEDULE, 1.0, inputs(run))
+    assert forwards[0] == 1 and first is not None and again is not None
+    assert all(a is b for a, b in zip(first.intrablock, again.intrablock, strict=True))
+    # a new run (or a hint rebuilt at another strength) computes its own
+    other = control_residuals(hint, SCHEDULE, 3.0, inputs(AdapterFeatures()))
+    assert forwards[0] == 2 and other is not None
+    assert all(torch.equal(a, b) for a, b in zip(first.intrablock, other.intrablock, strict=True))
+    stronger = ControlHint(controlnet=ControlNet(adapter), image=hint.image, strength=1.0)
+    doubled = control_residuals(stronger, SCHEDULE, 3.0, inputs(run))
+    assert forwards[0] == 3 and doubled is not None
+    assert all(torch.allclose(a * 2, b) for a, b in zip(first.intrablock, doubled.intrablock, strict=True))
+    # no cache: computed at every call
+    control_residuals(hint, SCHEDULE, 3.0, inputs(None))
+    control_residuals(hint, SCHEDULE, 3.0, inputs(None))
+    assert forwards[0] == 5
