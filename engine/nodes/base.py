@@ -118,6 +118,9 @@ class NodeClass:
     description: str = field(default="", compare=False)
     #: one per output: how a loader builds each output alone; empty: only the whole function
     output_loaders: tuple[OutputLoader, ...] = ()
+    #: a sampler that runs the conditioning scale estimator (``--conditions auto``): its outputs
+    #: depend on the estimator's settings, so they are part of its cache signature
+    prunes_conditions: bool = False
 
     def __post_init__(self) -> None:
         if self.output_loaders and len(self.output_loaders) != len(self.outputs):

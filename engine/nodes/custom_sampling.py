@@ -9,16 +9,20 @@ return the sampled latent and the last denoised prediction.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec
 from diffsplit.engine.nodes.sampling import MAX_SEED
 from diffsplit.engine.sampling import schedules
+from diffsplit.engine.sampling.condition_scales import condition_log, pruner_factory
 from diffsplit.engine.sampling.dual_cfg import guider_denoiser
 from diffsplit.engine.sampling.ksampler import sample_with_sigmas
 from diffsplit.engine.sampling.samplers import SAMPLER_NAMES, Sampler, get_sampler
 from diffsplit.engine.types import DiffusionModel, Guider, NoiseSource
+
+_log = logging.getLogger(__name__)
 
 Latent = dict[str, Any]
 MAX_STEPS = 10000
@@ -107,6 +111,11 @@ def _run(
     """
     if seed is None:
         seed = noise.seed if noise.seed is not None else 0
+    denoiser = guider_denoiser(guider)
+    log = condition_log(ctx)
+    if denoiser is not None and log is not None and _steered(guider.positive, guider.middle, guider.negative):
+        _log.warning("node %s: the conditioning scale estimator weighs CFG guidance only; under "
+                     "DualCFGGuider every ControlNet condition runs", ctx.node_id)
     return sample_with_sigmas(
         guider.model,
         sigmas.to(torch.float32),
@@ -118,8 +127,16 @@ def _run(
         negative=guider.negative,
         latent=latent,
         progress=ctx.progress,
-        denoiser=guider_denoiser(guider),
+        denoiser=denoiser,
+        pruner=None if denoiser is not None else pruner_factory(log, ctx.node_id),
     )
+
+
+def _steered(*conditionings: Any) -> bool:
+    """Whether any entry of the CONDITIONING lists carries a ControlNet or T2I-Adapter hint."""
+    return any(isinstance(entry, list | tuple) and len(entry) > 1 and isinstance(entry[1], dict)
+               and entry[1].get("control") is not None
+               for conditioning in conditionings if conditioning for entry in conditioning)
 
 
 def sampler_custom(
@@ -265,6 +282,7 @@ NODES: tuple[NodeClass, ...] = (
         _OUTPUTS,
         sampler_custom,
         category="sampling/custom_sampling",
+        prunes_conditions=True,
     ),
     NodeClass(
         "SamplerCustomAdvanced",
@@ -278,5 +296,6 @@ NODES: tuple[NodeClass, ...] = (
         _OUTPUTS,
         sampler_custom_advanced,
         category="sampling/custom_sampling",
+        prunes_conditions=True,
     ),
 )

@@ -140,6 +140,7 @@ KSAMPLER = NodeClass(
     outputs=_LATENT_OUT,
     function=ksampler,
     category="sampling",
+    prunes_conditions=True,
     description="Denoise a latent with a model, prompts and a sampler/scheduler pair.",
 )
 
@@ -157,6 +158,7 @@ KSAMPLER_ADVANCED = NodeClass(
     outputs=_LATENT_OUT,
     function=ksampler_advanced,
     category="sampling",
+    prunes_conditions=True,
     description="KSampler over a window of steps, optionally without adding noise or finishing the denoise.",
 )
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from diffsplit.engine.example_workflows import multi_condition_workflow
+from diffsplit.engine.execution_cache import ExecutionCache
 from diffsplit.engine.execution_context import CONDITIONS_CHUNK
 from diffsplit.engine.executor import Executor, RunResult
 from diffsplit.engine.formats import load_workflow
@@ -171,6 +172,85 @@ def test_a_chain_longer_than_the_estimator_weighs_runs_unpruned(
     assert passes[0] >= 2 * (MAX_WEIGHED_CONDITIONS + 1)
     assert any(f"a chain of {MAX_WEIGHED_CONDITIONS + 1} conditions is over" in r.getMessage()
                for r in caplog.records)
+
+
+def custom_sampler_workflow(advanced: bool) -> dict[str, Any]:
+    """The three-condition workflow sampled by SamplerCustom (or SamplerCustomAdvanced + CFGGuider)."""
+    document = multi_condition_workflow(steps=STEPS)
+    ksampler = document["6"]["inputs"]
+    document["30"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    document["31"] = {"class_type": "BasicScheduler", "inputs": {
+        "model": ksampler["model"], "scheduler": "normal", "steps": STEPS, "denoise": 1.0}}
+    shared = {"sampler": ["30", 0], "sigmas": ["31", 0], "latent_image": ksampler["latent_image"]}
+    if advanced:
+        document["32"] = {"class_type": "CFGGuider", "inputs": {
+            "model": ksampler["model"], "positive": ksampler["positive"], "negative": ksampler["negative"],
+            "cfg": ksampler["cfg"]}}
+        document["33"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": ksampler["seed"]}}
+        document["6"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["33", 0], "guider": ["32", 0], **shared}}
+    else:
+        document["6"] = {"class_type": "SamplerCustom", "inputs": {
+            "model": ksampler["model"], "add_noise": True, "noise_seed": ksampler["seed"],
+            "cfg": ksampler["cfg"], "positive": ksampler["positive"], "negative": ksampler["negative"],
+            **shared}}
+    return document
+
+
+@pytest.mark.parametrize("advanced", [False, True], ids=["SamplerCustom", "SamplerCustomAdvanced"])
+def test_custom_samplers_prune_as_ksampler_does(
+    registry: NodeRegistry, store: ModelStore, inputs_dir: Path, tmp_path: Path,
+    unpruned: tuple[torch.Tensor, int], advanced: bool,
+) -> None:
+    image, full_passes = unpruned
+    document = custom_sampler_workflow(advanced)
+    plain = run(registry, store, inputs_dir, tmp_path / "plain", None, document=document)
+    assert torch.equal(plain.outputs["7"][0], image)  # the same run as KSampler's
+    reference = run(registry, store, inputs_dir, tmp_path / "k", ConditionSettings())
+    with controlnet_passes() as passes:
+        pruned = run(registry, store, inputs_dir, tmp_path / "pruned", ConditionSettings(), document=document)
+    (decision,) = pruned.conditions
+    assert decision.node_id == "6" and decision.dropped >= 1
+    assert [c.to_dict() for c in decision.conditions] == [c.to_dict() for d in reference.conditions
+                                                          for c in d.conditions]
+    assert passes[0] < full_passes
+    assert torch.equal(pruned.outputs["7"][0], reference.outputs["7"][0])
+
+
+def test_a_dual_cfg_guider_runs_every_condition_and_says_so(
+    registry: NodeRegistry, store: ModelStore, inputs_dir: Path, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    document = custom_sampler_workflow(advanced=True)
+    guider = document["32"]["inputs"]
+    document["32"] = {"class_type": "DualCFGGuider", "inputs": {
+        "model": guider["model"], "cond1": guider["positive"], "cond2": guider["negative"],
+        "negative": guider["negative"], "cfg_conds": 6.0, "cfg_cond2_negative": 1.0, "style": "regular"}}
+    with caplog.at_level("WARNING"), controlnet_passes() as passes:
+        result = run(registry, store, inputs_dir, tmp_path, ConditionSettings(), document=document)
+    assert result.conditions == () and passes[0] > 0
+    assert any("DualCFGGuider every ControlNet condition runs" in r.getMessage() for r in caplog.records)
+
+
+def test_a_shared_cache_does_not_hand_a_pruned_run_the_unpruned_sampler_output(
+    registry: NodeRegistry, store: ModelStore, inputs_dir: Path, tmp_path: Path,
+) -> None:
+    cache = ExecutionCache()
+    workflow = load_workflow(multi_condition_workflow(steps=STEPS), registry)
+
+    def sample(settings: ConditionSettings | None) -> RunResult:
+        executor = Executor(registry, store, inputs_dir=inputs_dir, output_dir=tmp_path, max_workers=1,
+                            conditions=settings)
+        return executor.run(workflow, targets=["6"], cache=cache)
+
+    full = sample(None)
+    pruned = sample(ConditionSettings(tolerance=0.15))
+    assert not pruned.timings["6"].cache_hit and pruned.conditions
+    assert pruned.timings["1"].cache_hit  # the loaders do not read the settings: still shared
+    assert not torch.equal(pruned.outputs["6"][0]["samples"], full.outputs["6"][0]["samples"])
+    assert not sample(ConditionSettings(tolerance=0.0)).timings["6"].cache_hit
+    assert sample(ConditionSettings(tolerance=0.15)).timings["6"].cache_hit
+    assert sample(None).timings["6"].cache_hit
 
 
 def test_the_decisions_are_printed_in_the_stats_and_in_the_png(
