@@ -203,7 +203,27 @@ def _open_pickled(path: Path) -> TensorFile:
     def read(key: str) -> torch.Tensor:
         return owned_tensor(tensors[key], force=True)
 
-    return TensorFile(path, shapes, {}, read, dtypes)
+    return TensorFile(path, shapes, _checkpoint_metadata(loaded), read, dtypes)
+
+
+def _checkpoint_metadata(loaded: object) -> dict[str, str]:
+    """A training checkpoint's ``meta`` entries (mmcv writes its dataset's ``CLASSES`` and ``PALETTE``
+    there) as strings, lists and numbers as JSON; anything else is left out."""
+    meta = loaded.get("meta") if isinstance(loaded, dict) else None
+    if not isinstance(meta, dict):
+        return {}
+    metadata: dict[str, str] = {}
+    for key, value in meta.items():
+        if not isinstance(key, str):
+            continue
+        if isinstance(value, str):
+            metadata[key] = value
+            continue
+        try:
+            metadata[key] = json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+    return metadata
 
 
 def read_module_state(

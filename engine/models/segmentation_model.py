@@ -4,12 +4,14 @@
 metadata.
 
 UperNet (a pyramid-pooling and feature-pyramid head over a four-stage backbone) is the head of the
-common preprocessor pack's ``UniFormer-SemSegPreprocessor`` / ``SemSegPreprocessor`` model; the pack
-puts it on a UniFormer backbone in an mmsegmentation ``.pth`` pickle, which is not read here. A
-file here holds UperNet on a ConvNeXt backbone (as transformers ships it, ADE20K-trained ones
-included, converted with :func:`save_segmentation_model`). ``palette`` in the metadata is a JSON list
-of ``[r, g, b]`` per label (the pack draws ADE20K's palette; write that one for an ADE20K model);
-without it each label gets a colour from its index's bits (the PASCAL VOC colour map).
+common preprocessor pack's ``UniFormer-SemSegPreprocessor`` / ``SemSegPreprocessor`` model. Two kinds
+of file are read: the pack's own, UperNet on a UniFormer backbone as an mmsegmentation checkpoint
+(``upernet_global_small.pth``, or a safetensors file with its keys;
+:mod:`diffsplit.engine.models.uniformer`), and UperNet on a ConvNeXt backbone as transformers ships
+it (ADE20K-trained ones included, converted with :func:`save_segmentation_model`). ``palette`` in the
+metadata (or the ``PALETTE`` an mmsegmentation checkpoint carries) is a JSON list of ``[r, g, b]``
+per label (the pack draws ADE20K's palette); without it each label gets a colour from its index's
+bits (the PASCAL VOC colour map).
 """
 
 from __future__ import annotations
@@ -23,20 +25,31 @@ from typing import Any
 import torch
 from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.models.described_file import Architecture, load_described, save_described
+from diffsplit.engine.models.ldm_keys import open_tensor_file
+from diffsplit.engine.models.uniformer import is_uniformer, load_uniformer
 
 UPERNET = "upernet"
 PALETTE_KEY = "palette"
+#: where an mmsegmentation checkpoint's ``meta`` keeps its dataset's colours
+CHECKPOINT_PALETTE_KEY = "PALETTE"
 _CACHED_MODELS = 2
 
 
 @dataclass(frozen=True, eq=False)
 class SegmentationModel:
-    """A loaded UperNet, the colour of each of its labels (``[labels, 3]`` in [0, 1]) and the multiple
-    its input sides must have (its backbone's total stride)."""
+    """A loaded UperNet, the colour of each of its labels (``[labels, 3]`` in [0, 1]), the multiple
+    its input sides must have (its backbone's total stride), and whether it sees the image's channels
+    reversed (the pack's mmsegmentation pipeline swaps an RGB image to BGR before normalising it)."""
 
     network: torch.nn.Module
     palette: torch.Tensor
     stride: int
+    reversed_channels: bool = False
+
+    def scores(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Label scores ``[B, labels, H, W]`` for normalised ``pixels`` ``[B, 3, H, W]``."""
+        output = self.network(pixel_values=pixels)
+        return output if isinstance(output, torch.Tensor) else output.logits
 
 
 def segmentation_network(config: dict[str, Any]) -> torch.nn.Module:
@@ -74,10 +87,11 @@ def bit_palette(labels: int) -> torch.Tensor:
 
 
 def _palette(metadata: dict[str, str], labels: int, name: str) -> torch.Tensor:
-    if PALETTE_KEY not in metadata:
+    text = metadata.get(PALETTE_KEY, metadata.get(CHECKPOINT_PALETTE_KEY))
+    if text is None:
         return bit_palette(labels)
     try:
-        palette = torch.tensor(json.loads(metadata[PALETTE_KEY]), dtype=torch.float32)
+        palette = torch.tensor(json.loads(text), dtype=torch.float32)
     except (ValueError, TypeError, RuntimeError):
         raise ModelFileError(f"{name}: its palette is not a JSON list of [r, g, b] lists") from None
     if palette.shape != (labels, 3) or not bool(((palette >= 0) & (palette <= 255)).all()):
@@ -103,6 +117,13 @@ def load_segmentation_model(path: Path) -> SegmentationModel:
 
 @functools.lru_cache(maxsize=_CACHED_MODELS)
 def _load(path: str, size: int, mtime_ns: int) -> SegmentationModel:
+    name = Path(path).name
+    with open_tensor_file(Path(path)) as source:
+        if is_uniformer(source.shapes):
+            network = load_uniformer(source, name)
+            labels = network.decode_head.classifier.out_channels
+            return SegmentationModel(network=network, palette=_palette(dict(source.metadata), labels, name),
+                                     stride=32, reversed_channels=True)
     described = load_described(Path(path), ARCHITECTURE)
     labels = int(described.network.config.num_labels)  # type: ignore[union-attr]
     palette = _palette(dict(described.metadata), labels, Path(path).name)
@@ -120,5 +141,9 @@ def write_tiny_segmentation_model(path: Path, seed: int = 0) -> Path:
                 parameter.copy_(noise * (2 / parameter[0].numel()) ** 0.5)
             else:
                 parameter.copy_(noise * 0.1 + (1.0 if name.endswith("weight") else 0.0))
-    palette = (bit_palette(12) * 255).round().int().tolist()
-    return save_segmentation_model(path, network, palette)
+    return save_segmentation_model(path, network, tiny_palette())
+
+
+def tiny_palette(labels: int = 12) -> list[list[int]]:
+    """The tiny set's label colours (the bit palette, written out in the files)."""
+    return (bit_palette(labels) * 255).round().int().tolist()

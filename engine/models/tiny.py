@@ -30,7 +30,7 @@ from diffsplit.engine.models.lineart_model import write_tiny_lineart_model
 from diffsplit.engine.models.lora import LoraPatch, LoraWeights, flat_module_name, save_lora
 from diffsplit.engine.models.pose_model import write_tiny_body_pose_model
 from diffsplit.engine.models.safetensors_io import save_file_sorted
-from diffsplit.engine.models.segmentation_model import write_tiny_segmentation_model
+from diffsplit.engine.models.segmentation_model import tiny_palette, write_tiny_segmentation_model
 from diffsplit.engine.models.t2i_adapter import original_layout, tiny_t2i_adapter
 from diffsplit.engine.models.tiny_clip_vision import TINY_CLIP_VISION_FILE, write_tiny_clip_vision
 from diffsplit.engine.models.tiny_embeddings import (
@@ -43,6 +43,7 @@ from diffsplit.engine.models.tiny_ip2p import TINY_IP2P_FILE, write_tiny_ip2p
 from diffsplit.engine.models.tiny_split_files import SplitFilePaths, write_split_files
 from diffsplit.engine.models.tiny_upscale import TINY_ESRGAN_FILE, write_tiny_esrgan
 from diffsplit.engine.models.tokenizers import clip_tokenizer, write_tokenizer_files
+from diffsplit.engine.models.uniformer import write_tiny_uniformer
 from diffsplit.engine.types import ControlNet, DiffusionModel, ModelFamily, TextEncoders, Vae
 from diffusers import (
     AutoencoderKL,
@@ -104,8 +105,11 @@ class TinyModelSet:
     lineart: Path
     #: a seeded OpenPose body model, the twin of the name OpenposePreprocessor reads by default
     body_pose: Path
-    #: a seeded UperNet under the name the segmentation preprocessors read by default
+    #: a seeded UniFormer-UperNet in the pack's keys, the twin of the name the segmentation
+    #: preprocessors read by default (``upernet_global_small.pth``)
     segmentation: Path
+    #: a seeded UperNet on a ConvNeXt backbone, as transformers builds it (``ckpt_name`` names it)
+    segmentation_convnext: Path
 
     def paths(self) -> tuple[Path, ...]:
         """Every file or folder of the set, in a fixed order."""
@@ -415,7 +419,8 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelSet:
         sd15_t2i_adapter=root / "controlnet" / TINY_T2I_ADAPTER_FILE,
         lineart=root / "preprocessors" / "sk_model.safetensors",
         body_pose=root / "preprocessors" / "body_pose_model.safetensors",
-        segmentation=root / "preprocessors" / "upernet.safetensors",
+        segmentation=root / "preprocessors" / "upernet_global_small.safetensors",
+        segmentation_convnext=root / "preprocessors" / "upernet.safetensors",
     )
     for folder in ("checkpoints", "loras", "vae", "controlnet", "diffusers"):
         (root / folder).mkdir(parents=True, exist_ok=True)
@@ -444,7 +449,8 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelSet:
     save_file_sorted(original_layout(adapter), model_set.sd15_t2i_adapter)
     write_tiny_lineart_model(model_set.lineart, seed)
     write_tiny_body_pose_model(model_set.body_pose, seed)
-    write_tiny_segmentation_model(model_set.segmentation, seed)
+    write_tiny_uniformer(model_set.segmentation, seed, palette=tiny_palette())
+    write_tiny_segmentation_model(model_set.segmentation_convnext, seed)
     return model_set
 
 

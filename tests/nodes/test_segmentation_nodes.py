@@ -19,7 +19,7 @@ from diffsplit.engine.models.segmentation_model import (
     tiny_segmentation_config,
 )
 from diffsplit.engine.nodes.registry import default_registry
-from diffsplit.engine.nodes.segmentation import DEFAULT_MODEL, segmentation_map, semantic_segmentation
+from diffsplit.engine.nodes.segmentation import segmentation_map, semantic_segmentation
 from diffsplit.engine.store import ModelStore
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -33,19 +33,23 @@ def photo(seed: int, height: int = 40, width: int = 56) -> torch.Tensor:
     return torch.rand(2, height, width, 3, generator=torch.Generator().manual_seed(seed))
 
 
+#: the tiny set's UperNet on ConvNeXt (transformers' layout); the default name is the pack's UniFormer
+CONVNEXT = "upernet.safetensors"
+
+
 def tiny(models_dir: Path) -> Any:
-    return load_segmentation_model(models_dir / "preprocessors" / DEFAULT_MODEL)
+    return load_segmentation_model(models_dir / "preprocessors" / CONVNEXT)
 
 
 def test_each_pixel_takes_the_colour_of_its_best_label(models_dir: Path) -> None:
     image = photo(1)
-    (hint,) = semantic_segmentation(context(models_dir), image=image, resolution=64)
+    (hint,) = semantic_segmentation(context(models_dir), image=image, resolution=64, ckpt_name=CONVNEXT)
     assert hint.shape == (2, 40, 56, 3)
     model = tiny(models_dir)
     seen: list[torch.Tensor] = []
     handle = model.network.register_forward_hook(lambda module, args, out: seen.append(out.logits))
     try:
-        again = segmentation_map(image, model.network, model.palette, model.stride, 64)
+        again = segmentation_map(image, model, 64)
     finally:
         handle.remove()
     assert torch.equal(hint, again)
@@ -60,7 +64,7 @@ def test_the_network_sees_the_short_side_at_the_resolution_in_multiples_of_32(mo
     handle = model.network.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs["pixel_values"].shape), with_kwargs=True)
     try:
-        segmentation_map(photo(2, 48, 100), model.network, model.palette, model.stride, 64)
+        segmentation_map(photo(2, 48, 100), model, 64)
     finally:
         handle.remove()
     assert seen == [torch.Size([2, 3, 64, 128])]  # 64 x 133.3, rounded to multiples of 32
@@ -107,7 +111,7 @@ def rewritten(path: Path, target: Path, edit: Any) -> Path:
 def test_configs_that_are_not_safe_or_do_not_fit_are_refused_before_building(
     models_dir: Path, tmp_path: Path, edit: Any, reason: str,
 ) -> None:
-    path = rewritten(models_dir / "preprocessors" / DEFAULT_MODEL, tmp_path / "edited.safetensors", edit)
+    path = rewritten(models_dir / "preprocessors" / CONVNEXT, tmp_path / "edited.safetensors", edit)
     with pytest.raises(ModelFileError, match=reason):
         load_segmentation_model(path)
 
@@ -123,3 +127,116 @@ def test_both_names_are_preprocessors_with_the_pack_inputs() -> None:
         node = registry[name]
         assert [spec.name for spec in node.inputs] == ["image", "resolution", "ckpt_name"]
         assert node.category == "image/preprocessors"
+
+
+# the pack's own network: UniFormer-UperNet in mmsegmentation's keys
+
+PACK_KEYS = (  # names from the pack's upernet_global_small.pth, one of each kind
+    "backbone.patch_embed1.proj.weight", "backbone.patch_embed1.norm.bias",
+    "backbone.blocks1.0.pos_embed.weight", "backbone.blocks1.0.norm1.running_var",
+    "backbone.blocks1.0.conv1.weight", "backbone.blocks1.0.attn.weight", "backbone.blocks1.0.conv2.bias",
+    "backbone.blocks2.0.mlp.fc1.weight", "backbone.blocks3.0.norm1.weight",
+    "backbone.blocks3.0.attn.qkv.bias",
+    "backbone.blocks3.0.attn.proj.weight", "backbone.blocks4.0.mlp.fc2.bias", "backbone.norm4.weight",
+    "decode_head.conv_seg.weight", "decode_head.psp_modules.3.1.conv.weight",
+    "decode_head.psp_modules.0.1.bn.num_batches_tracked", "decode_head.bottleneck.bn.running_mean",
+    "decode_head.lateral_convs.2.conv.weight", "decode_head.fpn_convs.0.bn.weight",
+    "decode_head.fpn_bottleneck.conv.weight",
+)
+
+
+def pack_checkpoint(path: Path, state: dict[str, torch.Tensor], palette: list[list[int]]) -> Path:
+    """``state`` as mmsegmentation saves a checkpoint: meta (classes, palette, config text) and the
+    state dict, with the auxiliary head the pack's file also holds."""
+    auxiliary = {"auxiliary_head.conv_seg.weight": torch.zeros(len(palette), 8, 1, 1),
+                 "auxiliary_head.convs.0.conv.weight": torch.zeros(8, 32, 3, 3)}
+    meta = {"CLASSES": tuple(f"label {i}" for i in range(len(palette))), "PALETTE": palette,
+            "mmseg_version": "0.11.0", "config": "model = dict(type='EncoderDecoder')",
+            "head_dim": 16}  # the tiny widths' heads (the pack's 64 is the default)
+    torch.save({"meta": meta, "state_dict": {**state, **auxiliary}}, path)
+    return path
+
+
+def test_the_pack_network_has_the_packs_keys_and_size() -> None:
+    from diffsplit.engine.models.uniformer import UniFormerShape, UniFormerUperNet, file_key
+
+    shape = UniFormerShape(widths=(64, 128, 320, 512), blocks=(3, 4, 8, 3), hidden_ratio=4.0, qkv_bias=True,
+                           head_dim=64, head_channels=512, labels=150)
+    with torch.device("meta"):
+        network = UniFormerUperNet(shape)
+    keys = {file_key(key) for key in network.state_dict()}
+    assert set(PACK_KEYS) <= keys
+    assert not [key for key in keys if not key.startswith(("backbone.", "decode_head."))]
+    # UniFormer-S is 22M parameters with its 1000-class head, UperNet on it 52M with the auxiliary head
+    backbone = sum(p.numel() for p in network.backbone.parameters())
+    assert 21.0e6 < backbone + 512 * 1000 < 22.0e6
+    assert 50.0e6 < sum(p.numel() for p in network.parameters()) < 51.5e6
+
+
+def test_the_default_name_reads_the_packs_network_and_feeds_it_reversed_channels(models_dir: Path) -> None:
+    image = photo(4)
+    (hint,) = semantic_segmentation(context(models_dir), image=image, resolution=64)
+    model = load_segmentation_model(models_dir / "preprocessors" / "upernet_global_small.safetensors")
+    assert model.reversed_channels and model.palette.shape == (12, 3)
+    seen: list[torch.Tensor] = []
+    handle = model.network.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["pixel_values"]), with_kwargs=True)
+    try:
+        again = segmentation_map(image, model, 64)
+    finally:
+        handle.remove()
+    assert torch.equal(hint, again) and hint.shape == (2, 40, 56, 3)
+    assert len(hint.reshape(-1, 3).unique(dim=0)) > 1
+    resized = torch.nn.functional.interpolate(image.movedim(-1, 1), size=(64, 96), mode="bilinear",
+                                              align_corners=False).clamp(0, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    assert torch.allclose(seen[0], (resized.flip(1) - mean) / std, atol=1e-6)  # blue first
+
+
+def test_the_packs_pth_checkpoint_loads_with_its_palette_and_equals_the_safetensors_twin(
+    models_dir: Path, tmp_path: Path,
+) -> None:
+    from diffsplit.engine.models.uniformer import tiny_uniformer_state
+
+    colours = [[(37 * i) % 256, (91 * i) % 256, (13 * i) % 256] for i in range(12)]
+    pth = pack_checkpoint(tmp_path / "upernet_global_small.pth", tiny_uniformer_state(0), colours)
+    from_pth = load_segmentation_model(pth)
+    assert from_pth.palette.mul(255).round().int().tolist() == colours
+    twin = load_segmentation_model(models_dir / "preprocessors" / "upernet_global_small.safetensors")
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(from_pth.scores(pixels), twin.scores(pixels))
+    # the pack's name in a models folder holding only the .pth
+    folder = tmp_path / "models"
+    (folder / "preprocessors").mkdir(parents=True)
+    pth.rename(folder / "preprocessors" / pth.name)
+    (hint,) = semantic_segmentation(context(folder), image=photo(4), resolution=64)
+    colour_set = {tuple(c) for c in hint.reshape(-1, 3).mul(255).round().int().tolist()}
+    assert colour_set <= {tuple(c) for c in colours}
+
+
+def test_uniformer_files_that_do_not_fit_or_are_too_large_are_refused(tmp_path: Path) -> None:
+    from diffsplit.engine.models.uniformer import tiny_uniformer_state
+
+    def refused(state: dict[str, torch.Tensor], reason: str, metadata: dict[str, str] | None = None) -> None:
+        path = tmp_path / "bad.safetensors"
+        save_file(state, str(path), metadata={"head_dim": "16", **(metadata or {})})
+        with pytest.raises(ModelFileError, match=reason):
+            load_segmentation_model(path)
+        path.unlink()
+
+    state = tiny_uniformer_state(0)
+    refused({k: v for k, v in state.items() if k != "decode_head.bottleneck.conv.weight"},
+            "decode_head.bottleneck.conv.weight is None in the file")
+    refused({**state, "backbone.blocks3.0.attn.qkv.weight": torch.zeros(96, 30)}, "do not fit")
+    refused(state, "do not split into heads of 24", {"head_dim": "24"})
+    refused(state, "head_dim metadata is not a whole number", {"head_dim": "many"})
+    deep = {**state, "backbone.blocks2.99.conv1.weight": torch.zeros(16, 16, 1, 1)}
+    refused(deep, "1..64 blocks a stage")
+    refused({k: v for k, v in state.items() if not k.startswith("decode_head.psp_modules.3.")},
+            "pools at 3 scales")
+    pickled = tmp_path / "upernet_global_small.pth"
+    torch.save({"meta": {"hook": SimpleNamespace()}, "state_dict": state}, pickled)
+    with pytest.raises(ModelFileError, match="not a readable torch checkpoint"):
+        load_segmentation_model(pickled)
