@@ -59,6 +59,11 @@ def model_input_files(call: NodeCall) -> dict[tuple[str, str], Any]:
     found: dict[tuple[str, str], Any] = {}
     for spec in call.node_class.inputs:
         name = call.inputs.get(spec.name, spec.default)
+        if spec.read_when is not None:
+            switch, value = spec.read_when
+            switch_spec = call.node_class.input(switch)
+            if call.inputs.get(switch, None if switch_spec is None else switch_spec.default) != value:
+                continue  # a file this call does not read need not be on the worker
         if spec.type == "COMBO" and spec.model_folder and isinstance(name, str):
             found[(spec.model_folder, name)] = find_model_file(call.context.model_path, spec.model_folder,
                                                                name)

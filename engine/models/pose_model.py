@@ -43,37 +43,40 @@ _MODULE_PREFIX = re.compile(r"^(?:model\d(?:_\d)?|convs)\.")
 
 
 @dataclass(frozen=True)
-class _Conv:
+class ConvLayer:
+    """One conv of an OpenPose network: its Caffe name, square kernel, ReLU and 2x2 max pool after."""
+
     name: str
     kernel: int
     relu: bool = True
     pool_after: bool = False
 
 
-def _front() -> tuple[_Conv, ...]:
-    layers = [_Conv("conv1_1", 3), _Conv("conv1_2", 3, pool_after=True),
-              _Conv("conv2_1", 3), _Conv("conv2_2", 3, pool_after=True)]
-    layers += [_Conv(f"conv3_{i}", 3, pool_after=i == 4) for i in range(1, 5)]
-    layers += [_Conv("conv4_1", 3), _Conv("conv4_2", 3), _Conv("conv4_3_CPM", 3), _Conv("conv4_4_CPM", 3)]
+def _front() -> tuple[ConvLayer, ...]:
+    layers = [ConvLayer("conv1_1", 3), ConvLayer("conv1_2", 3, pool_after=True),
+              ConvLayer("conv2_1", 3), ConvLayer("conv2_2", 3, pool_after=True)]
+    layers += [ConvLayer(f"conv3_{i}", 3, pool_after=i == 4) for i in range(1, 5)]
+    layers += [ConvLayer(name, 3) for name in ("conv4_1", "conv4_2", "conv4_3_CPM", "conv4_4_CPM")]
     return tuple(layers)
 
 
-def _branch(stage: int, branch: int) -> tuple[_Conv, ...]:
+def _branch(stage: int, branch: int) -> tuple[ConvLayer, ...]:
     if stage == 1:
-        return (*(_Conv(f"conv5_{i}_CPM_L{branch}", 3) for i in range(1, 4)),
-                _Conv(f"conv5_4_CPM_L{branch}", 1), _Conv(f"conv5_5_CPM_L{branch}", 1, relu=False))
-    return (*(_Conv(f"Mconv{i}_stage{stage}_L{branch}", 7) for i in range(1, 6)),
-            _Conv(f"Mconv6_stage{stage}_L{branch}", 1),
-            _Conv(f"Mconv7_stage{stage}_L{branch}", 1, relu=False))
+        return (*(ConvLayer(f"conv5_{i}_CPM_L{branch}", 3) for i in range(1, 4)),
+                ConvLayer(f"conv5_4_CPM_L{branch}", 1), ConvLayer(f"conv5_5_CPM_L{branch}", 1, relu=False))
+    return (*(ConvLayer(f"Mconv{i}_stage{stage}_L{branch}", 7) for i in range(1, 6)),
+            ConvLayer(f"Mconv6_stage{stage}_L{branch}", 1),
+            ConvLayer(f"Mconv7_stage{stage}_L{branch}", 1, relu=False))
 
 
 FRONT = _front()
-BRANCHES: tuple[tuple[tuple[_Conv, ...], tuple[_Conv, ...]], ...] = tuple(
+BRANCHES: tuple[tuple[tuple[ConvLayer, ...], tuple[ConvLayer, ...]], ...] = tuple(
     (_branch(stage, 1), _branch(stage, 2)) for stage in range(1, STAGES + 1)
 )
 
 
-def _run(layers: tuple[_Conv, ...], convs: nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
+def run_layers(layers: tuple[ConvLayer, ...], convs: nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
+    """``x`` through ``layers`` (their convs in ``convs``, by name)."""
     for layer in layers:
         x = convs[layer.name](x)
         if layer.relu:
@@ -96,12 +99,12 @@ class BodyPoseNetwork(nn.Module):
         })
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = _run(FRONT, self.convs, x)
+        features = run_layers(FRONT, self.convs, x)
         stage_input = features
         fields = heatmaps = features
         for field_branch, heatmap_branch in BRANCHES:
-            fields = _run(field_branch, self.convs, stage_input)
-            heatmaps = _run(heatmap_branch, self.convs, stage_input)
+            fields = run_layers(field_branch, self.convs, stage_input)
+            heatmaps = run_layers(heatmap_branch, self.convs, stage_input)
             stage_input = torch.cat([fields, heatmaps, features], dim=1)
         return fields, heatmaps
 
@@ -110,7 +113,7 @@ class BodyPoseNetwork(nn.Module):
         return {key.removeprefix("convs."): value for key, value in self.state_dict().items()}
 
 
-def _all_layers() -> tuple[_Conv, ...]:
+def _all_layers() -> tuple[ConvLayer, ...]:
     return FRONT + tuple(layer for pair in BRANCHES for branch in pair for layer in branch)
 
 
@@ -127,12 +130,12 @@ def layer_channels(shapes: Mapping[str, tuple[int, ...]], name: str = "the file"
         if shapes.get(f"{layer.name}.bias") != (shape[0],):
             raise ModelFileError(f"{name}: {layer.name}.bias does not match its weight")
         channels[layer.name] = (shape[1], shape[0])
-    _check_chain(FRONT, channels, 3, name)
+    check_chain(FRONT, channels, 3, name)
     features = channels[FRONT[-1].name][1]
     stage_input = features
     for stage, (field_branch, heatmap_branch) in enumerate(BRANCHES, start=1):
-        _check_chain(field_branch, channels, stage_input, name)
-        _check_chain(heatmap_branch, channels, stage_input, name)
+        check_chain(field_branch, channels, stage_input, name)
+        check_chain(heatmap_branch, channels, stage_input, name)
         for branch, expected in ((field_branch, FIELD_CHANNELS), (heatmap_branch, HEATMAP_CHANNELS)):
             if channels[branch[-1].name][1] != expected:
                 raise ModelFileError(f"{name}: {branch[-1].name} gives {channels[branch[-1].name][1]} maps, "
@@ -141,8 +144,9 @@ def layer_channels(shapes: Mapping[str, tuple[int, ...]], name: str = "the file"
     return channels
 
 
-def _check_chain(layers: tuple[_Conv, ...], channels: Mapping[str, tuple[int, int]], first_in: int,
-                 name: str) -> None:
+def check_chain(layers: tuple[ConvLayer, ...], channels: Mapping[str, tuple[int, int]], first_in: int,
+                name: str) -> None:
+    """ModelFileError unless each of ``layers`` takes the channels the one before gives."""
     expected = first_in
     for layer in layers:
         got = channels[layer.name][0]

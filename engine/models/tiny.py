@@ -26,6 +26,7 @@ import torch
 from diffsplit.engine.models.checkpoint import CheckpointParts, save_checkpoint, save_controlnet, save_vae
 from diffsplit.engine.models.depth_model import write_tiny_depth_model
 from diffsplit.engine.models.genie_head import GENIE_HEAD_FOLDER, save_genie_head, tiny_genie_head
+from diffsplit.engine.models.keypoint_model import FACE, HAND, write_tiny_keypoint_model
 from diffsplit.engine.models.lineart_model import write_tiny_lineart_model
 from diffsplit.engine.models.lora import LoraPatch, LoraWeights, flat_module_name, save_lora
 from diffsplit.engine.models.pose_model import write_tiny_body_pose_model
@@ -105,6 +106,9 @@ class TinyModelSet:
     lineart: Path
     #: a seeded OpenPose body model, the twin of the name OpenposePreprocessor reads by default
     body_pose: Path
+    #: seeded OpenPose hand and face models, the twins of ``hand_pose_model.pth`` / ``facenet.pth``
+    hand_pose: Path
+    face_pose: Path
     #: a seeded UniFormer-UperNet in the pack's keys, the twin of the name the segmentation
     #: preprocessors read by default (``upernet_global_small.pth``)
     segmentation: Path
@@ -419,6 +423,8 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelSet:
         sd15_t2i_adapter=root / "controlnet" / TINY_T2I_ADAPTER_FILE,
         lineart=root / "preprocessors" / "sk_model.safetensors",
         body_pose=root / "preprocessors" / "body_pose_model.safetensors",
+        hand_pose=root / "preprocessors" / "hand_pose_model.safetensors",
+        face_pose=root / "preprocessors" / "facenet.safetensors",
         segmentation=root / "preprocessors" / "upernet_global_small.safetensors",
         segmentation_convnext=root / "preprocessors" / "upernet.safetensors",
     )
@@ -449,6 +455,8 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelSet:
     save_file_sorted(original_layout(adapter), model_set.sd15_t2i_adapter)
     write_tiny_lineart_model(model_set.lineart, seed)
     write_tiny_body_pose_model(model_set.body_pose, seed)
+    write_tiny_keypoint_model(model_set.hand_pose, HAND, seed)
+    write_tiny_keypoint_model(model_set.face_pose, FACE, seed)
     write_tiny_uniformer(model_set.segmentation, seed, palette=tiny_palette())
     write_tiny_segmentation_model(model_set.segmentation_convnext, seed)
     return model_set

@@ -37,6 +37,9 @@ class InputSpec:
     optional: bool = False
     control_after_generate: bool = False
     multiline: bool = False
+    #: for a model-file input: (input, value) when the file is read only while that input has that
+    #: value (OpenPose's hand model only with ``detect_hand`` = ``enable``); None: always read
+    read_when: tuple[str, str] | None = None
 
     @property
     def is_widget(self) -> bool:

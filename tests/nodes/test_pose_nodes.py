@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from diffsplit.engine.errors import ModelFileError, WorkflowError
+from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.models.pose_model import (
     BodyPoseNetwork,
     layer_channels,
@@ -142,12 +142,6 @@ def test_the_network_sees_the_pack_input(models_dir: Path) -> None:
     assert fields.shape == (38, 64, 80) and heatmaps.shape == (19, 64, 80)
 
 
-@pytest.mark.parametrize("name", ["detect_hand", "detect_face"])
-def test_hands_and_faces_are_refused_with_the_reason(models_dir: Path, name: str) -> None:
-    with pytest.raises(WorkflowError, match=f"{name} = enable needs the pack's"):
-        openpose(context(models_dir), image=torch.rand(1, 32, 32, 3), **{name: "enable"})
-
-
 def test_a_pth_of_the_pack_layout_loads_weights_only(models_dir: Path, tmp_path: Path) -> None:
     tiny = load_body_pose_model(models_dir / "preprocessors" / "body_pose_model.safetensors")
     image = torch.rand(3, 48, 48)
@@ -197,6 +191,6 @@ def test_the_pack_widget_order_with_the_file_last() -> None:
     node = default_registry()["OpenposePreprocessor"]
     assert [spec.name for spec in node.inputs] == [
         "image", "detect_hand", "detect_body", "detect_face", "resolution", "scale_stick_for_xinsr_cn",
-        "ckpt_name"]
+        "ckpt_name", "hand_ckpt_name", "face_ckpt_name"]
     assert [output.type for output in node.outputs] == ["IMAGE", "POSE_KEYPOINT"]
     assert node.category == "image/preprocessors"
