@@ -26,7 +26,7 @@ import torch
 from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.models.described_file import Architecture, load_described, save_described
 from diffsplit.engine.models.ldm_keys import open_tensor_file
-from diffsplit.engine.models.uniformer import is_uniformer, load_uniformer
+from diffsplit.engine.models.uniformer import MAX_PIXELS, is_uniformer, load_uniformer
 
 UPERNET = "upernet"
 PALETTE_KEY = "palette"
@@ -45,6 +45,8 @@ class SegmentationModel:
     palette: torch.Tensor
     stride: int
     reversed_channels: bool = False
+    #: the most pixels the network is run on (None: the preprocessors' common cap only)
+    max_pixels: int | None = None
 
     def scores(self, pixels: torch.Tensor) -> torch.Tensor:
         """Label scores ``[B, labels, H, W]`` for normalised ``pixels`` ``[B, 3, H, W]``."""
@@ -123,7 +125,7 @@ def _load(path: str, size: int, mtime_ns: int) -> SegmentationModel:
             network = load_uniformer(source, name)
             labels = network.decode_head.classifier.out_channels
             return SegmentationModel(network=network, palette=_palette(dict(source.metadata), labels, name),
-                                     stride=32, reversed_channels=True)
+                                     stride=32, reversed_channels=True, max_pixels=MAX_PIXELS)
     described = load_described(Path(path), ARCHITECTURE)
     labels = int(described.network.config.num_labels)  # type: ignore[union-attr]
     palette = _palette(dict(described.metadata), labels, Path(path).name)

@@ -42,6 +42,9 @@ STAGES = 4
 #: bounds on what a file's shapes may ask for
 MAX_WIDTH = 4096
 MAX_BLOCKS = 64
+#: the largest input the global attention of stages 3 and 4 is run on (its time grows with the
+#: square of the pixels): 2048 x 2048, 16384 tokens at stage 3
+MAX_PIXELS = 2048 * 2048
 _PATCH_STRIDES = (4, 2, 2, 2)
 _PREFIX = re.compile(r"^(module\.)?")
 _BLOCK = re.compile(r"^backbone\.blocks(\d)\.(\d+)\.")
@@ -101,9 +104,9 @@ class _Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, width = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        query, key, value = qkv[0], qkv[1], qkv[2]
-        weights = (query @ key.transpose(-2, -1) * (width // self.heads) ** -0.5).softmax(dim=-1)
-        return self.proj((weights @ value).transpose(1, 2).reshape(batch, tokens, width))
+        # softmax(q k^T / sqrt(d)) v without holding the tokens x tokens weights at once
+        attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(attended.transpose(1, 2).reshape(batch, tokens, width))
 
 
 class _AttentionBlock(nn.Module):
@@ -172,6 +175,10 @@ class UniFormerUperNet(nn.Module):
         self.decode_head = UperNetHead(head, in_channels=list(shape.widths))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        height, width = pixel_values.shape[-2:]
+        if height * width > MAX_PIXELS:
+            raise ValueError(f"a {height}x{width} input is over the {MAX_PIXELS} pixels UniFormer's global "
+                             "attention is run on")
         scores = self.decode_head(list(self.backbone(pixel_values)))
         return F.interpolate(scores, size=pixel_values.shape[2:], mode="bilinear", align_corners=False)
 

@@ -13,6 +13,7 @@ the pack's ``upernet_global_small.pth`` (its ``.safetensors`` twin serves too)."
 from __future__ import annotations
 
 import torch
+from diffsplit.engine.errors import WorkflowError
 from diffsplit.engine.models.segmentation_model import SegmentationModel, load_segmentation_model
 from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec
 from diffsplit.engine.nodes.model_files import find_model_file
@@ -34,6 +35,11 @@ def segmentation_map(image: torch.Tensor, model: SegmentationModel, resolution: 
     """The colour-coded labels of ``image`` as an IMAGE of the same size."""
     height, width = image.shape[1:3]
     resized = resized_rgb(image, resolution, model.stride, "bilinear")
+    side_h, side_w = resized.shape[-2:]
+    if model.max_pixels is not None and side_h * side_w > model.max_pixels:
+        raise WorkflowError(f"resolution {resolution} makes a {side_h}x{side_w} network input; this "
+                            f"segmentation model's global attention takes at most {model.max_pixels} pixels "
+                            "(2048 x 2048): lower the resolution", input_name="resolution")
     if model.reversed_channels:
         resized = resized.flip(1)
     pixels = for_network(resized, model.network, IMAGENET_MEAN, IMAGENET_STD)

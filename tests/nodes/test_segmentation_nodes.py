@@ -240,3 +240,16 @@ def test_uniformer_files_that_do_not_fit_or_are_too_large_are_refused(tmp_path: 
     torch.save({"meta": {"hook": SimpleNamespace()}, "state_dict": state}, pickled)
     with pytest.raises(ModelFileError, match="not a readable torch checkpoint"):
         load_segmentation_model(pickled)
+
+
+def test_the_packs_network_is_not_run_on_more_than_2048_squared_pixels(models_dir: Path) -> None:
+    from diffsplit.engine.errors import WorkflowError
+
+    image = torch.rand(1, 16, 24, 3)
+    with pytest.raises(WorkflowError, match="64x96 network input"):
+        model = load_segmentation_model(models_dir / "preprocessors" / "upernet_global_small.safetensors")
+        segmentation_map(image, type(model)(model.network, model.palette, model.stride, True, 64 * 64), 64)
+    (hint,) = semantic_segmentation(context(models_dir), image=image, resolution=32)
+    assert hint.shape == (1, 16, 24, 3)
+    with pytest.raises(WorkflowError, match="at most 4194304 pixels"):
+        semantic_segmentation(context(models_dir), image=torch.rand(1, 8, 12, 3), resolution=2080)
