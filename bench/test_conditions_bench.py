@@ -24,10 +24,13 @@ unpruned one, not what quality pruning keeps with trained weights. Nothing here 
 a timing.
 
     .venv/bin/python -m pytest -q -p no:cacheprovider bench/test_conditions_bench.py -s
+    DIFFSPLIT_BENCH_STEPS=20 .venv/bin/python -m pytest -q -p no:cacheprovider \
+        bench/test_conditions_bench.py -s
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +51,8 @@ from diffsplit.profiles.link import LinkModel, parse_link
 from diffsplit.profiles.throttle import LinkEmulator
 
 LINKS = ("10mbit,20ms", "50mbit,15ms", "200mbit,5ms")
-STEPS = 8
+#: sampler steps (``DIFFSPLIT_BENCH_STEPS=20`` for ComfyUI's default; 8 keeps the bench short)
+STEPS = int(os.environ.get("DIFFSPLIT_BENCH_STEPS", "8"))
 ROUNDS = 3
 PREPROCESSORS = ("20", "21", "23")
 SAMPLER = "6"
@@ -169,7 +173,8 @@ def test_three_conditions_at_three_link_speeds(
     with capsys.disabled():
         for text in LINKS:
             row = figures[text]
-            print(f"\n[{text}] all local {row['all_local_s']:.3f} s, all remote {row['all_remote_s']:.3f} s, "
+            print(f"\n[{text}, {STEPS} steps] all local {row['all_local_s']:.3f} s, "
+                  f"all remote {row['all_remote_s']:.3f} s, "
                   f"manager {row['manager_s']:.3f} s (remote: {row['remote_preprocessors']}), "
                   f"manager + pruning {row['manager_pruning_s']:.3f} s: {row['gain']:.0%} sooner than the "
                   f"better of all local / all remote (manager alone {row['manager_gain']:.0%})")
