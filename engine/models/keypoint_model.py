@@ -21,7 +21,6 @@ pack's ``.pth``, with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,15 +28,20 @@ from pathlib import Path
 import torch
 from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.models.ldm_keys import open_tensor_file
-from diffsplit.engine.models.pose_model import ConvLayer, check_chain, run_layers
-from diffsplit.engine.models.safetensors_io import save_file_sorted
+from diffsplit.engine.models.pose_model import (
+    ConvLayer,
+    check_chain,
+    conv_channels,
+    file_keys,
+    run_layers,
+    save_seeded,
+)
 from torch import nn
 
 HAND_MAPS = 22
 FACE_MAPS = 71
 STAGES = 6
 _CACHED_MODELS = 4
-_MODULE_PREFIX = re.compile(r"^(?:model\d(?:_\d)?|convs)\.")
 
 
 @dataclass(frozen=True)
@@ -96,15 +100,7 @@ class KeypointNetwork(nn.Module):
 def keypoint_channels(shapes: Mapping[str, tuple[int, ...]], kind: KeypointKind, name: str
                       ) -> dict[str, tuple[int, int]]:
     """Each layer's (in, out) channels from the weights' shapes, checked to form ``kind``'s layout."""
-    channels: dict[str, tuple[int, int]] = {}
-    for layer in _ALL:
-        shape = shapes.get(f"{layer.name}.weight")
-        if shape is None or len(shape) != 4 or shape[2:] != (layer.kernel, layer.kernel):
-            raise ModelFileError(f"{name} is not an {kind.label}: no {layer.kernel}x{layer.kernel} conv "
-                                 f"{layer.name}")
-        if shapes.get(f"{layer.name}.bias") != (shape[0],):
-            raise ModelFileError(f"{name}: {layer.name}.bias does not match its weight")
-        channels[layer.name] = (shape[1], shape[0])
+    channels = conv_channels(shapes, _ALL, kind.label, name)
     check_chain(FRONT, channels, 3, name)
     features = channels[FRONT[-1].name][1]
     check_chain(STAGE_LAYERS[0], channels, features, name)
@@ -128,7 +124,7 @@ def load_keypoint_model(path: Path, kind: KeypointKind) -> KeypointNetwork:
 def _load(path: str, size: int, mtime_ns: int, kind: KeypointKind) -> KeypointNetwork:
     file_name = Path(path).name
     with open_tensor_file(Path(path)) as source:
-        keys = {_MODULE_PREFIX.sub("", key): key for key in source.shapes}
+        keys = file_keys(source.shapes)
         shapes = {short: source.shapes[key] for short, key in keys.items()}
         channels = keypoint_channels(shapes, kind, file_name)
         known = {f"{layer.name}.{part}" for layer in _ALL for part in ("weight", "bias")}
@@ -157,13 +153,4 @@ def write_tiny_keypoint_model(path: Path, kind: KeypointKind, seed: int = 0) -> 
             out = kind.maps if index == len(stage) - 1 else 4
             channels[layer.name] = (width, out)
             width = out
-    network = KeypointNetwork(channels)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in sorted(network.named_parameters()):
-            fan_in = parameter[0].numel() if parameter.dim() > 1 else 1
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * (1.5 / fan_in) ** 0.5)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file_sorted({key: value.contiguous() for key, value in network.file_state_dict().items()}, path)
-    return path
+    return save_seeded(KeypointNetwork(channels), path, seed)

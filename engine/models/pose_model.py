@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +39,7 @@ FIELD_CHANNELS = 38
 HEATMAP_CHANNELS = 19
 STAGES = 6
 _CACHED_MODELS = 2
-_MODULE_PREFIX = re.compile(r"^(?:model\d(?:_\d)?|convs)\.")
+MODULE_PREFIX = re.compile(r"^(?:model\d(?:_\d)?|convs)\.")
 
 
 @dataclass(frozen=True)
@@ -121,15 +121,7 @@ def layer_channels(shapes: Mapping[str, tuple[int, ...]], name: str = "the file"
                    ) -> dict[str, tuple[int, int]]:
     """Each layer's (in, out) channels from the weights' shapes, checked to form the OpenPose body layout;
     ModelFileError says what does not fit."""
-    channels: dict[str, tuple[int, int]] = {}
-    for layer in _all_layers():
-        shape = shapes.get(f"{layer.name}.weight")
-        if shape is None or len(shape) != 4 or shape[2:] != (layer.kernel, layer.kernel):
-            raise ModelFileError(f"{name} is not an OpenPose body model: no {layer.kernel}x{layer.kernel} "
-                                 f"conv {layer.name}")
-        if shapes.get(f"{layer.name}.bias") != (shape[0],):
-            raise ModelFileError(f"{name}: {layer.name}.bias does not match its weight")
-        channels[layer.name] = (shape[1], shape[0])
+    channels = conv_channels(shapes, _all_layers(), "OpenPose body model", name)
     check_chain(FRONT, channels, 3, name)
     features = channels[FRONT[-1].name][1]
     stage_input = features
@@ -142,6 +134,43 @@ def layer_channels(shapes: Mapping[str, tuple[int, ...]], name: str = "the file"
                                      f"an OpenPose body model gives {expected} (stage {stage})")
         stage_input = FIELD_CHANNELS + HEATMAP_CHANNELS + features
     return channels
+
+
+def conv_channels(shapes: Mapping[str, tuple[int, ...]], layers: tuple[ConvLayer, ...], label: str,
+                  name: str) -> dict[str, tuple[int, int]]:
+    """Each of ``layers``' (in, out) channels from its weight's shape; ModelFileError naming a missing or
+    misshapen conv of the ``label`` network."""
+    channels: dict[str, tuple[int, int]] = {}
+    for layer in layers:
+        shape = shapes.get(f"{layer.name}.weight")
+        if shape is None or len(shape) != 4 or shape[2:] != (layer.kernel, layer.kernel):
+            raise ModelFileError(f"{name} is not an {label}: no {layer.kernel}x{layer.kernel} conv "
+                                 f"{layer.name}")
+        if shapes.get(f"{layer.name}.bias") != (shape[0],):
+            raise ModelFileError(f"{name}: {layer.name}.bias does not match its weight")
+        channels[layer.name] = (shape[1], shape[0])
+    return channels
+
+
+def file_keys(keys: Iterable[str]) -> dict[str, str]:
+    """Layer key (``conv1_1.weight``) → the file's key, whether the file holds the pack's layer names or a
+    state dict of its module (``model0.conv1_1.weight``, ``model1_0.``, ``model2.``)."""
+    return {MODULE_PREFIX.sub("", key): key for key in keys}
+
+
+def save_seeded(network: nn.Module, path: Path, seed: int) -> Path:
+    """Fill ``network``'s parameters with seeded, fan-in-scaled noise and write its file layout
+    (``file_state_dict``) as safetensors; returns ``path``."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, parameter in sorted(network.named_parameters()):
+            fan_in = parameter[0].numel() if parameter.dim() > 1 else 1
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * (1.5 / fan_in) ** 0.5)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = network.file_state_dict()  # type: ignore[operator]
+    save_file_sorted({key: value.contiguous() for key, value in state.items()}, path)
+    return path
 
 
 def check_chain(layers: tuple[ConvLayer, ...], channels: Mapping[str, tuple[int, int]], first_in: int,
@@ -167,7 +196,7 @@ def load_body_pose_model(path: Path) -> BodyPoseNetwork:
 def _load(path: str, size: int, mtime_ns: int) -> BodyPoseNetwork:
     file_name = Path(path).name
     with open_tensor_file(Path(path)) as source:
-        keys = {_MODULE_PREFIX.sub("", key): key for key in source.shapes}
+        keys = file_keys(source.shapes)
         shapes = {short: source.shapes[key] for short, key in keys.items()}
         channels = layer_channels(shapes, file_name)
         expected = {f"{layer.name}.{part}" for layer in _all_layers() for part in ("weight", "bias")}
@@ -199,13 +228,4 @@ def write_tiny_body_pose_model(path: Path, seed: int = 0) -> Path:
                 channels[layer.name] = (width, out)
                 width = out
         stage_input = FIELD_CHANNELS + HEATMAP_CHANNELS + previous
-    network = BodyPoseNetwork(channels)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in sorted(network.named_parameters()):
-            fan_in = parameter[0].numel() if parameter.dim() > 1 else 1
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * (1.5 / fan_in) ** 0.5)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file_sorted({key: value.contiguous() for key, value in network.file_state_dict().items()}, path)
-    return path
+    return save_seeded(BodyPoseNetwork(channels), path, seed)
