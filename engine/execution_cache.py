@@ -21,13 +21,11 @@ from diffsplit.engine.lru import LruTable
 
 #: A node input's file identity (path, size, mtime) when the input names a file, else None.
 FileStamp = Callable[[Node, str, Any], str | None]
-#: What else a node's outputs depend on (run settings it reads, as JSON values), or None.
-NodeSettings = Callable[[Node], Any]
 
 
 def node_signatures(
     workflow: Workflow, order: Iterable[str], uncacheable: Iterable[str] = (),
-    file_stamp: FileStamp | None = None, settings: NodeSettings | None = None,
+    file_stamp: FileStamp | None = None,
 ) -> dict[str, str | None]:
     """The signature of each node in ``order`` (a topological order), None where there is none.
 
@@ -35,20 +33,16 @@ def node_signatures(
     no signature, nor does anything downstream of them or of a node not in ``order``.
     ``file_stamp`` adds the identity of files named by inputs (a model or an input
     image replaced under the same name then changes the signature, like ComfyUI's
-    IS_CHANGED). ``settings`` adds the run settings a node reads (a sampler's
-    ``--conditions auto`` settings), so a run with other settings does not reuse its outputs.
+    IS_CHANGED).
     """
     signatures: dict[str, str | None] = dict.fromkeys(uncacheable)
     for node_id in order:
         if node_id not in signatures:
-            node = workflow.nodes[node_id]
-            signatures[node_id] = _signature(node, signatures, file_stamp,
-                                             None if settings is None else settings(node))
+            signatures[node_id] = _signature(workflow.nodes[node_id], signatures, file_stamp)
     return signatures
 
 
-def _signature(node: Node, known: Mapping[str, str | None], file_stamp: FileStamp | None,
-               settings: Any) -> str | None:
+def _signature(node: Node, known: Mapping[str, str | None], file_stamp: FileStamp | None) -> str | None:
     described: dict[str, Any] = {}
     for name, value in node.inputs.items():
         if not isinstance(value, Link):
@@ -61,10 +55,7 @@ def _signature(node: Node, known: Mapping[str, str | None], file_stamp: FileStam
         if source_signature is None:
             return None
         described[name] = {"link": [source_signature, value.output_index]}
-    document: dict[str, Any] = {"class_type": node.class_type, "inputs": described}
-    if settings is not None:
-        document["settings"] = settings
-    return _digest(document)
+    return _digest({"class_type": node.class_type, "inputs": described})
 
 
 def _digest(document: Mapping[str, Any]) -> str | None:

@@ -163,8 +163,8 @@ class Executor:
         supplied = self._supplied_outputs(workflow, given or {})
         needed = workflow.needed_for(wanted)
         order = workflow.restricted_to(needed).topological_order()
-        signatures = node_signatures(workflow, order, uncacheable=supplied, file_stamp=self._file_stamp,
-                                     settings=self._node_settings)
+        uncacheable = {*supplied, *self._pruning_samplers(workflow, order)}
+        signatures = node_signatures(workflow, order, uncacheable=uncacheable, file_stamp=self._file_stamp)
         to_run, hits = self._plan(workflow, wanted, supplied, signatures, cache)
         validate_workflow(workflow, self.registry, self.store, only=to_run)
         log = None if self.conditions is None else ConditionLog(self.conditions)
@@ -188,11 +188,13 @@ class Executor:
             conditions=() if log is None else tuple(log.snapshot()),
         )
 
-    def _node_settings(self, node: Node) -> Any:
-        """The run settings ``node``'s outputs depend on: a pruning sampler's estimator settings."""
-        if self.conditions is None or not self.registry.get(node.class_type).prunes_conditions:
-            return None
-        return self.conditions.to_wire()
+    def _pruning_samplers(self, workflow: Workflow, order: Sequence[str]) -> list[str]:
+        """The samplers that run the conditioning scale estimator in this run: never cached, so a
+        pruned run never takes an unpruned result (or the reverse) and always has its decisions."""
+        if self.conditions is None:
+            return []
+        return [node_id for node_id in order
+                if self.registry.get(workflow.nodes[node_id].class_type).prunes_conditions]
 
     def _file_stamp(self, node: Node, name: str, value: Any) -> str | None:
         """Path, size and mtime of a model or input file named by a literal input (None otherwise).

@@ -662,7 +662,7 @@ def _forward_progress(call: NodeCall, message: Mapping[str, Any],
 def _condition_settings(call: NodeCall) -> dict[str, Any] | None:
     """The ``--conditions auto`` settings a sampler's request carries (None: the estimator is off)."""
     log = condition_log(call.context)
-    if log is None or not any(spec.type == "CONDITIONING" for spec in call.node_class.inputs):
+    if log is None or not call.node_class.prunes_conditions:
         return None
     return log.settings.to_wire()
 

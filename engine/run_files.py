@@ -51,6 +51,11 @@ def run_files(call: NodeCall, file_refs: FileRefResolver) -> list[dict[str, Any]
     ]
 
 
+def _input_value(call: NodeCall, name: str) -> Any:
+    spec = call.node_class.input(name)
+    return call.inputs.get(name, None if spec is None else spec.default)
+
+
 def model_input_files(call: NodeCall) -> dict[tuple[str, str], Any]:
     """The model files a non-loader node names in its inputs and reads itself (a preprocessor's
     network, ``nodes.depth``), resolved through this process's store. Loader nodes travel as recipes."""
@@ -59,11 +64,8 @@ def model_input_files(call: NodeCall) -> dict[tuple[str, str], Any]:
     found: dict[tuple[str, str], Any] = {}
     for spec in call.node_class.inputs:
         name = call.inputs.get(spec.name, spec.default)
-        if spec.read_when is not None:
-            switch, value = spec.read_when
-            switch_spec = call.node_class.input(switch)
-            if call.inputs.get(switch, None if switch_spec is None else switch_spec.default) != value:
-                continue  # a file this call does not read need not be on the worker
+        if not all(_input_value(call, switch) == value for switch, value in spec.read_when):
+            continue  # a file this call does not read need not be on the worker
         if spec.type == "COMBO" and spec.model_folder and isinstance(name, str):
             found[(spec.model_folder, name)] = find_model_file(call.context.model_path, spec.model_folder,
                                                                name)

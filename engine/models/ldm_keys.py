@@ -221,7 +221,7 @@ def _checkpoint_metadata(loaded: object) -> dict[str, str]:
             continue
         try:
             metadata[key] = json.dumps(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             continue
     return metadata
 

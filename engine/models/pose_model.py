@@ -38,6 +38,8 @@ FIELD_CHANNELS = 38
 #: 18 COCO body parts and the background
 HEATMAP_CHANNELS = 19
 STAGES = 6
+#: the widest conv a file may declare (the real models' widest is 512): bounds the activations
+MAX_CHANNELS = 1024
 _CACHED_MODELS = 2
 MODULE_PREFIX = re.compile(r"^(?:model\d(?:_\d)?|convs)\.")
 
@@ -148,6 +150,9 @@ def conv_channels(shapes: Mapping[str, tuple[int, ...]], layers: tuple[ConvLayer
                                  f"{layer.name}")
         if shapes.get(f"{layer.name}.bias") != (shape[0],):
             raise ModelFileError(f"{name}: {layer.name}.bias does not match its weight")
+        if max(shape[:2]) > MAX_CHANNELS:
+            raise ModelFileError(f"{name}: {layer.name} has {shape[1]} -> {shape[0]} channels, over the "
+                                 f"{MAX_CHANNELS} an OpenPose network is allowed")
         channels[layer.name] = (shape[1], shape[0])
     return channels
 

@@ -23,6 +23,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy
+import scipy.ndimage
 import torch
 from diffsplit.engine.models.keypoint_model import KeypointNetwork
 from diffsplit.engine.models.pose_people import Keypoint, smooth
@@ -115,15 +117,8 @@ def _run(network: KeypointNetwork, bgr: torch.Tensor) -> torch.Tensor:
 
 def _components(mask: torch.Tensor) -> torch.Tensor:
     """8-connected regions of a boolean map: each pixel the label of its region (0 outside)."""
-    height, width = mask.shape
-    labels = torch.where(mask, torch.arange(1, height * width + 1, dtype=torch.float32).view(height, width),
-                         torch.zeros(()))
-    while True:
-        spread = torch.nn.functional.max_pool2d(labels[None, None], 3, stride=1, padding=1)[0, 0]
-        spread = torch.where(mask, spread, torch.zeros(()))
-        if torch.equal(spread, labels):
-            return labels.long()
-        labels = spread
+    labels, _ = scipy.ndimage.label(mask.numpy(), structure=numpy.ones((3, 3), dtype=bool))
+    return torch.from_numpy(labels.astype(numpy.int64))
 
 
 def _hand_point(heatmap: torch.Tensor) -> tuple[int, int] | None:
@@ -162,16 +157,19 @@ def hand_points(network: KeypointNetwork, bgr: torch.Tensor, box: Box) -> tuple[
 
 
 def face_points(network: KeypointNetwork, bgr: torch.Tensor, box: Box) -> tuple[Point, ...]:
-    """The face points in ``box`` of a BGR image: one per map whose highest value is over 0.05."""
-    maps = _run(network, _resized(crop(bgr, box), (FACE_SIZE, FACE_SIZE)))
-    maps = torch.nn.functional.interpolate(maps[None], size=(box.side, box.side), mode="bilinear",
+    """The face points in ``box`` of a BGR image: one per map whose highest value is over 0.05 (the box
+    may run past the image's right or bottom edge: the maps cover the part inside, as in the pack)."""
+    face = crop(bgr, box)
+    height, width = face.shape[-2:]
+    maps = _run(network, _resized(face, (FACE_SIZE, FACE_SIZE)))
+    maps = torch.nn.functional.interpolate(maps[None], size=(height, width), mode="bilinear",
                                            align_corners=True)[0]
     points = []
     for heatmap in maps:
         if float(heatmap.max()) <= FACE_THRESHOLD:
             continue
         index = int(torch.argmax(heatmap))
-        x, y = index % box.side, index // box.side
+        x, y = index % width, index // width
         if x > 0 and y > 0:
             points.append(Point(float(x + box.x), float(y + box.y)))
     return tuple(points)

@@ -26,7 +26,7 @@ import torch
 from diffsplit.engine.errors import ModelFileError
 from diffsplit.engine.models.described_file import Architecture, load_described, save_described
 from diffsplit.engine.models.ldm_keys import open_tensor_file
-from diffsplit.engine.models.uniformer import MAX_PIXELS, is_uniformer, load_uniformer
+from diffsplit.engine.models.uniformer import is_uniformer, load_uniformer
 
 UPERNET = "upernet"
 PALETTE_KEY = "palette"
@@ -38,15 +38,14 @@ _CACHED_MODELS = 2
 @dataclass(frozen=True, eq=False)
 class SegmentationModel:
     """A loaded UperNet, the colour of each of its labels (``[labels, 3]`` in [0, 1]), the multiple
-    its input sides must have (its backbone's total stride), and whether it sees the image's channels
-    reversed (the pack's mmsegmentation pipeline swaps an RGB image to BGR before normalising it)."""
+    its input sides must have (its backbone's total stride), and whether it is fed as the pack's
+    mmsegmentation pipeline feeds it (``pack_pipeline``: the image rescaled to fit 2048 x 512 keeping
+    its ratio, whatever the resolution, and its RGB channels swapped to BGR before normalising)."""
 
     network: torch.nn.Module
     palette: torch.Tensor
     stride: int
-    reversed_channels: bool = False
-    #: the most pixels the network is run on (None: the preprocessors' common cap only)
-    max_pixels: int | None = None
+    pack_pipeline: bool = False
 
     def scores(self, pixels: torch.Tensor) -> torch.Tensor:
         """Label scores ``[B, labels, H, W]`` for normalised ``pixels`` ``[B, 3, H, W]``."""
@@ -125,7 +124,7 @@ def _load(path: str, size: int, mtime_ns: int) -> SegmentationModel:
             network = load_uniformer(source, name)
             labels = network.decode_head.classifier.out_channels
             return SegmentationModel(network=network, palette=_palette(dict(source.metadata), labels, name),
-                                     stride=32, reversed_channels=True, max_pixels=MAX_PIXELS)
+                                     stride=32, pack_pipeline=True)
     described = load_described(Path(path), ARCHITECTURE)
     labels = int(described.network.config.num_labels)  # type: ignore[union-attr]
     palette = _palette(dict(described.metadata), labels, Path(path).name)

@@ -42,12 +42,16 @@ STAGES = 4
 #: bounds on what a file's shapes may ask for
 MAX_WIDTH = 4096
 MAX_BLOCKS = 64
+MAX_HIDDEN_RATIO = 8
+MAX_HEAD_CHANNELS = 2048
+MAX_LABELS = 1024
 #: the largest input the global attention of stages 3 and 4 is run on (its time grows with the
 #: square of the pixels): 2048 x 2048, 16384 tokens at stage 3
 MAX_PIXELS = 2048 * 2048
 _PATCH_STRIDES = (4, 2, 2, 2)
 _PREFIX = re.compile(r"^(module\.)?")
 _BLOCK = re.compile(r"^backbone\.blocks(\d)\.(\d+)\.")
+_POOL = re.compile(r"^decode_head\.psp_modules\.(\d+)\.")
 _HEAD_RENAMES = ((".bn.", ".batch_norm."), ("decode_head.conv_seg.", "decode_head.classifier."))
 
 
@@ -218,10 +222,17 @@ def uniformer_shape(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str
         raise ModelFileError(f"{name}: attention widths {list(widths[2:])} do not split into heads of "
                              f"{head_dim} (set {HEAD_DIM_KEY!r} in a safetensors file's metadata)")
     classifier = _shape_of(shapes, "decode_head.conv_seg.weight", name)
-    pools = {int(key.split(".")[2]) for key in shapes if key.startswith("decode_head.psp_modules.")}
+    pools = {int(match[1]) for key in shapes if (match := _POOL.match(key))}
+    if any(key.startswith("decode_head.psp_modules.") and not _POOL.match(key) for key in shapes):
+        raise ModelFileError(f"{name}: its head has pyramid-pooling keys that are not numbered")
     if pools != set(range(len(POOL_SCALES))):
         raise ModelFileError(f"{name}: its head pools at {len(pools)} scales; UPerHead's are "
                              f"{list(POOL_SCALES)}")
+    if len(classifier) != 4 or not (hidden <= MAX_HIDDEN_RATIO * widths[0]
+                                    and classifier[1] <= MAX_HEAD_CHANNELS and classifier[0] <= MAX_LABELS):
+        raise ModelFileError(f"{name}: a feed-forward width of {hidden}, a head of {classifier[1:2]} "
+                             f"channels and {classifier[0]} labels are over the limits ({MAX_HIDDEN_RATIO}x "
+                             f"the stage's width, {MAX_HEAD_CHANNELS}, {MAX_LABELS})")
     return UniFormerShape(widths=widths, blocks=tuple(counts), hidden_ratio=hidden / widths[0],
                           qkv_bias="backbone.blocks3.0.attn.qkv.bias" in shapes, head_dim=head_dim,
                           head_channels=classifier[1], labels=classifier[0])

@@ -37,9 +37,9 @@ class InputSpec:
     optional: bool = False
     control_after_generate: bool = False
     multiline: bool = False
-    #: for a model-file input: (input, value) when the file is read only while that input has that
-    #: value (OpenPose's hand model only with ``detect_hand`` = ``enable``); None: always read
-    read_when: tuple[str, str] | None = None
+    #: for a model-file input: the (input, value) pairs that must all hold for the file to be read
+    #: (OpenPose's hand model only with ``detect_body`` and ``detect_hand`` enabled); empty: always
+    read_when: tuple[tuple[str, str], ...] = ()
 
     @property
     def is_widget(self) -> bool:

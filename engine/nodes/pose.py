@@ -47,6 +47,8 @@ from diffsplit.engine.nodes.network_input import (
 BODY_MODEL = "body_pose_model.pth"
 HAND_MODEL = "hand_pose_model.pth"
 FACE_MODEL = "facenet.pth"
+#: hands and faces are looked for on the best-scored people only (each hand is four network runs)
+MAX_PEOPLE_WITH_PARTS = 16
 #: the height the body model sees: half of OpenPose's 368 px box, its one search scale here
 NETWORK_HEIGHT = 184
 STRIDE = 8
@@ -219,11 +221,15 @@ def figures_of(people: list[Person], picture: torch.Tensor, hand: KeypointNetwor
     network for them is given."""
     if hand is None and face is None:
         return [Figure(person) for person in people]
+    looked_for = set(sorted(range(len(people)), key=lambda i: -people[i].score)[:MAX_PEOPLE_WITH_PARTS])
     bgr = picture.flip(0) * 255
     height, width = picture.shape[-2:]
     figures = []
-    for person in people:
+    for index, person in enumerate(people):
         left = right = face_found = None
+        if index not in looked_for:
+            figures.append(Figure(person))
+            continue
         if hand is not None:
             left_box, right_box = hand_boxes(person.parts, height, width)
             left = None if left_box is None else hand_points(hand, bgr, left_box)
@@ -278,9 +284,9 @@ NODES: tuple[NodeClass, ...] = (
             InputSpec("scale_stick_for_xinsr_cn", "COMBO", default="disable", choices=_SWITCH, optional=True),
             network_file_input(BODY_MODEL),
             InputSpec("hand_ckpt_name", "COMBO", default=HAND_MODEL, model_folder=PREPROCESSORS,
-                      optional=True, read_when=("detect_hand", "enable")),
+                      optional=True, read_when=(("detect_body", "enable"), ("detect_hand", "enable"))),
             InputSpec("face_ckpt_name", "COMBO", default=FACE_MODEL, model_folder=PREPROCESSORS,
-                      optional=True, read_when=("detect_face", "enable")),
+                      optional=True, read_when=(("detect_body", "enable"), ("detect_face", "enable"))),
         ),
         (OutputSpec("IMAGE", "IMAGE"), OutputSpec("POSE_KEYPOINT", "POSE_KEYPOINT")),
         openpose,

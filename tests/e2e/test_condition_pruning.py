@@ -232,7 +232,7 @@ def test_a_dual_cfg_guider_runs_every_condition_and_says_so(
     assert any("DualCFGGuider every ControlNet condition runs" in r.getMessage() for r in caplog.records)
 
 
-def test_a_shared_cache_does_not_hand_a_pruned_run_the_unpruned_sampler_output(
+def test_a_shared_cache_never_mixes_pruned_and_unpruned_sampler_outputs(
     registry: NodeRegistry, store: ModelStore, inputs_dir: Path, tmp_path: Path,
 ) -> None:
     cache = ExecutionCache()
@@ -246,11 +246,27 @@ def test_a_shared_cache_does_not_hand_a_pruned_run_the_unpruned_sampler_output(
     full = sample(None)
     pruned = sample(ConditionSettings(tolerance=0.15))
     assert not pruned.timings["6"].cache_hit and pruned.conditions
-    assert pruned.timings["1"].cache_hit  # the loaders do not read the settings: still shared
+    assert pruned.timings["1"].cache_hit  # the loaders do not prune: still shared
     assert not torch.equal(pruned.outputs["6"][0]["samples"], full.outputs["6"][0]["samples"])
-    assert not sample(ConditionSettings(tolerance=0.0)).timings["6"].cache_hit
-    assert sample(ConditionSettings(tolerance=0.15)).timings["6"].cache_hit
+    again = sample(ConditionSettings(tolerance=0.15))  # a pruning sampler always runs, with its decisions
+    assert not again.timings["6"].cache_hit and again.conditions == pruned.conditions
     assert sample(None).timings["6"].cache_hit
+
+
+def test_an_offloaded_custom_sampler_prunes_on_the_worker_as_here(
+    registry: NodeRegistry, store: ModelStore, inputs_dir: Path, tmp_path: Path, worker_address: str,
+) -> None:
+    settings = ConditionSettings()
+    workflow = load_workflow(custom_sampler_workflow(advanced=True), registry)
+    executor = Executor(registry, store, inputs_dir=inputs_dir, output_dir=tmp_path, max_workers=1,
+                        conditions=settings)
+    here = executor.run(workflow)
+    assigned = assign_remotes(workflow, registry, [f"SamplerCustomAdvanced={worker_address}"])
+    with RemoteRunner(assigned, output_recipe_source(workflow, registry, store), local_store=store) as runner:
+        there = executor.run(workflow, node_runner=runner)
+        assert runner.placement("6") == worker_address
+    assert there.conditions == here.conditions and here.conditions[0].dropped >= 1
+    assert torch.equal(there.outputs["7"][0], here.outputs["7"][0])
 
 
 def test_the_decisions_are_printed_in_the_stats_and_in_the_png(

@@ -115,6 +115,10 @@ def test_face_points_are_each_map_over_the_threshold() -> None:
     for point, (fx, fy) in zip(points, places.values(), strict=True):
         assert abs(point.x - (box.x + fx * box.side)) <= 2.0 and abs(point.y - (box.y + fy * box.side)) <= 2.0
     assert [tuple(x.shape) for x in network.seen] == [(1, 3, 384, 384)]
+    # a box past the right edge (the pack's face box can be): the maps cover the 35 px inside
+    network = PeakNetwork(71, {0: (0.5, 0.5)})
+    (point,) = face_points(network, torch.rand(3, 80, 100) * 255, Box(65, 10, 60))
+    assert abs(point.x - (65 + 0.5 * 35)) <= 1.5 and abs(point.y - (10 + 0.5 * 60)) <= 1.5
 
 
 def test_figures_look_for_hands_and_faces_only_where_asked() -> None:
@@ -183,14 +187,27 @@ def test_the_tiny_hand_and_face_files_load_and_the_wrong_kind_is_refused(models_
     assert torch.equal(again(pixels), hand(pixels))
 
 
-def test_the_node_runs_hands_and_faces_and_names_the_missing_file(models_dir: Path, tmp_path: Path) -> None:
-    image = torch.rand(1, 48, 64, 3, generator=torch.Generator().manual_seed(2))
-    drawing, keypoints = openpose(context(models_dir), image=image, resolution=64, detect_hand="enable",
+def test_the_node_runs_hands_and_faces_and_names_the_missing_file(
+    models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import diffsplit.engine.nodes.pose as pose_node
+
+    # the tiny body model finds nobody in noise: the people come from the body's maps, stood in here
+    person = body({**ARMS, **HEAD, 1: (45.0, 35.0)})
+    monkeypatch.setattr(pose_node, "find_people", lambda fields, heatmaps: [person])
+    calls: list[str] = []
+    for name in ("hand_points", "face_points"):
+        real = getattr(pose_node, name)
+        monkeypatch.setattr(pose_node, name, lambda *args, _real=real, _name=name: calls.append(_name)
+                            or _real(*args))
+    image = torch.rand(1, 200, 200, 3, generator=torch.Generator().manual_seed(2))
+    drawing, keypoints = openpose(context(models_dir), image=image, resolution=200, detect_hand="enable",
                                   detect_face="enable")
-    assert drawing.shape == (1, 48, 64, 3)
-    for person in keypoints[0]["people"]:
-        assert set(person) == {"pose_keypoints_2d", "face_keypoints_2d", "hand_left_keypoints_2d",
-                               "hand_right_keypoints_2d"}
+    assert drawing.shape == (1, 200, 200, 3)
+    assert calls == ["hand_points", "face_points"]  # the left hand (the right arm is too short) and the face
+    (entry,) = keypoints[0]["people"]
+    assert entry["hand_right_keypoints_2d"] is None
+    assert entry["hand_left_keypoints_2d"] is None or len(entry["hand_left_keypoints_2d"]) == 63
     bare = tmp_path / "models"
     (bare / "preprocessors").mkdir(parents=True)
     (bare / "preprocessors" / "body_pose_model.safetensors").write_bytes(
@@ -200,19 +217,29 @@ def test_the_node_runs_hands_and_faces_and_names_the_missing_file(models_dir: Pa
         openpose(context(bare), image=image, resolution=64, detect_hand="enable")
 
 
-@pytest.mark.parametrize(("hand", "face", "files"), [
-    ("disable", "disable", {"body_pose_model.pth"}),
-    ("enable", "disable", {"body_pose_model.pth", "hand_pose_model.pth"}),
-    ("enable", "enable", {"body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"}),
+def test_hands_and_faces_are_looked_for_on_the_best_sixteen_people_only() -> None:
+    people = [Person(parts=body({**ARMS, **HEAD}).parts, score=float(i)) for i in range(20)]
+    hand = PeakNetwork(22, {})
+    figures = figures_of(people, torch.rand(3, 200, 200), hand, None)
+    assert len(figures) == 20 and len(hand.seen) == 16 * 4  # one hand each, four scales
+    assert [f.left_hand is not None for f in figures] == [i >= 4 for i in range(20)]
+
+
+@pytest.mark.parametrize(("body_on", "hand", "face", "files"), [
+    ("enable", "disable", "disable", {"body_pose_model.pth"}),
+    ("enable", "enable", "disable", {"body_pose_model.pth", "hand_pose_model.pth"}),
+    ("enable", "enable", "enable", {"body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"}),
+    ("disable", "enable", "enable", {"body_pose_model.pth"}),  # hands and faces need a body
 ])
-def test_a_worker_is_sent_only_the_files_the_call_reads(models_dir: Path, hand: str, face: str,
+def test_a_worker_is_sent_only_the_files_the_call_reads(models_dir: Path, body_on: str, hand: str, face: str,
                                                        files: set[str]) -> None:
     from diffsplit.engine.executor import NodeCall
     from diffsplit.engine.nodes.registry import default_registry
     from diffsplit.engine.run_files import model_input_files
 
     node_class = default_registry()["OpenposePreprocessor"]
-    call = NodeCall(node=None, node_class=node_class, inputs={"detect_hand": hand, "detect_face": face},  # type: ignore[arg-type]
+    inputs = {"detect_body": body_on, "detect_hand": hand, "detect_face": face}
+    call = NodeCall(node=None, node_class=node_class, inputs=inputs,  # type: ignore[arg-type]
                     context=context(models_dir), workflow=None)  # type: ignore[arg-type]
     found = model_input_files(call)
     assert {name for _, name in found} == files

@@ -43,8 +43,10 @@ def test_a_network_input_over_the_limit_is_refused_before_it_is_made(models_dir:
                                                                       ) -> None:
     node = default_registry()[class_type]
     ctx = SimpleNamespace(node_id="9", model_path=ModelStore(models_dir).resolve)
-    depth_file = {"ckpt_name": "tiny-depth-anything.safetensors"}
-    names = depth_file if class_type == "DepthAnythingPreprocessor" else {}
+    # the pack's UniFormer file fits its input into 2048 x 512 whatever the resolution: the ConvNeXt one
+    # follows the resolution
+    names = {"DepthAnythingPreprocessor": {"ckpt_name": "tiny-depth-anything.safetensors"},
+             "SemSegPreprocessor": {"ckpt_name": "upernet.safetensors"}}.get(class_type, {})
     strip = torch.zeros(1, 8, 64, 3)  # a thin strip: its short side at 4096 makes the long side 32768
     with pytest.raises(WorkflowError, match=r"8x64 image at resolution 4096 makes a 4\d+x327\d+ network"):
         node.function(ctx, image=strip, resolution=4096, **names)

@@ -173,25 +173,41 @@ def test_the_pack_network_has_the_packs_keys_and_size() -> None:
     assert 50.0e6 < sum(p.numel() for p in network.parameters()) < 51.5e6
 
 
-def test_the_default_name_reads_the_packs_network_and_feeds_it_reversed_channels(models_dir: Path) -> None:
-    image = photo(4)
+def test_the_default_name_reads_the_packs_network_fed_as_the_packs_pipeline_feeds_it(
+    models_dir: Path,
+) -> None:
+    image = photo(4)  # 40 x 56
     (hint,) = semantic_segmentation(context(models_dir), image=image, resolution=64)
     model = load_segmentation_model(models_dir / "preprocessors" / "upernet_global_small.safetensors")
-    assert model.reversed_channels and model.palette.shape == (12, 3)
+    assert model.pack_pipeline and model.palette.shape == (12, 3)
     seen: list[torch.Tensor] = []
     handle = model.network.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs["pixel_values"]), with_kwargs=True)
     try:
         again = segmentation_map(image, model, 64)
+        segmentation_map(image, model, 1024)  # the resolution does not change what the network sees
+        segmentation_map(photo(4, 20, 200), model, 64)  # a long side past 2048 at short side 512
     finally:
         handle.remove()
     assert torch.equal(hint, again) and hint.shape == (2, 40, 56, 3)
     assert len(hint.reshape(-1, 3).unique(dim=0)) > 1
-    resized = torch.nn.functional.interpolate(image.movedim(-1, 1), size=(64, 96), mode="bilinear",
+    # mmsegmentation's Resize(keep_ratio) to fit 2048 x 512: 40 x 56 -> 512 x 717
+    assert [tuple(x.shape[-2:]) for x in seen] == [(512, 717), (512, 717), (205, 2048)]
+    resized = torch.nn.functional.interpolate(image.movedim(-1, 1), size=(512, 717), mode="bilinear",
                                               align_corners=False).clamp(0, 1)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     assert torch.allclose(seen[0], (resized.flip(1) - mean) / std, atol=1e-6)  # blue first
+
+
+def test_the_best_label_is_taken_one_map_at_a_time_as_argmax_would() -> None:
+    from diffsplit.engine.nodes.segmentation import best_labels
+
+    scores = torch.randn(2, 9, 7, 11, generator=torch.Generator().manual_seed(3))
+    scores[:, 4] = scores[:, 2]  # ties go to the lower label
+    expected = torch.nn.functional.interpolate(scores, size=(30, 41), mode="bilinear",
+                                               align_corners=False).argmax(dim=1)
+    assert torch.equal(best_labels(scores, 30, 41), expected)
 
 
 def test_the_packs_pth_checkpoint_loads_with_its_palette_and_equals_the_safetensors_twin(
@@ -236,20 +252,12 @@ def test_uniformer_files_that_do_not_fit_or_are_too_large_are_refused(tmp_path: 
     refused(deep, "1..64 blocks a stage")
     refused({k: v for k, v in state.items() if not k.startswith("decode_head.psp_modules.3.")},
             "pools at 3 scales")
+    refused({**state, "decode_head.conv_seg.weight": torch.zeros(2000, 16, 1, 1),
+             "decode_head.conv_seg.bias": torch.zeros(2000)}, "2000 labels are over the limits")
+    refused({**state, "backbone.blocks1.0.mlp.fc1.weight": torch.zeros(800, 8, 1, 1)},
+            "feed-forward width of 800")
+    refused({**state, "decode_head.psp_modules.x.1.conv.weight": torch.zeros(1)}, "not numbered")
     pickled = tmp_path / "upernet_global_small.pth"
     torch.save({"meta": {"hook": SimpleNamespace()}, "state_dict": state}, pickled)
     with pytest.raises(ModelFileError, match="not a readable torch checkpoint"):
         load_segmentation_model(pickled)
-
-
-def test_the_packs_network_is_not_run_on_more_than_2048_squared_pixels(models_dir: Path) -> None:
-    from diffsplit.engine.errors import WorkflowError
-
-    image = torch.rand(1, 16, 24, 3)
-    with pytest.raises(WorkflowError, match="64x96 network input"):
-        model = load_segmentation_model(models_dir / "preprocessors" / "upernet_global_small.safetensors")
-        segmentation_map(image, type(model)(model.network, model.palette, model.stride, True, 64 * 64), 64)
-    (hint,) = semantic_segmentation(context(models_dir), image=image, resolution=32)
-    assert hint.shape == (1, 16, 24, 3)
-    with pytest.raises(WorkflowError, match="at most 4194304 pixels"):
-        semantic_segmentation(context(models_dir), image=torch.rand(1, 8, 12, 3), resolution=2080)
