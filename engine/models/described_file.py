@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from diffsplit.engine.errors import ModelFileError
-from diffsplit.engine.models.ldm_keys import open_tensor_file
+from diffsplit.engine.models.ldm_keys import check_fit, open_tensor_file
 from diffsplit.engine.models.safetensors_io import save_file_sorted
 
 ARCHITECTURE_KEY = "diffsplit_architecture"
@@ -124,12 +124,7 @@ def load_described(path: Path, architecture: Architecture) -> DescribedNetwork:
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ModelFileError(f"{name}: its {architecture.label} config does not build: "
                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        expected = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
-        for key in sorted(set(expected) | set(source.shapes)):
-            if expected.get(key) != source.shapes.get(key):
-                raise ModelFileError(f"{name}: its weights do not fit its {architecture.label} config: "
-                                     f"{key} is {source.shapes.get(key)} in the file, {expected.get(key)} "
-                                     "in the network")
+        check_fit(skeleton, source.shapes, f"{name}: its weights do not fit its {architecture.label} config")
         network = architecture.build(config).eval()
         network.load_state_dict({key: source.read(key) for key in source.shapes}, strict=True)
     return DescribedNetwork(network=network, config=config, metadata=metadata)

@@ -252,6 +252,16 @@ def build_on_meta(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         return factory()
 
 
+def check_fit(skeleton: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]], what: str) -> None:
+    """ModelFileError (``what``, then the first key that differs) unless a file's tensor names and
+    shapes are exactly those of ``skeleton``'s state dict (built on the meta device: nothing allocated)."""
+    expected = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
+    for key in sorted(set(expected) | set(shapes)):
+        if expected.get(key) != shapes.get(key):
+            raise ModelFileError(f"{what}: {key} is {shapes.get(key)} in the file, {expected.get(key)} "
+                                 "in the network")
+
+
 def assemble_module(
     module: torch.nn.Module, state: Mapping[str, torch.Tensor], path: Path
 ) -> torch.nn.Module:

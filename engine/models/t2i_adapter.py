@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 import torch
 from diffsplit.engine.errors import ModelFileError
-from diffsplit.engine.models.ldm_keys import TensorFile
+from diffsplit.engine.models.ldm_keys import TensorFile, assemble_module, build_on_meta
 from diffusers import T2IAdapter
 
 _DIFFUSERS = re.compile(r"^adapter\.body\.(\d+)\.resnets\.(\d+)\.(block[12])\.(weight|bias)$")
@@ -93,16 +93,14 @@ def load_t2i_adapter(source: TensorFile, dtype: torch.dtype) -> T2IAdapter:
     renamed = _diffusers_keys(source.shapes)
     shapes = {renamed[key]: shape for key, shape in source.shapes.items()}
     config = adapter_config(shapes)
-    adapter = T2IAdapter(**config).eval()  # type: ignore[arg-type]
-    state = {renamed[key]: source.read(key) for key in source.shapes}
-    try:
-        adapter.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelFileError(f"{source.path}: its weights do not fit a T2I-Adapter of {config}: "
-                             f"{str(exc).splitlines()[0]}") from None
-    if dtype != torch.float32:
-        adapter = adapter.to(dtype)
-    return adapter
+    # built on the meta device and given the file's own tensors: a width the shapes claim allocates
+    # nothing until the tensors are checked to fit it
+    skeleton = build_on_meta(lambda: T2IAdapter(**config))  # type: ignore[arg-type]
+    state = {}
+    for key in source.shapes:
+        tensor = source.read(key)
+        state[renamed[key]] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return assemble_module(skeleton, state, source.path)  # type: ignore[return-value]
 
 
 def original_layout(adapter: T2IAdapter) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffsplit.engine.errors import ModelFileError
-from diffsplit.engine.models.ldm_keys import TensorFile
+from diffsplit.engine.models.ldm_keys import TensorFile, build_on_meta, check_fit
 from diffsplit.engine.models.safetensors_io import save_file_sorted
 from torch import nn
 
@@ -257,13 +257,9 @@ def load_uniformer(source: TensorFile, name: str) -> UniFormerUperNet:
         "auxiliary_head.")}
     shapes = {short: source.shapes[key] for short, key in keys.items()}
     shape = uniformer_shape(shapes, source.metadata, name)
-    with torch.device("meta"):
-        skeleton = UniFormerUperNet(shape)
-    expected = {file_key(key): tuple(value.shape) for key, value in skeleton.state_dict().items()}
-    for key in sorted(set(expected) | set(shapes)):
-        if expected.get(key) != shapes.get(key):
-            raise ModelFileError(f"{name}: its weights do not fit a UniFormer-UperNet of {shape}: {key} is "
-                                 f"{shapes.get(key)} in the file, {expected.get(key)} in the network")
+    skeleton = build_on_meta(lambda: UniFormerUperNet(shape))
+    check_fit(skeleton, {_network_key(key): value for key, value in shapes.items()},
+              f"{name}: its weights do not fit a UniFormer-UperNet of {shape}")
     network = UniFormerUperNet(shape).eval()
     state = {_network_key(short): source.read(key) for short, key in keys.items()}
     network.load_state_dict({key: value.float() if value.is_floating_point() else value

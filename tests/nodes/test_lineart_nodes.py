@@ -57,6 +57,15 @@ def test_what_is_not_a_generator_is_refused(models_dir: Path, tmp_path: Path) ->
     torch.save(state, path)
     with pytest.raises(ModelFileError, match="do not fit a line-art generator of width 8 with 2 blocks"):
         load_lineart_model(path)
+    # a first conv that would make a network of terabytes: refused from its shape, nothing allocated
+    wide = {"model0.1.weight": torch.zeros(100_000, 3, 7, 7)}
+    torch.save(wide, tmp_path / "wide.pth")
+    with pytest.raises(ModelFileError, match="width 100000 with 0 blocks is over the limits"):
+        load_lineart_model(tmp_path / "wide.pth")
+    narrow = {"model0.1.weight": torch.zeros(8, 3, 7, 7)}
+    torch.save(narrow, tmp_path / "narrow.pth")
+    with pytest.raises(ModelFileError, match=r"model0\.1\.bias is None in the file"):
+        load_lineart_model(tmp_path / "narrow.pth")
 
 
 def test_coarse_asks_for_the_coarse_file(models_dir: Path) -> None:
