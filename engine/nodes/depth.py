@@ -8,10 +8,13 @@ in training, and the predicted relative depth is resized back to ``H x W``
 channels: a depth hint for a ControlNet. The file is read through
 ``ctx.model_path``, so an offloaded node reads the client's file by sha256
 (``engine.run_files``). Both versions share the architecture (a DINOv2 backbone
-with a DPT head); the file's config says which weights it holds.
+with a DPT head); a diffsplit file's config says which weights it holds, and for the pack's own
+checkpoints the node says which layers feed the head (V1 the last four, V2 fixed ones).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from diffsplit.engine.models.depth_model import load_depth_model
@@ -46,14 +49,21 @@ def depth_map(
     return depth.repeat(1, 3, 1, 1).movedim(1, -1).contiguous()
 
 
-def depth_anything(ctx: NodeContext, *, image: torch.Tensor, ckpt_name: str, resolution: int = 512
-                   ) -> tuple[torch.Tensor]:
-    """A depth hint from the Depth Anything file ``ckpt_name``."""
-    model = load_depth_model(ctx.model_path(PREPROCESSORS, ckpt_name))
+def depth_anything(ctx: NodeContext, *, image: torch.Tensor, ckpt_name: str, resolution: int = 512,
+                   version: int = 1) -> tuple[torch.Tensor]:
+    """A depth hint from the Depth Anything file ``ckpt_name`` (``version``: of an original
+    checkpoint, which layers feed its head)."""
+    model = load_depth_model(ctx.model_path(PREPROCESSORS, ckpt_name), version)
     return (depth_map(image, model.network, model.patch_size, resolution),)
 
 
-def _node(name: str, description: str) -> NodeClass:
+def depth_anything_v2(ctx: NodeContext, *, image: torch.Tensor, ckpt_name: str, resolution: int = 512
+                      ) -> tuple[torch.Tensor]:
+    """A depth hint from the Depth Anything V2 file ``ckpt_name``."""
+    return depth_anything(ctx, image=image, ckpt_name=ckpt_name, resolution=resolution, version=2)
+
+
+def _node(name: str, description: str, function: Any) -> NodeClass:
     return NodeClass(
         name,
         (
@@ -62,13 +72,13 @@ def _node(name: str, description: str) -> NodeClass:
             resolution_input(),
         ),
         (OutputSpec("IMAGE", "IMAGE"),),
-        depth_anything,
+        function,
         category="image/preprocessors",
         description=description,
     )
 
 
 NODES: tuple[NodeClass, ...] = (
-    _node("DepthAnythingPreprocessor", "Depth hint from a Depth Anything model."),
-    _node("DepthAnythingV2Preprocessor", "Depth hint from a Depth Anything V2 model."),
+    _node("DepthAnythingPreprocessor", "Depth hint from a Depth Anything model.", depth_anything),
+    _node("DepthAnythingV2Preprocessor", "Depth hint from a Depth Anything V2 model.", depth_anything_v2),
 )

@@ -100,3 +100,118 @@ def test_both_versions_are_preprocessors_reading_the_preprocessors_folder() -> N
         assert node.category == "image/preprocessors"
         spec = node.input("ckpt_name")
         assert spec is not None and spec.model_folder == "preprocessors"
+
+
+# the pack's own files: the original repository's checkpoint layout
+
+def original_layout(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A transformers Depth Anything's weights under the original repository's keys (its DINOv2
+    ``pretrained.*`` and DPT ``depth_head.*``, each block's query, key and value fused into ``qkv``)."""
+    from diffsplit.engine.models.depth_model import attention_names
+
+    state = {key: value.clone() for key, value in network.state_dict().items()}
+    layers = network.config.backbone_config.num_hidden_layers
+    names = attention_names(network)
+    out: dict[str, torch.Tensor] = {
+        "pretrained.cls_token": state.pop("backbone.embeddings.cls_token"),
+        "pretrained.mask_token": state.pop("backbone.embeddings.mask_token"),
+        "pretrained.pos_embed": state.pop("backbone.embeddings.position_embeddings"),
+    }
+    for part in ("weight", "bias"):
+        projection = f"backbone.embeddings.patch_embeddings.projection.{part}"
+        out[f"pretrained.patch_embed.proj.{part}"] = state.pop(projection)
+        out[f"pretrained.norm.{part}"] = state.pop(f"backbone.layernorm.{part}")
+        for i in range(layers):
+            layer, block = f"backbone.encoder.layer.{i}.", f"pretrained.blocks.{i}."
+            fused = [state.pop(layer + f"{n}.{part}") for n in (names.query, names.key, names.value)]
+            out[block + f"attn.qkv.{part}"] = torch.cat(fused)
+            out[block + f"attn.proj.{part}"] = state.pop(layer + f"{names.out}.{part}")
+            for name in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
+                out[block + f"{name}.{part}"] = state.pop(layer + f"{name}.{part}")
+        for i in range(4):
+            reassemble = f"neck.reassemble_stage.layers.{i}."
+            out[f"depth_head.projects.{i}.{part}"] = state.pop(reassemble + f"projection.{part}")
+            if i != 2:
+                out[f"depth_head.resize_layers.{i}.{part}"] = state.pop(reassemble + f"resize.{part}")
+            fusion, refine = f"neck.fusion_stage.layers.{3 - i}.", f"depth_head.scratch.refinenet{i + 1}."
+            out[refine + f"out_conv.{part}"] = state.pop(fusion + f"projection.{part}")
+            for unit in (1, 2):
+                for conv in (1, 2):
+                    out[refine + f"resConfUnit{unit}.conv{conv}.{part}"] = state.pop(
+                        fusion + f"residual_layer{unit}.convolution{conv}.{part}")
+        out[f"depth_head.scratch.output_conv1.{part}"] = state.pop(f"head.conv1.{part}")
+        out[f"depth_head.scratch.output_conv2.0.{part}"] = state.pop(f"head.conv2.{part}")
+        out[f"depth_head.scratch.output_conv2.2.{part}"] = state.pop(f"head.conv3.{part}")
+    for i in range(layers):
+        for scale in (1, 2):
+            out[f"pretrained.blocks.{i}.ls{scale}.gamma"] = state.pop(
+                f"backbone.encoder.layer.{i}.layer_scale{scale}.lambda1")
+    for i in range(4):
+        out[f"depth_head.scratch.layer{i + 1}_rn.weight"] = state.pop(f"neck.convs.{i}.weight")
+    assert not state, sorted(state)[:5]
+    return out
+
+
+def pack_sized_network(seed: int = 4) -> torch.nn.Module:
+    """A tiny Depth Anything whose heads are 64 wide, as every DINOv2 the pack ships."""
+    from diffsplit.engine.models.depth_model import depth_network, tiny_depth_config
+
+    config = tiny_depth_config()
+    config["backbone_config"].update(hidden_size=64, num_attention_heads=1, intermediate_size=128)
+    config["reassemble_hidden_size"] = 64
+    network = depth_network(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, parameter in sorted(network.named_parameters()):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return network
+
+
+def test_the_packs_v1_checkpoint_gives_the_same_depth_as_the_converted_file(tmp_path: Path) -> None:
+    from diffsplit.engine.models.depth_model import save_depth_model
+
+    network = pack_sized_network()
+    folder = tmp_path / "models" / "preprocessors"
+    folder.mkdir(parents=True)
+    save_depth_model(folder / "converted.safetensors", network)
+    torch.save(original_layout(network), folder / "depth_anything_vits14.pth")
+    image = torch.rand(1, 30, 44, 3, generator=torch.Generator().manual_seed(7))
+    ctx = SimpleNamespace(node_id="5", model_path=ModelStore(tmp_path / "models").resolve)
+    (from_pack,) = depth_anything(ctx, image=image, ckpt_name="depth_anything_vits14.pth", resolution=70)
+    (reference,) = depth_anything(ctx, image=image, ckpt_name="converted.safetensors", resolution=70)
+    assert torch.allclose(from_pack, reference, atol=1e-5)
+    assert float((from_pack - reference).abs().max()) < 1e-4 and float(reference.std()) > 0.01
+    pack = load_depth_model(folder / "depth_anything_vits14.pth")
+    assert pack.network.config.backbone_config.out_indices == [1, 2, 3, 4]  # V1: the last four of 4
+
+
+def test_v2_takes_its_fixed_layers_and_refuses_a_depth_it_has_none_for(tmp_path: Path) -> None:
+    from diffsplit.engine.models.depth_model import pack_config
+
+    network = pack_sized_network()
+    path = tmp_path / "depth_anything_v2_vits.pth"
+    torch.save(original_layout(network), path)
+    with pytest.raises(ModelFileError, match="12-, 24- or 40-layer backbone, not a 4-layer one"):
+        load_depth_model(path, version=2)
+    shapes = {key: tuple(value.shape) for key, value in original_layout(network).items()}
+    for i in range(4, 12):  # the same widths, 12 blocks: V2's ViT-S layer choice
+        for key in [k for k in shapes if k.startswith("pretrained.blocks.0.")]:
+            shapes[key.replace("blocks.0.", f"blocks.{i}.")] = shapes[key]
+    assert pack_config(shapes, 2, "twelve")["backbone_config"]["out_indices"] == [3, 6, 9, 12]
+    assert pack_config(shapes, 1, "twelve")["backbone_config"]["out_indices"] == [9, 10, 11, 12]
+
+
+def test_pack_checkpoints_that_do_not_fit_or_are_too_large_are_refused(tmp_path: Path) -> None:
+    state = original_layout(pack_sized_network())
+    cases = [
+        ({**state, "pretrained.blocks.0.mlp.fc2.weight": torch.zeros(64, 99)}, "do not fit"),
+        ({**state, "pretrained.cls_token": torch.zeros(1, 1, 40)}, "not a DINOv2 backbone"),
+        ({k: v for k, v in state.items() if k != "depth_head.scratch.layer1_rn.weight"},
+         "needs depth_head.scratch.layer1_rn.weight"),
+        ({**state, "depth_head.projects.0.weight": torch.zeros(10**6, 32, 1, 1)}, "over the limit"),
+    ]
+    for index, (bad, reason) in enumerate(cases):
+        path = tmp_path / f"bad{index}.pth"
+        torch.save(bad, path)
+        with pytest.raises(ModelFileError, match=reason):
+            load_depth_model(path)
