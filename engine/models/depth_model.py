@@ -45,10 +45,13 @@ _CACHED_MODELS = 2
 
 @dataclass(frozen=True, eq=False)
 class DepthModel:
-    """A loaded Depth Anything network and the patch size its input sides must be multiples of."""
+    """A loaded Depth Anything network, the patch size its input sides must be multiples of, and
+    whether it is fed as the pack feeds its own checkpoints (``pack_pipeline``: the short side at
+    518 px whatever the resolution)."""
 
     network: torch.nn.Module
     patch_size: int
+    pack_pipeline: bool = False
 
 
 def tiny_depth_config() -> dict[str, Any]:
@@ -278,4 +281,4 @@ def load_pack_checkpoint(source: TensorFile, version: int, name: str) -> DepthMo
               f"of width {config['reassemble_hidden_size']}")
     hidden = int(config["reassemble_hidden_size"])
     network = assemble_module(skeleton, _pack_state(source, hidden, names), source.path)
-    return DepthModel(network=network, patch_size=int(config["patch_size"]))
+    return DepthModel(network=network, patch_size=int(config["patch_size"]), pack_pipeline=True)

@@ -9,7 +9,9 @@ channels: a depth hint for a ControlNet. The file is read through
 ``ctx.model_path``, so an offloaded node reads the client's file by sha256
 (``engine.run_files``). Both versions share the architecture (a DINOv2 backbone
 with a DPT head); a diffsplit file's config says which weights it holds, and for the pack's own
-checkpoints the node says which layers feed the head (V1 the last four, V2 fixed ones).
+checkpoints the node says which layers feed the head (V1 the last four, V2 fixed ones). The pack's
+checkpoints are fed as the pack feeds them: the short side at 518 px (multiples of 14) whatever
+the resolution.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from diffsplit.engine.nodes.network_input import (
 )
 
 _EPSILON = 1e-8
+#: the short side the pack's Depth Anything pipeline gives its network, whatever the resolution
+PACK_RESOLUTION = 518
 
 
 def depth_map(
@@ -54,7 +58,8 @@ def depth_anything(ctx: NodeContext, *, image: torch.Tensor, ckpt_name: str, res
     """A depth hint from the Depth Anything file ``ckpt_name`` (``version``: of an original
     checkpoint, which layers feed its head)."""
     model = load_depth_model(ctx.model_path(PREPROCESSORS, ckpt_name), version)
-    return (depth_map(image, model.network, model.patch_size, resolution),)
+    side = PACK_RESOLUTION if model.pack_pipeline else resolution
+    return (depth_map(image, model.network, model.patch_size, side),)
 
 
 def depth_anything_v2(ctx: NodeContext, *, image: torch.Tensor, ckpt_name: str, resolution: int = 512

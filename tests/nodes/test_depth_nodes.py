@@ -178,11 +178,21 @@ def test_the_packs_v1_checkpoint_gives_the_same_depth_as_the_converted_file(tmp_
     image = torch.rand(1, 30, 44, 3, generator=torch.Generator().manual_seed(7))
     ctx = SimpleNamespace(node_id="5", model_path=ModelStore(tmp_path / "models").resolve)
     (from_pack,) = depth_anything(ctx, image=image, ckpt_name="depth_anything_vits14.pth", resolution=70)
-    (reference,) = depth_anything(ctx, image=image, ckpt_name="converted.safetensors", resolution=70)
+    (reference,) = depth_anything(ctx, image=image, ckpt_name="converted.safetensors", resolution=518)
     assert torch.allclose(from_pack, reference, atol=1e-5)
     assert float((from_pack - reference).abs().max()) < 1e-4 and float(reference.std()) > 0.01
     pack = load_depth_model(folder / "depth_anything_vits14.pth")
     assert pack.network.config.backbone_config.out_indices == [1, 2, 3, 4]  # V1: the last four of 4
+    # the pack's pipeline: short side 518 whatever the resolution
+    seen: list[torch.Size] = []
+    handle = pack.network.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["pixel_values"].shape), with_kwargs=True)
+    try:
+        for resolution in (64, 1024):
+            depth_anything(ctx, image=image, ckpt_name="depth_anything_vits14.pth", resolution=resolution)
+    finally:
+        handle.remove()
+    assert seen == [torch.Size([1, 3, 518, 756])] * 2  # 30 x 44 -> 518 x 759.7, to multiples of 14
 
 
 def test_v2_takes_its_fixed_layers_and_refuses_a_depth_it_has_none_for(tmp_path: Path) -> None:
