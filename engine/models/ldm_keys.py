@@ -197,6 +197,7 @@ def _open_pickled(path: Path) -> TensorFile:
     if not isinstance(state, dict):
         raise ModelFileError(f"{path}: holds no state dict")
     tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
+    _check_dense(tensors, path)
     shapes = {key: tuple(value.shape) for key, value in tensors.items()}
     dtypes = {key: str(value.dtype).removeprefix("torch.") for key, value in tensors.items()}
 
@@ -204,6 +205,27 @@ def _open_pickled(path: Path) -> TensorFile:
         return owned_tensor(tensors[key], force=True)
 
     return TensorFile(path, shapes, _checkpoint_metadata(loaded), read, dtypes)
+
+
+def _check_dense(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """ModelFileError unless every tensor of a pickle is an ordinary dense one whose storage holds all
+    its elements, and together they are no larger than twice the file (tied weights may share).
+
+    A pickle keeps strides, so ``torch.zeros(1).expand(50000, 50000)`` saves as one element: its
+    shape would pass every shape check and a copy would then allocate 10 GB from a few bytes.
+    """
+    total = 0
+    for key, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        if (tensor.layout != torch.strided or tensor.is_quantized
+                or tensor.untyped_storage().nbytes() < size):
+            raise ModelFileError(f"{path}: tensor {key!r} is not a plain dense tensor holding its own "
+                                 f"{tuple(tensor.shape)} elements")
+        total += size
+    limit = 2 * path.stat().st_size + (1 << 20)
+    if total > limit:
+        raise ModelFileError(f"{path}: its tensors hold {total} bytes, more than the file's "
+                             f"{path.stat().st_size} can carry")
 
 
 def _checkpoint_metadata(loaded: object) -> dict[str, str]:

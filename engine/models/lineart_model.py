@@ -27,7 +27,7 @@ from diffsplit.engine.models.ldm_keys import build_on_meta, check_fit, open_tens
 from diffsplit.engine.models.safetensors_io import save_file_sorted
 from torch import nn
 
-_BLOCK_KEY = re.compile(r"^model2\.(\d+)\.conv_block\.")
+_BLOCK_KEY = re.compile(r"^model2\.(\d{1,4})\.conv_block\.")
 #: the widest and deepest generator a file may declare (the pack's: width 64, 3 blocks)
 MAX_WIDTH = 256
 MAX_BLOCKS = 32
@@ -90,14 +90,18 @@ def _load(path: str, size: int, mtime_ns: int) -> LineartGenerator:
             raise ModelFileError(f"{Path(path).name} is not a line-art generator (no 7x7 RGB model0.1 conv)")
         blocks = len({int(m[1]) for key in source.shapes if (m := _BLOCK_KEY.match(key))})
         name = Path(path).name
-        if first[0] > MAX_WIDTH or blocks > MAX_BLOCKS:
+        if not 1 <= first[0] <= MAX_WIDTH or blocks > MAX_BLOCKS:
             raise ModelFileError(f"{name}: a line-art generator of width {first[0]} with {blocks} blocks is "
                                  f"over the limits ({MAX_WIDTH}, {MAX_BLOCKS}; the pack's is 64 with 3)")
         skeleton = build_on_meta(lambda: LineartGenerator(width=first[0], blocks=blocks))
         check_fit(skeleton, source.shapes, f"{name}: its weights do not fit a line-art generator of width "
                   f"{first[0]} with {blocks} blocks")
         network = LineartGenerator(width=first[0], blocks=blocks).eval()
-        network.load_state_dict({key: source.read(key) for key in source.shapes}, strict=True)
+        try:
+            network.load_state_dict({key: source.read(key) for key in source.shapes}, strict=True)
+        except RuntimeError as exc:
+            raise ModelFileError(f"{name}: its weights do not load into a line-art generator: "
+                                 f"{str(exc).splitlines()[0]}") from None
     return network
 
 

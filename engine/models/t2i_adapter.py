@@ -96,7 +96,7 @@ def load_t2i_adapter(source: TensorFile, dtype: torch.dtype) -> T2IAdapter:
     # built on the meta device and given the file's own tensors: a width the shapes claim allocates
     # nothing until the tensors are checked to fit it
     skeleton = build_on_meta(lambda: T2IAdapter(**config))  # type: ignore[arg-type]
-    state = {}
+    state: dict[str, torch.Tensor] = {}
     for key in source.shapes:
         tensor = source.read(key)
         state[renamed[key]] = tensor.to(dtype) if tensor.is_floating_point() else tensor

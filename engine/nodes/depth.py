@@ -16,7 +16,7 @@ the resolution.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import torch
 from diffsplit.engine.models.depth_model import load_depth_model
@@ -68,7 +68,7 @@ def depth_anything_v2(ctx: NodeContext, *, image: torch.Tensor, ckpt_name: str, 
     return depth_anything(ctx, image=image, ckpt_name=ckpt_name, resolution=resolution, version=2)
 
 
-def _node(name: str, description: str, function: Any) -> NodeClass:
+def _node(name: str, description: str, function: Callable[..., tuple[torch.Tensor]]) -> NodeClass:
     return NodeClass(
         name,
         (

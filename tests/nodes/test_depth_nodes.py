@@ -107,7 +107,7 @@ def test_both_versions_are_preprocessors_reading_the_preprocessors_folder() -> N
 def original_layout(network: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A transformers Depth Anything's weights under the original repository's keys (its DINOv2
     ``pretrained.*`` and DPT ``depth_head.*``, each block's query, key and value fused into ``qkv``)."""
-    from diffsplit.engine.models.depth_model import attention_names
+    from diffsplit.engine.models.depth_pack import attention_names
 
     state = {key: value.clone() for key, value in network.state_dict().items()}
     layers = network.config.backbone_config.num_hidden_layers
@@ -153,18 +153,52 @@ def original_layout(network: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def pack_sized_network(seed: int = 4) -> torch.nn.Module:
-    """A tiny Depth Anything whose heads are 64 wide, as every DINOv2 the pack ships."""
-    from diffsplit.engine.models.depth_model import depth_network, tiny_depth_config
+    """A small Depth Anything of the pack's kind: heads 64 wide (two of them), six layers, the last four
+    feeding the head as V1's do."""
+    from diffsplit.engine.models.depth_model import depth_network
+    from transformers import DepthAnythingConfig, Dinov2Config
 
-    config = tiny_depth_config()
-    config["backbone_config"].update(hidden_size=64, num_attention_heads=1, intermediate_size=128)
-    config["reassemble_hidden_size"] = 64
-    network = depth_network(config)
+    backbone = Dinov2Config(hidden_size=128, num_hidden_layers=6, num_attention_heads=2, patch_size=14,
+                            image_size=70, out_indices=[3, 4, 5, 6], apply_layernorm=True,
+                            reshape_hidden_states=False)
+    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=128, patch_size=14,
+                                 neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8,
+                                 depth_estimation_type="relative")
+    network = depth_network(config.to_dict())
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, parameter in sorted(network.named_parameters()):
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
     return network
+
+
+#: original keys and their transformers targets, as transformers' conversion script renames them
+CONVERSION = (
+    ("pretrained.cls_token", "backbone.embeddings.cls_token"),
+    ("pretrained.patch_embed.proj.weight", "backbone.embeddings.patch_embeddings.projection.weight"),
+    ("pretrained.blocks.3.ls2.gamma", "backbone.encoder.layer.3.layer_scale2.lambda1"),
+    ("pretrained.blocks.0.mlp.fc1.bias", "backbone.encoder.layer.0.mlp.fc1.bias"),
+    ("pretrained.norm.bias", "backbone.layernorm.bias"),
+    ("depth_head.projects.2.weight", "neck.reassemble_stage.layers.2.projection.weight"),
+    ("depth_head.resize_layers.3.bias", "neck.reassemble_stage.layers.3.resize.bias"),
+    ("depth_head.scratch.refinenet1.out_conv.weight", "neck.fusion_stage.layers.3.projection.weight"),
+    ("depth_head.scratch.refinenet4.resConfUnit2.conv1.bias",
+     "neck.fusion_stage.layers.0.residual_layer2.convolution1.bias"),
+    ("depth_head.scratch.layer1_rn.weight", "neck.convs.0.weight"),
+    ("depth_head.scratch.output_conv2.2.weight", "head.conv3.weight"),
+)
+
+
+def test_original_keys_are_renamed_as_transformers_conversion_does() -> None:
+    from diffsplit.engine.models.depth_pack import AttentionNames, pack_key
+
+    names = AttentionNames("attention.attention.query", "attention.attention.key",
+                           "attention.attention.value", "attention.output.dense")
+    for original, target in CONVERSION:
+        assert pack_key(original, names) == target
+    assert pack_key("pretrained.blocks.5.attn.proj.weight", names) == (
+        "backbone.encoder.layer.5.attention.output.dense.weight")
+    assert pack_key("pretrained.blocks.5.attn.qkv.weight", names) is None  # split into three
 
 
 def test_the_packs_v1_checkpoint_gives_the_same_depth_as_the_converted_file(tmp_path: Path) -> None:
@@ -182,7 +216,7 @@ def test_the_packs_v1_checkpoint_gives_the_same_depth_as_the_converted_file(tmp_
     assert torch.allclose(from_pack, reference, atol=1e-5)
     assert float((from_pack - reference).abs().max()) < 1e-4 and float(reference.std()) > 0.01
     pack = load_depth_model(folder / "depth_anything_vits14.pth")
-    assert pack.network.config.backbone_config.out_indices == [1, 2, 3, 4]  # V1: the last four of 4
+    assert pack.network.config.backbone_config.out_indices == [3, 4, 5, 6]  # V1: the last four of 6
     # the pack's pipeline: short side 518 whatever the resolution
     seen: list[torch.Size] = []
     handle = pack.network.register_forward_pre_hook(
@@ -196,15 +230,15 @@ def test_the_packs_v1_checkpoint_gives_the_same_depth_as_the_converted_file(tmp_
 
 
 def test_v2_takes_its_fixed_layers_and_refuses_a_depth_it_has_none_for(tmp_path: Path) -> None:
-    from diffsplit.engine.models.depth_model import pack_config
+    from diffsplit.engine.models.depth_pack import pack_config
 
     network = pack_sized_network()
     path = tmp_path / "depth_anything_v2_vits.pth"
     torch.save(original_layout(network), path)
-    with pytest.raises(ModelFileError, match="12-, 24- or 40-layer backbone, not a 4-layer one"):
+    with pytest.raises(ModelFileError, match="12- or 24-layer backbone, not a 6-layer one"):
         load_depth_model(path, version=2)
     shapes = {key: tuple(value.shape) for key, value in original_layout(network).items()}
-    for i in range(4, 12):  # the same widths, 12 blocks: V2's ViT-S layer choice
+    for i in range(6, 12):  # the same widths, 12 blocks: V2's ViT-S layer choice
         for key in [k for k in shapes if k.startswith("pretrained.blocks.0.")]:
             shapes[key.replace("blocks.0.", f"blocks.{i}.")] = shapes[key]
     assert pack_config(shapes, 2, "twelve")["backbone_config"]["out_indices"] == [3, 6, 9, 12]
@@ -214,11 +248,20 @@ def test_v2_takes_its_fixed_layers_and_refuses_a_depth_it_has_none_for(tmp_path:
 def test_pack_checkpoints_that_do_not_fit_or_are_too_large_are_refused(tmp_path: Path) -> None:
     state = original_layout(pack_sized_network())
     cases = [
-        ({**state, "pretrained.blocks.0.mlp.fc2.weight": torch.zeros(64, 99)}, "do not fit"),
+        ({**state, "pretrained.blocks.0.mlp.fc2.weight": torch.zeros(128, 99)}, "do not fit"),
+        ({**state, "pretrained.blocks.2.attn.qkv.weight": torch.zeros(380, 128)}, "do not fit"),
         ({**state, "pretrained.cls_token": torch.zeros(1, 1, 40)}, "not a DINOv2 backbone"),
+        ({**state, "pretrained.cls_token": torch.zeros(1, 1, 0)}, "non-empty sides"),
+        ({**state, "pretrained.pos_embed": torch.zeros(1, 0, 128)}, "non-empty sides"),
+        ({**state, "pretrained.pos_embed": torch.zeros(128)}, "3-d pretrained.pos_embed"),
+        ({**state, "pretrained.blocks.3000.x": torch.zeros(1)}, "3001 blocks"),
+        ({**state, "pretrained.blocks.99999999.x": torch.zeros(1)}, "do not fit"),  # not a block index
         ({k: v for k, v in state.items() if k != "depth_head.scratch.layer1_rn.weight"},
-         "needs depth_head.scratch.layer1_rn.weight"),
-        ({**state, "depth_head.projects.0.weight": torch.zeros(10**6, 32, 1, 1)}, "over the limit"),
+         "needs a 4-d depth_head.scratch.layer1_rn.weight"),
+        ({**state, "depth_head.projects.0.weight": torch.zeros(10**6, 1, 1, 1)}, "over the limit"),
+        # a pickle keeps strides: one stored element claiming 128 x 10^6 must not be expanded
+        ({**state, "depth_head.projects.0.weight": torch.zeros(1).expand(128, 10**6)},
+         "not a plain dense tensor"),
     ]
     for index, (bad, reason) in enumerate(cases):
         path = tmp_path / f"bad{index}.pth"

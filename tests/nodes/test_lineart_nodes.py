@@ -58,10 +58,14 @@ def test_what_is_not_a_generator_is_refused(models_dir: Path, tmp_path: Path) ->
     with pytest.raises(ModelFileError, match="do not fit a line-art generator of width 8 with 2 blocks"):
         load_lineart_model(path)
     # a first conv that would make a network of terabytes: refused from its shape, nothing allocated
-    wide = {"model0.1.weight": torch.zeros(100_000, 3, 7, 7)}
+    wide = {"model0.1.weight": torch.zeros(257, 3, 7, 7)}
     torch.save(wide, tmp_path / "wide.pth")
-    with pytest.raises(ModelFileError, match="width 100000 with 0 blocks is over the limits"):
+    with pytest.raises(ModelFileError, match="width 257 with 0 blocks is over the limits"):
         load_lineart_model(tmp_path / "wide.pth")
+    claimed = {"model0.1.weight": torch.zeros(1).expand(100_000, 3, 7, 7)}  # one stored element
+    torch.save(claimed, tmp_path / "claimed.pth")
+    with pytest.raises(ModelFileError, match="not a plain dense tensor"):
+        load_lineart_model(tmp_path / "claimed.pth")
     narrow = {"model0.1.weight": torch.zeros(8, 3, 7, 7)}
     torch.save(narrow, tmp_path / "narrow.pth")
     with pytest.raises(ModelFileError, match=r"model0\.1\.bias is None in the file"):
