@@ -25,7 +25,9 @@ found.
 
 from __future__ import annotations
 
+import colorsys
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +35,7 @@ import torch
 from diffsplit.engine.models.keypoint_model import FACE, HAND, KeypointNetwork, load_keypoint_model
 from diffsplit.engine.models.pose_model import BodyPoseNetwork, load_body_pose_model
 from diffsplit.engine.models.pose_parts import Point, face_box, face_points, hand_boxes, hand_points
-from diffsplit.engine.models.pose_people import LIMBS, STARTING_LIMBS, Person, find_people
+from diffsplit.engine.models.pose_people import LIMBS, STARTING_LIMBS, Keypoint, Person, find_people
 from diffsplit.engine.nodes.base import InputSpec, NodeClass, NodeContext, OutputSpec
 from diffsplit.engine.nodes.model_files import find_model_file
 from diffsplit.engine.nodes.network_input import (
@@ -138,13 +140,13 @@ def _draw_near(canvas: torch.Tensor, a: tuple[float, float], b: tuple[float, flo
     _fill(canvas, distance <= radius * radius, top, left, colour)
 
 
+def _dot(canvas: torch.Tensor, point: Keypoint | Point, radius: float, colour: tuple[float, ...]) -> None:
+    _draw_near(canvas, (point.x, point.y), (point.x, point.y), radius, colour)
+
+
 def hand_colour(bone: int) -> tuple[float, float, float]:
     """The hue of bone ``bone`` of 20 at full saturation and value, as RGB in [0, 1]."""
-    hue = bone / len(HAND_BONES) * 6
-    sector, fraction = int(hue) % 6, hue - int(hue)
-    rising, falling = fraction, 1 - fraction
-    return ((1.0, rising, 0.0), (falling, 1.0, 0.0), (0.0, 1.0, rising), (0.0, falling, 1.0),
-            (rising, 0.0, 1.0), (1.0, 0.0, falling))[sector]
+    return colorsys.hsv_to_rgb(bone / len(HAND_BONES), 1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -164,15 +166,14 @@ def _draw_hand(canvas: torch.Tensor, hand: tuple[Point | None, ...]) -> None:
             _draw_near(canvas, (a.x, a.y), (b.x, b.y), HAND_LINE_RADIUS, hand_colour(bone))
     for point in hand:
         if point is not None:
-            _draw_near(canvas, (point.x, point.y), (point.x, point.y), HAND_DOT_RADIUS, (0.0, 0.0, 1.0))
+            _dot(canvas, point, HAND_DOT_RADIUS, (0.0, 0.0, 1.0))
 
 
-def draw_people(people: list[Person] | list[Figure], height: int, width: int, stick: int = 1) -> torch.Tensor:
+def draw_people(people: Sequence[Figure], height: int, width: int, stick: int = 1) -> torch.Tensor:
     """OpenPose's drawing of ``people`` on black, ``[3, H, W]`` in [0, 1]: each person's limbs, then
     its parts, hands and face."""
     canvas = torch.zeros(3, height, width, dtype=torch.float32)
-    for entry in people:
-        figure = entry if isinstance(entry, Figure) else Figure(entry)
+    for figure in people:
         parts = figure.body.parts
         for limb, (part_a, part_b) in enumerate(LIMBS[:STARTING_LIMBS]):
             a, b = parts[part_a], parts[part_b]
@@ -181,13 +182,12 @@ def draw_people(people: list[Person] | list[Figure], height: int, width: int, st
                 _draw_ellipse(canvas, (a.x, a.y), (b.x, b.y), STICK_WIDTH * stick, colour)
         for part, point in enumerate(parts):
             if point is not None:
-                colour = tuple(channel / 255 for channel in COLOURS[part])
-                _draw_near(canvas, (point.x, point.y), (point.x, point.y), DOT_RADIUS, colour)
+                _dot(canvas, point, DOT_RADIUS, tuple(channel / 255 for channel in COLOURS[part]))
         for hand in (figure.left_hand, figure.right_hand):
             if hand is not None:
                 _draw_hand(canvas, hand)
         for point in figure.face or ():
-            _draw_near(canvas, (point.x, point.y), (point.x, point.y), FACE_DOT_RADIUS, (1.0, 1.0, 1.0))
+            _dot(canvas, point, FACE_DOT_RADIUS, (1.0, 1.0, 1.0))
     return canvas
 
 
@@ -200,12 +200,11 @@ def _flat_points(points: tuple[Point | None, ...] | None, sy: float, sx: float) 
     return flat
 
 
-def keypoint_json(people: list[Person] | list[Figure], height: int, width: int, sy: float, sx: float
+def keypoint_json(people: Sequence[Figure], height: int, width: int, sy: float, sx: float
                   ) -> dict[str, Any]:
     """OpenPose's JSON of ``people`` (positions scaled by ``sx``, ``sy`` to a ``height x width`` canvas)."""
     entries = []
-    for entry in people:
-        figure = entry if isinstance(entry, Figure) else Figure(entry)
+    for figure in people:
         flat: list[float] = []
         for point in figure.body.parts:
             flat += [point.x * sx, point.y * sy, point.score] if point is not None else [0.0, 0.0, 0.0]
@@ -226,10 +225,10 @@ def figures_of(people: list[Person], picture: torch.Tensor, hand: KeypointNetwor
     height, width = picture.shape[-2:]
     figures = []
     for index, person in enumerate(people):
-        left = right = face_found = None
         if index not in looked_for:
             figures.append(Figure(person))
             continue
+        left = right = face_found = None
         if hand is not None:
             left_box, right_box = hand_boxes(person.parts, height, width)
             left = None if left_box is None else hand_points(hand, bgr, left_box)
@@ -262,7 +261,8 @@ def openpose(ctx: NodeContext, *, image: torch.Tensor, detect_hand: str = "disab
             face = load_keypoint_model(find_model_file(ctx.model_path, PREPROCESSORS, face_ckpt_name), FACE)
     drawings, keypoints = [], []
     for picture in resized:
-        people = figures_of(find_people(*body_maps(picture, body)), picture, hand, face) if body else []
+        people = [] if body is None else figures_of(find_people(*body_maps(picture, body)), picture, hand,
+                                                    face)
         canvas = draw_people(people, *size, stick=stick_scale(*size, scale_stick_for_xinsr_cn == "enable"))
         drawings.append(torch.nn.functional.interpolate(canvas[None], size=(height, width), mode="bilinear",
                                                         align_corners=False)[0].clamp(0, 1))

@@ -25,7 +25,15 @@ from diffsplit.engine.models.pose_people import (
     find_peaks,
     find_people,
 )
-from diffsplit.engine.nodes.pose import COLOURS, LIMB_SHADE, body_maps, draw_people, openpose, stick_scale
+from diffsplit.engine.nodes.pose import (
+    COLOURS,
+    LIMB_SHADE,
+    Figure,
+    body_maps,
+    draw_people,
+    openpose,
+    stick_scale,
+)
 from diffsplit.engine.nodes.registry import default_registry
 from diffsplit.engine.store import ModelStore
 
@@ -97,7 +105,7 @@ def test_a_limb_against_its_field_is_not_joined() -> None:
 
 def test_the_drawing_has_the_part_colours_at_the_parts_and_shaded_limbs() -> None:
     people = [Person(parts=tuple(Keypoint(float(x), float(y), 1.0) for x, y in FIGURE), score=30.0)]
-    canvas = draw_people(people, HEIGHT, WIDTH)
+    canvas = draw_people([Figure(person) for person in people], HEIGHT, WIDTH)
     for part, (x, y) in enumerate(FIGURE):
         if part in (14, 15, 16, 17, 0):  # the face's dots overlap each other
             continue
