@@ -121,8 +121,8 @@ class NodeClass:
     description: str = field(default="", compare=False)
     #: one per output: how a loader builds each output alone; empty: only the whole function
     output_loaders: tuple[OutputLoader, ...] = ()
-    #: a sampler that runs the conditioning scale estimator (``--conditions auto``): its outputs
-    #: depend on the estimator's settings, so they are part of its cache signature
+    #: a sampler that runs the conditioning scale estimator (``--conditions auto``): in a pruned run
+    #: it is never taken from the execution cache (its outputs and decisions depend on the settings)
     prunes_conditions: bool = False
 
     def __post_init__(self) -> None:

@@ -50,17 +50,17 @@ def best_labels(scores: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The best label of each pixel of ``scores`` ``[B, labels, h, w]`` bilinearly resized to
     ``height x width``, one label's map at a time (memory of a few maps of the output's size, not one
     per label)."""
-    best = labels = None
-    for label in range(scores.shape[1]):
-        up = torch.nn.functional.interpolate(scores[:, label: label + 1], size=(height, width),
-                                             mode="bilinear", align_corners=False)[:, 0]
-        if best is None or labels is None:
-            best, labels = up, torch.zeros(up.shape, dtype=torch.int32)
-            continue
+    def resized(label: int) -> torch.Tensor:
+        return torch.nn.functional.interpolate(scores[:, label: label + 1], size=(height, width),
+                                               mode="bilinear", align_corners=False)[:, 0]
+
+    best = resized(0)
+    labels = torch.zeros(best.shape, dtype=torch.int32)
+    for label in range(1, scores.shape[1]):
+        up = resized(label)
         better = up > best  # ties keep the lower label, as argmax does
         best = torch.where(better, up, best)
         labels[better] = label
-    assert labels is not None
     return labels.long()
 
 
